@@ -1,0 +1,1 @@
+"""Command-line entry points: `gigafactory <command>`; each command lives in its own module."""

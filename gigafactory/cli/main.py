@@ -1,0 +1,43 @@
+"""`gigafactory`: one entry point, one subcommand per part of the mission.
+
+Each command module exposes `register(subparsers)`, which adds its parser and sets `func` to the function that runs
+it. A `UserError` anywhere below becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gigafactory.errors import UserError
+
+COMMANDS = ("train", "generate", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gigafactory",
+        description="Train, plan, simulate and serve Grok-class Mixture-of-Experts models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"gigafactory.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
