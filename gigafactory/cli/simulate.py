@@ -1,0 +1,144 @@
+"""`gigafactory simulate`: failures, restarts and goodput of one large training job (see docs/simulate.md).
+
+Every knob of gigafactory.simulate.config is a flag named after it (`--gpus`, `--checkpoint-s`, `--spare-nodes`, ...).
+Precedence: explicit flags > `--from-plan FILE.json` > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from gigafactory.errors import UserError
+from gigafactory.simulate.config import ClusterSpec, JobSpec, SimConfig, SimSpec
+
+SPECS = (("cluster", ClusterSpec), ("job", JobSpec), ("sim", SimSpec))
+RENAMED = {"checkpoint_interval_s": "checkpoint-interval"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="Simulate failures, checkpoints and restarts of a training job; report ETTR and goodput.",
+        description="Discrete-event simulation of one synchronous training job on a cluster with failures (docs/simulate.md).",
+    )
+    p.add_argument("--from-plan", metavar="FILE", help="`gigafactory plan --json` output; reads gpus, step_time_s, tokens_per_step, checkpoint_time_s.")
+    p.add_argument("--rate", metavar="CLASS=PER_DAY", action="append", default=[], help="Override one class's failures per device-day (repeatable).")
+    p.add_argument("--sweep", metavar="KEY=V1,V2", help="Run at several values of one knob, e.g. checkpoint_interval=300,600,1200 or gpus=10000,100000.")
+    p.add_argument("--plot", metavar="PNG", help="Write the timeline of the first seed (or the sweep curve) to this PNG.")
+    p.add_argument("--json", action="store_true", help="Print the results as JSON instead of tables.")
+    p.add_argument("--list-classes", action="store_true", help="Print the failure classes (rates and sources) and exit.")
+    for section, cls in SPECS:
+        group = p.add_argument_group(f"{section} ({cls.__doc__.strip()})")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if section == "sim" and f.name == "timeline":
+                continue  # implied by --plot
+            flag = "--" + RENAMED.get(f.name, f.name.replace("_", "-"))
+            kind = hints[f.name]
+            help_text = f"{f.metadata.get('help', '')} [default: {f.default!r}]"
+            if kind is bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(
+                    flag, dest=f.name, type=_typed(flag, kind), default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                    choices=f.metadata.get("choices") or None, help=help_text,
+                )
+    p.set_defaults(func=run)
+
+
+def _typed(flag: str, kind: type):
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects {kind.__name__}, got {text!r}") from None
+
+    return convert
+
+
+def build_config(args: argparse.Namespace) -> SimConfig:
+    """SimConfig from defaults, then --from-plan, then explicit flags."""
+    given = vars(args)
+    values: dict[str, typing.Any] = {}
+    if getattr(args, "from_plan", None):
+        from gigafactory.simulate.plan_input import read_plan
+
+        values.update(read_plan(args.from_plan, given.get("gpus")))
+    values.update({k: v for k, v in given.items() if k in _knob_names()})
+    if "checkpoint_interval_s" in given and "checkpoint_policy" not in given:
+        values["checkpoint_policy"] = "fixed"
+    if getattr(args, "plot", None):
+        values["timeline"] = True
+    specs = {}
+    for section, cls in SPECS:
+        names = {f.name for f in dataclasses.fields(cls)}
+        specs[section] = cls(**{k: v for k, v in values.items() if k in names})
+    cfg = SimConfig(**specs)
+    cfg.validate()
+    return cfg
+
+
+def _knob_names() -> set[str]:
+    return {f.name for _, cls in SPECS for f in dataclasses.fields(cls)}
+
+
+def _rate_overrides(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--rate {item!r} must look like CLASS=FAILURES_PER_DEVICE_DAY, e.g. --rate gpu=1.5e-4")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigafactory.simulate import plots, report, sweep
+    from gigafactory.simulate.failures import job_mtbi_s, load_failure_classes, override_rates
+    from gigafactory.simulate.runner import mean_downtime_s, simulate
+
+    cfg = build_config(args)
+    classes = override_rates(load_failure_classes(cfg.cluster.failure_rates or None), _rate_overrides(args.rate))
+    if args.list_classes:
+        report.print_classes(classes)
+        return 0
+    if args.sweep:
+        key, values = sweep.parse_sweep(args.sweep, cfg)
+        results = sweep.run_sweep(cfg, key, values, classes)
+        rows = sweep.sweep_rows(key, results)
+        if args.plot:
+            curve = None
+            if key == "checkpoint_interval_s":
+                r0 = results[0][1]
+                curve = plots.interval_curve(
+                    cfg.job.stall_s(), mean_downtime_s(r0.cfg, classes), job_mtbi_s(classes, r0.cfg.cluster), min(values), max(values)
+                )
+            plots.sweep_png(key, rows, args.plot, curve)
+        if args.json:
+            json.dump({"sweep": key, "rows": rows, "plot": args.plot}, sys.stdout, indent=2)
+            print()
+        else:
+            report.print_sweep(key, rows)
+            if args.plot:
+                print(f"wrote {args.plot}")
+        return 0
+    result = simulate(cfg, classes)
+    d = result.to_dict()
+    if args.plot:
+        plots.timeline_png(result.runs[0], args.plot)
+        d["plot"] = args.plot
+    if args.json:
+        json.dump(d, sys.stdout, indent=2)
+        print()
+    else:
+        report.print_report(d)
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,81 @@
+"""Terminal tables (rich) for one simulated configuration and for a sweep."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from gigafactory.simulate.config import DAY_S
+from gigafactory.simulate.failures import FailureClass
+
+
+def _hours(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
+
+
+def print_report(d: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    inp, exp = d["inputs"], d["expected"]
+    days = inp["days"]
+    head = Table(title=f"simulate: {inp['gpus']:,} GPUs ({inp['nodes']:,} nodes, {inp['spare_nodes']} spares), {days:g} days, {len(inp['seeds'])} seed(s)")
+    head.add_column("metric")
+    head.add_column("simulated", justify="right")
+    head.add_column("analytic", justify="right")
+    spread = f" ± {d['ettr_std']:.4f}" if len(inp["seeds"]) > 1 else ""
+    head.add_row("ETTR", f"{d['ettr']:.4f}{spread}", f"{exp['ettr']:.4f}")
+    head.add_row("MTBI", _hours(d["mtbi_s"]), _hours(exp.get("mtbi_s")))
+    head.add_row("interruptions / day", f"{d['interruptions'] / days:.2f}", f"{DAY_S / exp['mtbi_s']:.2f}" if exp.get("mtbi_s") else "-")
+    head.add_row(
+        "checkpoint interval", f"{_hours(inp['checkpoint_interval_s'])} ({inp['checkpoint_interval_steps']:.0f} steps, {inp['checkpoint_policy']})",
+        f"Young {_hours(exp.get('young_s'))}, Daly {_hours(exp.get('daly_s'))}",
+    )
+    head.add_row("goodput", f"{d['goodput_tokens_per_s']:,.0f} tok/s", "")
+    head.add_row("tokens kept", f"{d['tokens_kept']:.3e}", "")
+    head.add_row("lost work", f"{d['lost_gpu_hours']:,.0f} GPU-h", "")
+    console.print(head)
+    console.print(f"[dim]analytic column assumes {exp.get('assumes', '')}[/dim]")
+
+    causes = Table(title="interruptions by cause (mean per run)")
+    for col in ("cause", "count", "share", "per day"):
+        causes.add_column(col, justify="left" if col == "cause" else "right")
+    total = d["interruptions"] or 1
+    for name, n in sorted(d["interruptions_by_cause"].items(), key=lambda kv: -kv[1]):
+        causes.add_row(name, f"{n:.1f}", f"{100 * n / total:.1f}%", f"{n / days:.2f}")
+    for name, n in d["non_fatal_by_cause"].items():
+        causes.add_row(f"{name} (non-fatal)", f"{n:.1f}", "-", f"{n / days:.2f}")
+    console.print(causes)
+
+    states = Table(title="time per state (mean per run)")
+    for col in ("state", "hours", "share"):
+        states.add_column(col, justify="left" if col == "state" else "right")
+    for name, s in d["time_s"].items():
+        states.add_row(name, f"{s / 3600:,.1f}", f"{100 * d['time_fraction'][name]:.2f}%")
+    console.print(states)
+
+
+def print_sweep(key: str, rows: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"sweep over {key}")
+    for col in (key, "ETTR", "analytic", "interval", "spares", "interruptions", "MTBI", "goodput tok/s", "lost GPU-h"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        mark = " *" if r["best"] else ""
+        table.add_row(
+            f"{r[key]:g}{mark}", f"{r['ettr']:.4f} ± {r['ettr_std']:.4f}", f"{r['expected_ettr']:.4f}", _hours(r["interval_s"]),
+            str(r["spare_nodes"]), f"{r['interruptions']:.1f}", _hours(r["mtbi_s"]), f"{r['goodput_tokens_per_s']:,.0f}",
+            f"{r['lost_gpu_hours']:,.0f}",
+        )
+    console.print(table)
+    console.print("[dim]* = highest simulated ETTR[/dim]")
+
+
+def print_classes(classes: list[FailureClass], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="failure classes")
+    for col in ("class", "rate / device-day", "per", "detect", "repair", "nodes", "kills job", "source"):
+        table.add_column(col)
+    for c in classes:
+        table.add_row(c.name, f"{c.rate:.3e}", c.per, _hours(c.detect_s), _hours(c.repair_s), str(c.nodes_affected), str(c.kills_job), c.source)
+    console.print(table)
