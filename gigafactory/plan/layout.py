@@ -1,0 +1,89 @@
+"""A parallel layout (what `gigafactory train` runs) and the software stack assumptions that price it.
+
+Mesh order, outermost to innermost: pp, dp_replicate, dp_shard, cp, tp (torchtitan's). Expert parallel borrows
+its ranks from dp_shard x cp (innermost first), so world = dp_replicate * dp_shard * cp * tp * pp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gigafactory.config.fields import knob
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+CHECKPOINTING = ("none", "selective", "full")
+# Key names of the [parallel] config section that `gigafactory train` reads.
+TOML_KEYS = ("dp_replicate", "dp_shard", "tp", "pp", "ep", "cp", "schedule", "microbatches", "activation_checkpointing")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel degrees, pipeline schedule, microbatching and activation checkpointing of one training job."""
+
+    dp_replicate: int = knob(1, "Data-parallel replicas (DDP, or the outer axis of HSDP).")
+    dp_shard: int = knob(1, "FSDP shards: parameters, gradients and optimizer states are split this many ways.")
+    tp: int = knob(1, "Tensor-parallel degree (Megatron column/row split).")
+    pp: int = knob(1, "Pipeline stages.")
+    ep: int = knob(1, "Expert-parallel degree (taken from dp_shard x cp).")
+    cp: int = knob(1, "Context-parallel degree (ring attention over sequence chunks).")
+    microbatch_size: int = knob(1, "Sequences per microbatch per data-parallel rank.")
+    microbatches: int = knob(1, "Microbatches per step per pipeline (gradient accumulation when pp=1).")
+    schedule: str = knob("1f1b", "Pipeline schedule.", choices=SCHEDULES)
+    virtual_stages: int = knob(1, "Model chunks per pipeline rank (interleaved_1f1b only).")
+    checkpointing: str = knob("none", "Activation checkpointing.", choices=CHECKPOINTING)
+    sequence_parallel: bool = knob(True, "Shard norms/residual activations over tp (Korthikanti et al. 2022).")
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step."""
+        return self.dp * self.microbatch_size * self.microbatches
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def toml(self) -> str:
+        """The `[parallel]` section (plus the microbatch size) that runs this layout."""
+        values = {
+            "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp,
+            "ep": self.ep, "cp": self.cp, "schedule": self.schedule, "microbatches": self.microbatches,
+            "activation_checkpointing": self.checkpointing,
+        }
+        lines = ["[parallel]"] + [f"{k} = {v!r}".replace("'", '"') for k, v in values.items()]
+        lines += ["", "[training]", f"batch_size = {self.microbatch_size}  # sequences per microbatch per data-parallel rank"]
+        if self.pp == 1:
+            lines.append(f"grad_accum_steps = {self.microbatches}")
+        if self.schedule == "interleaved_1f1b":
+            lines.insert(1, f"# {self.virtual_stages} model chunks per pipeline rank")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Software:
+    """What the training stack does well or badly: kernels and overlap. Hardware-independent, model-independent."""
+
+    name: str = knob("torchtitan-2025", "Display name of the stack.")
+    attention: str = knob("flash", "'flash' (fused, no s^2 tensors) or 'unfused' (softmax and dropout in HBM).", choices=("flash", "unfused"))
+    flash_fwd_efficiency: float = knob(0.60, "Fraction of peak of the fused attention forward (FlashAttention-2/3 papers report 0.5-0.75).")
+    flash_bwd_efficiency: float = knob(0.45, "Fraction of peak of the fused attention backward (about 2.5x the forward FLOPs).")
+    hbm_efficiency: float = knob(0.85, "Achieved fraction of HBM bandwidth in memory-bound kernels (STREAM-like copies).")
+    kernel_overhead_us: float = knob(4.0, "Launch and tail time added to every GEMM, microseconds.")
+    tp_overlap: float = knob(0.5, "Fraction of tensor-parallel communication hidden behind GEMMs (async TP).")
+    ep_overlap: float = knob(0.3, "Fraction of expert all-to-all hidden behind compute.")
+    dp_overlap: bool = knob(True, "Gradient reduction overlaps the backward pass of the last microbatch.")
+    moe_imbalance: float = knob(1.1, "Tokens on the busiest expert rank / the mean (router load imbalance).")
+    reserved_gb: float = knob(4.0, "GPU memory not available to the model (CUDA context, NCCL buffers, fragmentation), GB.")
+    grad_bytes: int = knob(4, "Bytes per gradient element in reductions and accumulation (fp32).")
+
+
+MODERN = Software()
+# Megatron-LM as run for Narayanan et al. (SC21): no fused attention, no async TP, DDP (fp32 grads).
+MEGATRON_SC21 = Software(name="megatron-sc21", attention="unfused", tp_overlap=0.0, ep_overlap=0.0, moe_imbalance=1.0)
