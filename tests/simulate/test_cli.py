@@ -1,0 +1,98 @@
+"""`gigafactory simulate` end to end through the real entry point (with only this command registered)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gigafactory.cli import main as cli_main
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    monkeypatch.setattr(cli_main, "COMMANDS", ("simulate",))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = cli_main.main(["simulate", *argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_simulate_is_registered_in_main():
+    assert "simulate" in cli_main.COMMANDS
+
+
+def test_json_output_has_every_metric(run_cli):
+    code, out, _ = run_cli("--gpus", "16384", "--days", "10", "--seeds", "2", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["inputs"]["gpus"] == 16384 and d["inputs"]["seeds"] == [0, 1]
+    for key in ("interruptions_by_cause", "mtbi_s", "ettr", "goodput_tokens_per_s", "lost_work_s", "time_s", "expected"):
+        assert key in d
+    assert sum(d["time_fraction"].values()) == pytest.approx(1.0)
+    assert d["ettr"] == pytest.approx(d["expected"]["ettr"], rel=0.05)
+
+
+def test_table_output_and_timeline_png(run_cli, tmp_path):
+    png = tmp_path / "timeline.png"
+    code, out, _ = run_cli("--gpus", "8192", "--days", "5", "--plot", str(png))
+    assert code == 0 and "ETTR" in out and "interruptions by cause" in out and "time per state" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_interval_table_json_and_curve(run_cli, tmp_path):
+    png = tmp_path / "sweep.png"
+    code, out, _ = run_cli("--gpus", "16384", "--days", "20", "--sweep", "checkpoint_interval=300,1200,4800", "--json", "--plot", str(png))
+    assert code == 0
+    d = json.loads(out)
+    assert d["sweep"] == "checkpoint_interval_s" and [r["interval_s"] for r in d["rows"]] == [300, 1200, 4800]
+    assert sum(r["best"] for r in d["rows"]) == 1
+    assert png.stat().st_size > 1000
+
+
+def test_sweep_gpus_more_gpus_more_interruptions(run_cli):
+    code, out, _ = run_cli("--days", "10", "--sweep", "gpus=10000,100000", "--json")
+    rows = json.loads(out)["rows"]
+    assert rows[1]["interruptions"] > 5 * rows[0]["interruptions"]
+    assert rows[1]["ettr"] < rows[0]["ettr"]
+
+
+def test_from_plan_with_flag_precedence(run_cli, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"results": [
+        {"gpus": 10000, "step_time_s": 12.0, "tokens_per_step": 8e6, "checkpoint_time_s": 30.0},
+        {"gpus": 100000, "step_time_s": 3.0, "tokens_per_step": 16e6, "checkpoint_time_s": 90.0},
+    ]}))
+    code, out, _ = run_cli("--from-plan", str(plan), "--gpus", "100000", "--days", "2", "--json")
+    inp = json.loads(out)["inputs"]
+    assert (inp["gpus"], inp["step_time_s"], inp["tokens_per_step"], inp["checkpoint_s"]) == (100000, 3.0, 16e6, 90.0)
+    code, out, _ = run_cli("--from-plan", str(plan), "--checkpoint-s", "10", "--days", "2", "--json")
+    inp = json.loads(out)["inputs"]
+    assert (inp["gpus"], inp["checkpoint_s"]) == (10000, 10.0)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--rate", "gpu=-1e-4"], "rate=-0.0001 must be a number >= 0"),
+        (["--rate", "warp_core=1e-4"], "unknown component 'warp_core' in --rate"),
+        (["--checkpoint-interval", "0"], "checkpoint interval 0.0 s must be > 0"),
+        (["--gpus", "1001"], "inconsistent node size"),
+        (["--sweep", "flux=1,2"], "--sweep: unknown knob 'flux'"),
+        (["--sweep", "gpus=1e4,abc"], "values must be numbers"),
+        (["--failure-rates", "/nonexistent.toml"], "failure-rate file '/nonexistent.toml' not found"),
+        (["--from-plan", "/nonexistent.json"], "plan file '/nonexistent.json' not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(run_cli, argv, needle):
+    code, out, err = run_cli(*argv, "--days", "1")
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_list_classes_shows_sources(run_cli):
+    code, out, _ = run_cli("--list-classes")
+    assert code == 0 and "Llama 3" in out and "hbm" in out
