@@ -1,0 +1,114 @@
+"""`gigafactory plan`: the best parallel layout for a model on each cluster size, and the run it implies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from gigafactory.errors import UserError
+
+DEFAULT_BATCH_TOKENS = 16 * 2**20  # Llama 3 405B's final batch (Dubey et al. 2024); change with --batch-tokens
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="Choose the parallel layout and forecast step time, MFU, memory, days, MW and $.",
+        description="Search parallel layouts for a model on one or more cluster sizes and forecast the training run.",
+    )
+    p.add_argument("--model", default="grok-1", help="Model preset (grok-1, grok-2, ...) or a TOML config file with a [model] section.")
+    p.add_argument("--gpus", default="10000,100000", help="Comma-separated GPU counts to compare, e.g. 1024,10000,100000.")
+    p.add_argument("--gpu", default=None, help="GPU from the catalog: a100-40gb, a100-80gb, h100, h800, h200, b200, gb200.")
+    p.add_argument("--network", default=None, help="Scale-out network: ib-hdr, ib-ndr, spectrum-x (default: ib-hdr for A100, else ib-ndr).")
+    p.add_argument("--cluster", metavar="FILE", help="TOML file adding [gpu.NAME] / [network.NAME] entries and an optional [cluster] table.")
+    p.add_argument("--tokens", type=float, default=6e12, help="Training token budget (default 6e12).")
+    p.add_argument("--seq-len", type=int, default=0, help="Sequence length; 0 = the model's max_seq_len.")
+    p.add_argument("--batch-tokens", type=float, default=DEFAULT_BATCH_TOKENS, help="Target global batch in tokens (default 16M).")
+    p.add_argument("--pue", type=float, default=None, help="Power usage effectiveness of the facility (default from the catalog).")
+    p.add_argument("--usd-per-gpu-hour", type=float, default=None, help="Price of a GPU-hour (default from the catalog).")
+    p.add_argument("--failures-per-gpu-day", type=float, default=None, help="Job-interrupting failures per GPU per day.")
+    p.add_argument("--max-idle", type=float, default=0.05, help="Fraction of GPUs the layout may leave as spares (default 0.05).")
+    p.add_argument("--json", action="store_true", help="Print a JSON list, one object per cluster size, instead of the table.")
+    p.add_argument("--plot", metavar="PNG", help="Write a sweep plot (days, MFU, cost vs GPUs) to this PNG file.")
+    p.set_defaults(func=run)
+
+
+def _model(spec: str):
+    from gigafactory.models.presets import PRESETS, get_preset
+
+    if spec in PRESETS:
+        return get_preset(spec)
+    if spec.endswith(".toml"):
+        if not Path(spec).is_file():
+            raise UserError(f"--model {spec!r}: file not found; pass a preset name or an existing TOML config")
+        from gigafactory.config.loader import load_config
+
+        return load_config(config_path=spec).model
+    raise UserError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a .toml config file")
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--gpus {text!r} must be comma-separated integers, e.g. 10000,100000") from None
+    if not counts or any(c <= 0 for c in counts):
+        raise UserError(f"--gpus {text!r} must list positive GPU counts, e.g. 10000,100000")
+    return counts
+
+
+def plan_rows(args) -> tuple[list[dict], str]:
+    from gigafactory.plan.cost import estimate  # noqa: F401  (import cost early for clear errors)
+    from gigafactory.plan.forecast import forecast
+    from gigafactory.plan.hardware import load_catalog, make_cluster
+    from gigafactory.plan.layout import MODERN
+    from gigafactory.plan.report import row
+    from gigafactory.plan.search import SearchSpace, search
+    from gigafactory.plan.workload import from_model_config
+
+    cfg = _model(args.model)
+    cfg.validate()
+    catalog = load_catalog(args.cluster)
+    gpu = args.gpu or str(catalog.cluster.get("gpu", "h100"))
+    network = args.network or catalog.cluster.get("network")
+    seq = args.seq_len or cfg.max_seq_len
+    if seq <= 0 or seq > cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq} must be in 1..{cfg.max_seq_len} (the model's max_seq_len)")
+    if args.tokens <= 0 or args.batch_tokens < seq:
+        raise UserError(f"--tokens must be > 0 and --batch-tokens >= one sequence ({seq} tokens)")
+    if not 0 <= args.max_idle < 1:
+        raise UserError(f"--max-idle {args.max_idle} must be in [0, 1)")
+    w = from_model_config(cfg)
+    space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq)), max_idle=args.max_idle)
+    overrides = dict(pue=args.pue, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_failures_per_day=args.failures_per_gpu_day)
+    for key in ("pue", "usd_per_gpu_hour", "gpu_failures_per_day", "storage_write_gbps"):
+        if overrides.get(key) is None and key in catalog.cluster:
+            overrides[key] = float(catalog.cluster[key])
+    rows = []
+    for n in _counts(args.gpus):
+        cluster = make_cluster(gpu, n, network=network, catalog=catalog, **overrides)
+        best, priced = search(w, cluster, MODERN, seq, space)
+        rows.append(row(best[0], forecast(best[0], w, cluster, args.tokens), cluster, priced))
+    title = f"{cfg.name} on {gpu}: {args.tokens:.3g} tokens, seq {seq}, target batch {args.batch_tokens / 1e6:.1f}M tokens"
+    return rows, title
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    rows, title = plan_rows(args)
+    if args.plot:
+        from gigafactory.plan.report import plot
+
+        plot(rows, args.plot, title)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from gigafactory.plan.report import render_table
+
+    render_table(rows, title)
+    best = rows[-1]
+    print(f"\n# parallel layout for {best['gpus']:,} GPUs (paste into the training config):")
+    print(best["parallel_toml"])
+    print(f"planned in {time.perf_counter() - start:.2f} s" + (f"; plot written to {args.plot}" if args.plot else ""))
+    return 0

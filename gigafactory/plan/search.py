@@ -1,0 +1,135 @@
+"""Search the layouts of one cluster for the fastest one that fits, by branch and bound.
+
+Candidates (tp, cp, ep, microbatch) are visited in order of a lower bound on time per token (their layer
+compute with no communication, bubble or recompute); a candidate whose bound is already slower than the best
+layout found is skipped with everything under it. For each survivor: pipeline degrees dividing the layers,
+data-parallel sizes that leave at most `max_idle` of the GPUs as spares, DDP/HSDP/FSDP splits, schedules, and
+the cheapest activation checkpointing that fits (none, then selective, then full: recompute only adds time).
+GPipe and plain 1F1B are not searched: zero-bubble has their memory and a smaller bubble in this model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gigafactory.config.fields import knob
+from gigafactory.errors import UserError
+from gigafactory.plan.compute import head_time, layer_time
+from gigafactory.plan.cost import StepEstimate, estimate
+from gigafactory.plan.hardware import Cluster
+from gigafactory.plan.layout import CHECKPOINTING, Layout, Software
+from gigafactory.plan.memory import estimate_memory
+from gigafactory.plan.workload import Workload
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Limits of the layout search."""
+
+    global_batch: int = knob(2048, "Target sequences per optimizer step.")
+    batch_slack: float = knob(0.25, "Accept a global batch within this fraction of the target (dp sizes rarely divide it).")
+    max_idle: float = knob(0.05, "Fraction of the GPUs the layout may leave idle (spares) to get a good factorisation.")
+    max_tp: int = knob(8, "Largest tensor-parallel degree (never beyond the NVLink domain).")
+    max_cp: int = knob(8, "Largest context-parallel degree.")
+    max_microbatch: int = knob(16, "Largest microbatch size.")
+    max_microbatch_tokens: int = knob(65536, "Largest local tokens per microbatch.")
+    sequence_parallel: bool = knob(True, "Use sequence parallelism with tp (Megatron-SC21 runs: false).")
+    keep: int = knob(10, "How many of the best layouts to return.")
+
+
+def _pow2_upto(limit: int) -> list[int]:
+    return [2**i for i in range(int(math.log2(max(1, limit))) + 1)]
+
+
+def _divisors(n: int, limit: int | None = None) -> list[int]:
+    return [d for d in range(1, (limit or n) + 1) if n % d == 0]
+
+
+def _dp_candidates(n: int, model: int, node: int, min_used: int) -> list[int]:
+    """Data-parallel sizes dp (GPUs used = dp * model) with spares <= max_idle and whole nodes used."""
+    dp_max = n // model
+    out = set()
+    for q in _pow2_upto(1024) + [3, 5, 6, 10, 12, 24, 48, 96]:
+        dp = dp_max - dp_max % q
+        while dp > 0 and (dp * model) % node:
+            dp -= q
+        if dp > 0 and dp * model >= min_used:
+            out.add(dp)
+    return sorted(out, reverse=True)
+
+
+def _shard_options(dp: int, cp: int, ep: int) -> list[int]:
+    opts = {d for d in _pow2_upto(dp) if dp % d == 0} | {dp}
+    return sorted(d for d in opts if (d * cp) % ep == 0)
+
+
+def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: SearchSpace) -> tuple[list[StepEstimate], int]:
+    """(best fitting layouts, fastest first by time per token; number of layouts priced)."""
+    n, gpu = cluster.n_gpus, cluster.gpu
+    min_used = math.ceil(n * (1 - space.max_idle))
+    tps = [t for t in _pow2_upto(min(space.max_tp, gpu.nvlink_domain, n))
+           if w.n_heads % t == 0 and w.ffn_dim % t == 0 and (w.n_kv_heads % t == 0 or t % w.n_kv_heads == 0)]
+    cps = [c for c in _pow2_upto(min(space.max_cp, n)) if seq_len % (2 * c) == 0 and seq_len // c >= 1024 or c == 1]
+    eps = [e for e in _divisors(w.n_experts) if e <= n] if w.is_moe else [1]
+    mbss = _pow2_upto(space.max_microbatch)
+    candidates = []
+    for tp in tps:
+        for cp in cps:
+            for ep in eps:
+                for mbs in mbss:
+                    tokens = mbs * seq_len // cp
+                    if tokens > space.max_microbatch_tokens and mbs > 1:
+                        continue
+                    if tp * cp > n:
+                        continue
+                    lt = layer_time(w, gpu, sw, tokens, seq_len, tp, cp, ep, space.sequence_parallel)
+                    hf, hb, _ = head_time(w, gpu, sw, tokens, tp)
+                    bound = (w.n_layers * (lt.fwd + lt.bwd) + hf + hb) * tp * cp / (tokens * cp * n)
+                    candidates.append((bound, tp, cp, ep, mbs))
+    candidates.sort()
+    results: list[StepEstimate] = []
+    best = math.inf
+    priced = 0
+    smallest_mem = math.inf
+    target, slack = space.global_batch, space.batch_slack
+    for bound, tp, cp, ep, mbs in candidates:
+        if bound >= best:
+            break
+        for pp in _divisors(w.n_layers, min(w.n_layers, 128)):
+            model = tp * cp * pp
+            if model > n:
+                break
+            schedules = [("1f1b", 1)] if pp == 1 else [("zero_bubble", 1)] + [
+                ("interleaved_1f1b", v) for v in (2, 3, 4) if (w.n_layers // pp) % v == 0]
+            for dp in _dp_candidates(n, model, gpu.gpus_per_node, min_used):
+                if dp * mbs > target * (1 + slack):
+                    continue
+                for sched, v in schedules:
+                    m = max(1, round(target / (dp * mbs)))
+                    if sched == "interleaved_1f1b":
+                        m = max(pp, round(m / pp) * pp)
+                    if abs(dp * mbs * m - target) > slack * target and dp * mbs * m > target:
+                        continue
+                    for shard in _shard_options(dp, cp, ep):
+                        for ckpt in CHECKPOINTING:
+                            lay = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
+                                         microbatch_size=mbs, microbatches=m, schedule=sched, virtual_stages=v,
+                                         checkpointing=ckpt, sequence_parallel=space.sequence_parallel)
+                            mem = estimate_memory(w, lay, sw, seq_len).total
+                            smallest_mem = min(smallest_mem, mem)
+                            if mem > gpu.hbm_gb * 1e9:
+                                continue
+                            est = estimate(w, lay, cluster, sw, seq_len)
+                            priced += 1
+                            per_token = est.step_time_s / est.tokens_per_step
+                            results.append(est)
+                            best = min(best, per_token)
+                            break  # a heavier checkpointing only adds recompute time
+    if not results:
+        raise UserError(
+            f"{w.name} fits no layout on {n} x {gpu.name}: the smallest peak memory found is "
+            f"{smallest_mem / 2**30:.1f} GiB > {gpu.hbm_gb * 1e9 / 2**30:.1f} GiB; use more GPUs or a GPU with more memory"
+        )
+    results.sort(key=lambda e: e.step_time_s / e.tokens_per_step)
+    return results[: space.keep], priced
