@@ -12,7 +12,7 @@ import sys
 
 from gigafactory.errors import UserError
 
-COMMANDS = ("train", "generate", "data", "simulate")
+COMMANDS = ("train", "generate", "data", "simulate", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
