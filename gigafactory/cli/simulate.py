@@ -60,9 +60,11 @@ def _typed(flag: str, kind: type):
     return convert
 
 
-def build_config(args: argparse.Namespace) -> SimConfig:
-    """SimConfig from defaults, then --from-plan, then explicit flags."""
-    given = vars(args)
+def build_config(args: argparse.Namespace, gpus: int | None = None) -> SimConfig:
+    """SimConfig from defaults, then --from-plan (its entry for `gpus` or --gpus), then explicit flags."""
+    given = dict(vars(args))
+    if gpus is not None:
+        given["gpus"] = gpus
     values: dict[str, typing.Any] = {}
     if getattr(args, "from_plan", None):
         from gigafactory.simulate.plan_input import read_plan
@@ -99,33 +101,43 @@ def _rate_overrides(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _console():
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)  # piped: don't squeeze tables to 80 columns
+
+
 def run(args: argparse.Namespace) -> int:
     from gigafactory.simulate import plots, report, sweep
     from gigafactory.simulate.failures import job_mtbi_s, load_failure_classes, override_rates
-    from gigafactory.simulate.runner import mean_downtime_s, simulate
+    from gigafactory.simulate.runner import mean_detect_s, simulate
 
     cfg = build_config(args)
     classes = override_rates(load_failure_classes(cfg.cluster.failure_rates or None), _rate_overrides(args.rate))
     if args.list_classes:
-        report.print_classes(classes)
+        report.print_classes(classes, _console())
         return 0
     if args.sweep:
         key, values = sweep.parse_sweep(args.sweep, cfg)
-        results = sweep.run_sweep(cfg, key, values, classes)
+        if key == "gpus" and args.from_plan:  # each size takes its own step time and checkpoint cost from the plan
+            results = [(v, simulate(build_config(args, gpus=int(v)), classes)) for v in values]
+        else:
+            results = sweep.run_sweep(cfg, key, values, classes)
         rows = sweep.sweep_rows(key, results)
         if args.plot:
             curve = None
             if key == "checkpoint_interval_s":
                 r0 = results[0][1]
                 curve = plots.interval_curve(
-                    cfg.job.stall_s(), mean_downtime_s(r0.cfg, classes), job_mtbi_s(classes, r0.cfg.cluster), min(values), max(values)
+                    cfg.job.stall_s(), cfg.job.restart_s(), job_mtbi_s(classes, r0.cfg.cluster), min(values), max(values),
+                    detect_s=mean_detect_s(r0.cfg, classes),
                 )
             plots.sweep_png(key, rows, args.plot, curve)
         if args.json:
             json.dump({"sweep": key, "rows": rows, "plot": args.plot}, sys.stdout, indent=2)
             print()
         else:
-            report.print_sweep(key, rows)
+            report.print_sweep(key, rows, _console())
             if args.plot:
                 print(f"wrote {args.plot}")
         return 0
@@ -138,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(d, sys.stdout, indent=2)
         print()
     else:
-        report.print_report(d)
+        report.print_report(d, _console())
         if args.plot:
             print(f"wrote {args.plot}")
     return 0

@@ -5,8 +5,8 @@ of the current phase. Between events the job's progress is computed in closed fo
 O(steps or checkpoints): 100,000 GPUs x 90 days is a few thousand events.
 
 Phases: run (compute tau, stall for a checkpoint, repeat) -> on a job-killing failure: detect -> wait_for_nodes (only
-if spares ran out) -> restart (reschedule + load + warmup) -> run. A failure during detect / wait / restart starts
-the recovery again. Planned maintenance: the job saves (no work lost), is down for the window, then restarts.
+if spares ran out) -> restart (reschedule + load + warmup) -> run. A failure during restart kills the relaunch and
+starts detect again; a failure while the job is already dead (detect, wait) only sends its node to repair. Planned maintenance: the job saves (no work lost), is down for the window, then restarts.
 """
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ class _Job:
         if self.record:
             self.res.work_trace.append((t, self.work))
         self.from_memory = recoverable and (not already_recovering or self.from_memory)
-        self._enter("detect", t, cls.detect_s)
+        if self.phase in ("run", "restart"):  # the running job (or its relaunch) dies: detect it, then restart
+            self._enter("detect", t, cls.detect_s)
+        # already dead (detect / wait_for_nodes): the failed node is excluded at restart, no extra detection
 
     def on_repair(self, t: float) -> None:
         if self.missing > 0:

@@ -69,11 +69,11 @@ def sweep_png(key: str, rows: list[dict], path: str | Path, expected_curve: dict
     return _save(fig, path)
 
 
-def interval_curve(delta_s: float, restart_s: float, mtbi_s: float, lo: float, hi: float, n: int = 200) -> dict:
+def interval_curve(delta_s: float, restart_s: float, mtbi_s: float, lo: float, hi: float, n: int = 200, detect_s: float = 0.0) -> dict:
     """Analytic ETTR over [lo, hi] plus Young's and Daly's optima, for sweep_png."""
     xs = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
     return {
-        "x": xs, "ettr": [analytic.expected_ettr(x, delta_s, restart_s, mtbi_s) for x in xs],
+        "x": xs, "ettr": [analytic.expected_ettr(x, delta_s, restart_s, mtbi_s, detect_s) for x in xs],
         "young_s": analytic.young_interval(delta_s, mtbi_s), "daly_s": analytic.daly_interval(delta_s, mtbi_s),
     }
 

@@ -87,12 +87,11 @@ def checkpoint_interval(cfg: SimConfig, classes: list[FailureClass]) -> float:
     return max(rule(delta, mtbi), job.step_time_s)
 
 
-def mean_downtime_s(cfg: SimConfig, classes: list[FailureClass]) -> float:
-    """Rate-weighted detection time plus the storage restart time (R in the analytic formulas)."""
+def mean_detect_s(cfg: SimConfig, classes: list[FailureClass]) -> float:
+    """Rate-weighted detection time of the job-killing classes (D in the analytic formulas)."""
     killing = [(c.rate_per_s(cfg.cluster), c.detect_s) for c in classes if c.kills_job]
     total = sum(r for r, _ in killing)
-    detect = sum(r * d for r, d in killing) / total if total > 0 else 0.0
-    return detect + cfg.job.restart_s()
+    return sum(r * d for r, d in killing) / total if total > 0 else 0.0
 
 
 def auto_spares(cfg: SimConfig, classes: list[FailureClass]) -> int:
@@ -111,6 +110,8 @@ def simulate(cfg: SimConfig, classes: list[FailureClass] | None = None) -> Repor
     if not interval > 0:
         raise UserError(f"checkpoint interval {interval} s must be > 0")
     runs = [run_once(cfg, classes, interval, seed) for seed in seeds_for(cfg)]
-    expected = analytic.expectations(cfg.job.stall_s(), mean_downtime_s(cfg, classes), job_mtbi_s(classes, cfg.cluster), interval)
+    expected = analytic.expectations(
+        cfg.job.stall_s(), cfg.job.restart_s(), job_mtbi_s(classes, cfg.cluster), interval, mean_detect_s(cfg, classes)
+    )
     expected["assumes"] = "exponential failures, sync checkpoints, no wait for repairs, no maintenance, no in-memory recovery"
     return Report(cfg=cfg, classes=classes, interval_s=interval, runs=runs, expected=expected)

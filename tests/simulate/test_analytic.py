@@ -41,3 +41,12 @@ def test_expected_ettr_limits():
     tau, delta, r, m = 600.0, 30.0, 120.0, 360000.0
     approx = tau / (tau + delta) * (1 - (tau + delta) / (2 * m) - r / m)
     assert analytic.expected_ettr(tau, delta, r, m) == pytest.approx(approx, abs=1e-4)
+
+
+def test_detection_enters_linearly_and_zero_detection_is_daly_eq13():
+    tau, delta, r, m, d = 900.0, 60.0, 300.0, 3600.0, 200.0
+    daly_eq13 = m * math.exp(r / m) * math.expm1((tau + delta) / m)
+    assert analytic.expected_ettr(tau, delta, r, m) == pytest.approx(tau / daly_eq13)
+    # E[recovery] = D e^{R/M} + M (e^{R/M} - 1): the segment time grows by D e^{R/M} (e^{(tau+delta)/M} - 1)
+    with_d = tau / analytic.expected_ettr(tau, delta, r, m, d)
+    assert with_d - daly_eq13 == pytest.approx(d * math.exp(r / m) * math.expm1((tau + delta) / m))

@@ -96,3 +96,16 @@ def test_bad_input_is_one_line_and_exit_2(run_cli, argv, needle):
 def test_list_classes_shows_sources(run_cli):
     code, out, _ = run_cli("--list-classes")
     assert code == 0 and "Llama 3" in out and "hbm" in out
+
+
+def test_gpus_sweep_with_a_plan_takes_each_sizes_step_time(run_cli, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([
+        {"gpus": 10000, "step_time_s": 20.0, "tokens_per_step": 16e6, "checkpoint_time_s": 30.0},
+        {"gpus": 100000, "step_time_s": 2.0, "tokens_per_step": 16e6, "checkpoint_time_s": 30.0},
+    ]))
+    code, out, _ = run_cli("--from-plan", str(plan), "--days", "5", "--sweep", "gpus=10000,100000", "--json")
+    rows = json.loads(out)["rows"]
+    # 10x the GPUs at 10x the step rate: goodput rises despite the lower ETTR
+    assert rows[1]["ettr"] < rows[0]["ettr"]
+    assert rows[1]["goodput_tokens_per_s"] > 4 * rows[0]["goodput_tokens_per_s"]

@@ -22,7 +22,7 @@ def test_simulated_ettr_matches_the_analytic_expectation_within_2_percent(setup,
     cfg.job.checkpoint_policy, cfg.job.checkpoint_interval_s = policy, interval or 1.0
     report = simulate(cfg, classes)
     ettr, _ = report.ettr()
-    want = analytic.expected_ettr(report.interval_s, delta, detect + restart, mtbi)
+    want = analytic.expected_ettr(report.interval_s, delta, restart, mtbi, detect)
     assert report.expected["ettr"] == pytest.approx(want)
     assert ettr == pytest.approx(want, rel=0.02)
     # and the simulated MTBI agrees with the input rate
@@ -30,8 +30,8 @@ def test_simulated_ettr_matches_the_analytic_expectation_within_2_percent(setup,
 
 
 def test_best_simulated_interval_is_within_10_percent_of_daly(setup):
-    mtbi, delta, downtime = 7200.0, 120.0, 300.0
-    cfg, classes = setup(mtbi, delta, downtime - 60.0, 60.0, days=200)
+    mtbi, delta, restart, detect = 7200.0, 120.0, 240.0, 60.0
+    cfg, classes = setup(mtbi, delta, restart, detect, days=200)
     daly = analytic.daly_interval(delta, mtbi)
     taus = daly * np.exp(np.linspace(np.log(0.5), np.log(2.0), 25))
     seeds = range(10)  # the same seeds at every interval: common random numbers
@@ -42,8 +42,21 @@ def test_best_simulated_interval_is_within_10_percent_of_daly(setup):
     best_fit = float(np.exp(-c1 / (2 * c2)))
     assert abs(best_fit / daly - 1) < 0.10, (best_fit, daly)
     # the whole simulated curve follows the analytic one
-    want = np.array([analytic.expected_ettr(t, delta, downtime, mtbi) for t in taus])
+    want = np.array([analytic.expected_ettr(t, delta, restart, mtbi, detect) for t in taus])
     assert np.max(np.abs(ettr / want - 1)) < 0.01
+
+
+def test_mixed_classes_with_different_detection_times_match_theory():
+    classes = [
+        FailureClass(name="hw", rate=3e-4, per="gpu", detect_s=120.0),
+        FailureClass(name="hang", rate=1e-4, per="gpu", detect_s=900.0),
+        FailureClass(name="net", rate=2e-3, per="node", detect_s=600.0),
+    ]
+    cfg = SimConfig(cluster=ClusterSpec(gpus=32768, spare_nodes=0), job=JobSpec(checkpoint_s=90.0), sim=SimSpec(days=30, seeds=10))
+    report = simulate(cfg, classes)
+    ettr, _ = report.ettr()
+    assert report.expected["detect_s"] == pytest.approx((3e-4 * 8 * 120 + 1e-4 * 8 * 900 + 2e-3 * 600) / (3e-4 * 8 + 1e-4 * 8 + 2e-3))
+    assert ettr == pytest.approx(report.expected["ettr"], rel=0.02)
 
 
 def _poisson_setup():
