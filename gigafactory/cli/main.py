@@ -7,6 +7,7 @@ it. A `UserError` anywhere below becomes one line on stderr and exit code 2, nev
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -15,9 +16,21 @@ from gigafactory.errors import UserError
 COMMANDS = ("train", "generate", "data", "simulate", "plan")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a did-you-mean for flags) and exit code 2."""
+
+    def error(self, message: str):
+        bad = message.rpartition(": ")[2].split()[0] if "unrecognized arguments" in message else ""
+        known = [opt for action in self._actions for opt in action.option_strings]
+        close = difflib.get_close_matches(bad, known, n=1) if bad else []
+        hint = f"; did you mean {close[0]}?" if close else f"; see `{self.prog} --help`"
+        self.exit(2, f"error: {message}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gigafactory",
+        allow_abbrev=False,
         description="Train, plan, simulate and serve Grok-class Mixture-of-Experts models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -8,7 +8,6 @@ Activations follow Korthikanti et al. (2022), generalised to GQA, gated MLPs and
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from gigafactory.plan.layout import Layout, Software
@@ -46,8 +45,9 @@ def local_params(w: Workload, lay: Layout) -> tuple[float, float, float]:
     return layers * dense_layer + embedding, layers * expert_layer, dense_layer + expert_layer
 
 
-def activation_bytes_per_token(w: Workload, lay: Layout, sw: Software, seq_len: int) -> float:
-    """Bytes stored per token per layer for the backward pass (no checkpointing)."""
+def activation_bytes_per_token(w: Workload, lay: Layout, sw: Software, seq_len: int, checkpointing: str | None = None) -> float:
+    """Bytes stored per token per layer for the backward pass under `checkpointing` (default: the layout's)."""
+    checkpointing = checkpointing or lay.checkpointing
     tp, shard_d = lay.tp, (lay.tp if lay.sequence_parallel else 1)
     d = w.d_model
     # d-sized tensors: each norm's input, the attention input, the MLP input (+ 1-byte dropout masks)
@@ -60,7 +60,7 @@ def activation_bytes_per_token(w: Workload, lay: Layout, sw: Software, seq_len: 
     s2 = 0.0
     if sw.attention == "unfused":  # softmax output (2 B), dropout mask (1 B), dropout output (2 B) per key
         s2 = w.n_heads / tp * seq_len * (5 if w.dropout else 2)
-    if lay.checkpointing == "selective":
+    if checkpointing == "selective":
         s2 = 0.0
         mlp -= w.ffn_dim * 2 / tp * ffn_tokens  # the activation product is recomputed
     return d_sized / shard_d + attn + mlp + moe + s2
@@ -88,14 +88,12 @@ def estimate_memory(w: Workload, lay: Layout, sw: Software, seq_len: int) -> Mem
         states = (16 + 2) * (dense + expert)
     tokens = lay.microbatch_size * seq_len // lay.cp
     layers = w.n_layers / lay.pp
-    full_layer = activation_bytes_per_token(w, lay, sw, seq_len)
-    no_ckpt = activation_bytes_per_token(w, dataclasses.replace(lay, checkpointing="none"), sw, seq_len)
     shard_d = lay.tp if lay.sequence_parallel else 1
     if lay.checkpointing == "full":
         stored = 2 * w.d_model / shard_d  # the layer input only
-        working = tokens * no_ckpt  # one layer rebuilt during its backward
+        working = tokens * activation_bytes_per_token(w, lay, sw, seq_len, "none")  # one layer rebuilt in its backward
     else:
-        stored, working = full_layer, 0.0
+        stored, working = activation_bytes_per_token(w, lay, sw, seq_len), 0.0
     logits = tokens * (w.vocab / lay.tp) * 6  # bf16 logits + fp32 loss temporaries (last stage)
     comm = 2 * tokens * w.d_model * 2  # send/receive and all-gather staging buffers
     first = tokens * stored * layers * in_flight(lay) + (logits if lay.pp == 1 else 0.0)

@@ -7,6 +7,7 @@ A `Workload` is built from a `ModelConfig` (Grok and friends; parameter and FLOP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gigafactory.config.fields import knob
 from gigafactory.models.config import ModelConfig
@@ -70,6 +71,9 @@ class Workload:
 
     def forward_matmul_flops_per_token(self) -> float:
         """Weight-matmul FLOPs of one token's forward pass, all layers plus the output projection."""
+        return _forward_matmul_flops(self)
+
+    def _forward_matmul_flops(self) -> float:
         per_layer = sum(2 * n * k * mult for _, n, k, mult in self.layer_gemms())
         return self.n_layers * per_layer + 2 * self.vocab * self.d_model
 
@@ -83,6 +87,11 @@ class Workload:
             a, b, _ = self.seq_flops_override
             return a + b * seq_len
         return 3.0 * (self.forward_matmul_flops_per_token() + self.attention_flops_per_token(seq_len))
+
+
+@lru_cache(maxsize=64)
+def _forward_matmul_flops(w: Workload) -> float:
+    return w._forward_matmul_flops()
 
 
 def from_model_config(cfg: ModelConfig) -> Workload:

@@ -6,7 +6,9 @@ O(steps or checkpoints): 100,000 GPUs x 90 days is a few thousand events.
 
 Phases: run (compute tau, stall for a checkpoint, repeat) -> on a job-killing failure: detect -> wait_for_nodes (only
 if spares ran out) -> restart (reschedule + load + warmup) -> run. A failure during restart kills the relaunch and
-starts detect again; a failure while the job is already dead (detect, wait) only sends its node to repair. Planned maintenance: the job saves (no work lost), is down for the window, then restarts.
+starts detect again; a failure while the job is already dead (detect, wait) only sends its node to repair.
+Planned maintenance: the job saves (no work lost), is down for the window, then restarts; a window that falls in a
+recovery starts when the job could restart.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class _Job:
         self.missing = 0  # job nodes failed with no spare to replace them
         self.t = 0.0
         self.from_memory = False
+        self.maintenance_due = False
         self._enter("run", 0.0)
 
     # -- phases --------------------------------------------------------------------------------------------------
@@ -116,7 +119,9 @@ class _Job:
         self.t = t
 
     def _begin_restart(self, t: float) -> None:
-        if self.missing > 0:
+        if self.maintenance_due:
+            self._start_maintenance(t)
+        elif self.missing > 0:
             self._enter("wait_for_nodes", t)
         else:
             self._enter("restart", t, self.cfg.job.restart_s(from_memory=self.from_memory))
@@ -169,10 +174,17 @@ class _Job:
             self.spares += 1
 
     def on_maintenance(self, t: float) -> None:
-        if self.phase != "run":
-            return  # folded into the recovery already under way
+        if self.phase == "run":
+            self.work_storage = self.work_memory = self.work  # the job saves before the window
+            self._start_maintenance(t)
+        elif self.phase == "restart":
+            self._start_maintenance(t)  # the relaunch is abandoned and redone after the window
+        elif self.phase in ("detect", "wait_for_nodes"):
+            self.maintenance_due = True  # the window starts when the job could restart
+
+    def _start_maintenance(self, t: float) -> None:
         self.res.maintenance_windows += 1
-        self.work_storage = self.work_memory = self.work  # the job saves before the window
+        self.maintenance_due = False
         self.from_memory = False
         self._enter("maintenance", t, self.cfg.cluster.maintenance_s)
 

@@ -1,0 +1,40 @@
+"""`gigafactory generate`: sample text from a checkpoint, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="Generate text from a trained checkpoint (KV cache, temperature/top-k/top-p, streaming).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="A run directory, its checkpoints/ directory, or one checkpoints/step-N directory.")
+    parser.add_argument("--prompt", required=True, help="Text to continue.")
+    parser.add_argument("--max-tokens", type=int, default=100, help="Most new tokens to generate.")
+    parser.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature; 0 = greedy.")
+    parser.add_argument("--top-k", type=int, default=0, help="Sample only among the k most likely tokens; 0 = off.")
+    parser.add_argument("--top-p", type=float, default=0.95, help="Nucleus sampling: the smallest set of tokens with this total probability.")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed of the sampler.")
+    parser.add_argument("--no-cache", action="store_true", help="Recompute the whole prefix every step instead of using the KV cache.")
+    parser.add_argument("--device", default="cpu", help="Device to run on (cpu or cuda).")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigafactory.inference.generate import generate_tokens, load_for_inference, stream_text
+    from gigafactory.inference.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens)
+    params.validate()
+    loaded = load_for_inference(args.checkpoint, args.device)
+    prompt_ids = loaded.tokenizer.encode(args.prompt).ids
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(loaded.tokenizer, generate_tokens(loaded.model, prompt_ids, params, args.seed, use_cache=not args.no_cache)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,48 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`) with Grok-1's special-token ids: 0 [PAD], 1 [BOS], 2 [EOS], 3 [UNK]."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from gigafactory.errors import UserError
+
+SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path) -> Tokenizer:
+    """Train on the documents and write tokenizer.json atomically (tmp file + rename)."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"vocab size {vocab_size} is too small for a byte-level BPE; use at least {256 + len(SPECIAL_TOKENS)}")
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tokenizer.save(str(tmp))
+    tmp.replace(out_path)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load tokenizer.json; a missing or corrupt file is a one-line error."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"tokenizer file '{p}' not found; train one with `gigafactory data tokenizer` or leave data.tokenizer empty")
+    try:
+        tokenizer = Tokenizer.from_file(str(p))
+    except Exception as err:  # tokenizers raises plain Exception subclasses for parse errors
+        raise UserError(f"tokenizer file '{p}' is corrupt ({str(err).splitlines()[0][:120]}); retrain it with `gigafactory data tokenizer`") from None
+    if tokenizer.token_to_id("[EOS]") != EOS_ID:
+        raise UserError(f"tokenizer file '{p}' lacks [EOS] at id {EOS_ID}; train it with `gigafactory data tokenizer`")
+    return tokenizer

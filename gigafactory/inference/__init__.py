@@ -1,0 +1,1 @@
+"""Inference: load a checkpoint for generation, KV-cached decoding and sampling."""

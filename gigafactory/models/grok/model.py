@@ -1,0 +1,184 @@
+"""The Grok decoder, written for one device; parallelism is applied from outside (gigafactory/parallel).
+
+Grok-1 as released by xAI: sandwich RMSNorms, GQA with NeoX rotary embeddings, tanh-capped attention logits,
+scaled tied embeddings, and a top-2 MoE of gated-GELU experts. Variants (Grok-2, Mixtral-style) are config fields.
+Shapes: B batch, S sequence, D d_model, H query heads, G kv heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gigafactory.models.config import ModelConfig
+from gigafactory.models.grok.moe import MoE, gated_activation
+
+
+class RMSNorm(nn.Module):
+    """y = scale * x / rms(x), computed in fp32 (scale used as is, not 1 + scale)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
+
+
+def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, theta: float):
+    """cos/sin tables [B, S, Dh] for the NeoX half-split rotation."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BS.device, dtype=torch.float32) / head_dim))
+    angles = positions_BS.float().unsqueeze(-1) * inv_freq  # [B, S, Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSD.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = x_BHSD.float() * cos_BSD.unsqueeze(1) + rotated * sin_BSD.unsqueeze(1)
+    return out.to(x_BHSD.dtype)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers [B, G, max_len, Dh]; each row (sequence slot) writes at its own positions."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> "KVCache":
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
+        make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+        return cls([make() for _ in range(cfg.n_layers)], [make() for _ in range(cfg.n_layers)])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        self.scale, self.softcap = cfg.resolved_attn_scale, cfg.attn_softcap
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD, cos, sin, positions_BS, cache_kv=None):
+        B, S, _ = x_BSD.shape
+        # Heads are local here (tensor parallel shards them), so take the counts from the weights.
+        n_heads, n_kv = self.wq.weight.shape[0] // self.head_dim, self.wk.weight.shape[0] // self.head_dim
+        q = self.wq(x_BSD).view(B, S, n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        k = self.wk(x_BSD).view(B, S, n_kv, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
+        v = self.wv(x_BSD).view(B, S, n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache_kv is None:
+            key_pos_BK = positions_BS
+        else:  # write this step's keys/values at each row's positions, then attend over the whole buffer
+            cache_k, cache_v = cache_kv
+            index = positions_BS[:, None, :, None].expand(B, n_kv, S, self.head_dim)
+            cache_k.scatter_(2, index, k.to(cache_k.dtype))
+            cache_v.scatter_(2, index, v.to(cache_v.dtype))
+            k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
+            key_pos_BK = torch.arange(k.shape[2], device=k.device).expand(B, -1)
+        mask_BSK = key_pos_BK[:, None, :] <= positions_BS[:, :, None]  # causal on absolute positions
+
+        if not self.softcap:  # no cap: the fused kernel is exact and faster
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask_BSK[:, None], scale=self.scale, enable_gqa=n_heads != n_kv
+            )
+        else:  # Grok: logits = cap * tanh(scale * q.k / cap), masked, softmax in fp32
+            group = n_heads // n_kv  # query head h uses kv head h // group
+            qg = q.view(B, n_kv, group, S, self.head_dim)
+            logits = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() * self.scale  # [B, G, group, S, K]
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+            logits = logits.masked_fill(~mask_BSK[:, None, None], float("-inf"))
+            probs = logits.softmax(dim=-1).to(v.dtype)
+            out = (probs @ v.unsqueeze(2)).view(B, n_heads, S, self.head_dim)
+        return self.wo(out.transpose(1, 2).reshape(B, S, n_heads * self.head_dim))
+
+
+class DenseFFN(nn.Module):
+    """Gated FFN act(x W) * (x V) W_out; Grok-2 runs one beside the experts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.dense_ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.dense_ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.dense_ffn_dim, cfg.d_model, bias=False)
+        self.act = gated_activation(cfg.activation)
+
+    def forward(self, x):
+        return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.sandwich = cfg.norm_placement == "sandwich"
+        self.pre_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.pre_moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.moe = MoE(cfg)
+        self.dense = DenseFFN(cfg) if cfg.dense_ffn_dim else None
+        if self.sandwich:
+            self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.post_moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, h, cos, sin, positions, cache_kv=None):
+        a = self.attn(self.pre_attn_norm(h), cos, sin, positions, cache_kv)
+        h = h + (self.post_attn_norm(a) if self.sandwich else a)
+        m = self.pre_moe_norm(h)
+        f = self.moe(m)
+        if self.dense is not None:  # Grok-2: (moe + mlp) / sqrt(2)
+            f = (f + self.dense(m)) * 2**-0.5
+        return h + (self.post_moe_norm(f) if self.sandwich else f)
+
+
+class GrokModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})  # PP deletes some
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+        """Logits [B, S, V]. Without a cache, positions default to 0..S-1; with one, pass each row's positions."""
+        B, S = tokens_BS.shape
+        if positions_BS is None:
+            positions_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+        cos, sin = rope_cos_sin(positions_BS, self.cfg.resolved_head_dim, self.cfg.rope_theta)
+        h = self.embed(tokens_BS) * self.cfg.embedding_multiplier
+        for i, layer in self.layers.items():
+            cache_kv = None if kv_cache is None else (kv_cache.k[int(i)], kv_cache.v[int(i)])
+            h = layer(h, cos, sin, positions_BS, cache_kv)
+        h = self.norm(h)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, head.to(h.dtype)) * self.cfg.output_multiplier
+        if self.cfg.final_logit_softcap:
+            cap = self.cfg.final_logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init, usable after building on the meta device and calling to_empty()."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.ones_like(p))
+            else:  # one generator per parameter name: the same weights whatever device, layout or stage holds it
+                gen = torch.Generator().manual_seed((seed or 0) * 1_000_003 + zlib.crc32(name.encode()))
+                p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0.0, self.cfg.init_std, generator=gen))
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]

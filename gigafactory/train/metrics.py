@@ -1,0 +1,86 @@
+"""Per-step metrics to JSONL and TensorBoard, a progress bar with ETA, and MFU against a device peak."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# Dense bf16 peaks (TFLOP/s) from vendor datasheets; CPUs vary too much to know, so the CPU figure is a rough guess.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "B200": 2250.0, "GB200": 2500.0, "A100": 312.0, "L40S": 362.0}
+_CPU_GUESS_TFLOPS = 0.5
+
+
+def peak_tflops(device: torch.device, configured: float) -> float:
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in _PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return _CPU_GUESS_TFLOPS
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl (one JSON object per logged step) and TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class StepProgress:
+    """A rich progress bar on a terminal; plain log lines otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.live = enabled and sys.stdout.isatty()
+        self.bar = None
+        if self.live:
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str, log_line: bool) -> None:
+        if self.live:
+            self.bar.update(self.task, completed=step, info=info)
+        elif self.enabled and log_line:
+            print(f"step {step}: {info}", flush=True)
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        (self.bar.console.print if self.live else print)(message)
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()

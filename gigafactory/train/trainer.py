@@ -1,0 +1,195 @@
+"""The training loop: data -> model -> AdamW, with evaluation, checkpoints, metrics and clean interruption."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gigafactory.config.job import JobConfig
+from gigafactory.config.loader import build_config, config_to_toml
+from gigafactory.data.loader import PackedSequenceLoader
+from gigafactory.data.shards import open_split, prepare_dataset
+from gigafactory.data.tokenizer import load_tokenizer
+from gigafactory.errors import UserError
+from gigafactory.models import GrokModel, training_flops_per_token
+from gigafactory.train import checkpoint as ckpt
+from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
+from gigafactory.train.optim import build_optimizer, lr_at
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("training.device=cuda but no CUDA device is visible; use training.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast where the hardware has native bf16 (CUDA sm80+, CPUs with avx512_bf16/amx), else fp32."""
+    if name != "auto":
+        return torch.bfloat16 if name == "bf16" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if self.world_size > 1:
+            raise UserError("multi-process training needs the parallel layer (gigafactory/parallel); run with one process")
+        if cfg.training.threads:
+            torch.set_num_threads(cfg.training.threads)
+        self.device = pick_device(cfg.training.device)
+        self.dtype = pick_dtype(cfg.training.dtype, self.device)
+        self.run_dir = Path(cfg.logging.run_dir).expanduser()
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+        d = cfg.data
+        self.dataset_dir = prepare_dataset(d.inputs, cfg.model.vocab_size, d.cache_dir, d.val_fraction, d.seed, d.tokenizer)
+        self.tokenizer_json = load_tokenizer(self.dataset_dir / "tokenizer.json").to_str()
+        t = cfg.training
+        self.train_loader = PackedSequenceLoader(open_split(self.dataset_dir, "train"), d.seq_len, t.batch_size, d.seed, self.rank, self.world_size)
+        self.val_tokens = open_split(self.dataset_dir, "val")
+
+        with torch.device("meta"):
+            model = GrokModel(cfg.model)
+        model.to_empty(device=self.device)
+        model.init_weights(t.seed)
+        for moe in model.moe_layers():
+            moe.aux_loss_scale = 1.0 / t.grad_accum_steps
+        self.model = model
+        self.step_fn = torch.compile(model) if t.compile else model
+        self.optimizer = build_optimizer(model, cfg.optimizer)
+        self.step = 0
+        self.flops_per_token = training_flops_per_token(cfg.model, d.seq_len)
+        self.peak = peak_tflops(self.device, cfg.logging.peak_tflops) * 1e12
+        self._stop_requested = False
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        if self.cfg.checkpoint.resume == "never":
+            return
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return
+        saved = build_config(_read_toml_dict(latest / "config.toml"), {})
+        if saved.model != self.cfg.model:
+            diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items() if getattr(self.cfg.model, k) != v]
+            raise UserError(f"checkpoint '{latest}' was saved with a different model shape ({'; '.join(diff[:3])}); use a new logging.run_dir or checkpoint.resume=never")
+        state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.train_loader.load_state_dict(state["loader"])
+
+    def save(self) -> Path:
+        train_state = {"step": self.step, "loader": self.train_loader.state_dict()}
+        side = {"config.toml": config_to_toml(self.cfg), "tokenizer.json": self.tokenizer_json}
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, train_state, side, self.cfg.checkpoint.keep)
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def loss_on(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.step_fn(inputs.to(self.device))
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
+
+    def train_step(self) -> dict:
+        t, o = self.cfg.training, self.cfg.optimizer
+        lr = lr_at(self.step, t.steps, o)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = 0.0
+        for _ in range(t.grad_accum_steps):
+            loss = self.loss_on(*self.train_loader.next_batch())
+            (loss / t.grad_accum_steps).backward()
+            total_loss += loss.item() / t.grad_accum_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        aux = sum(float(m.last_aux_loss) for m in self.model.moe_layers())
+        return {"loss": total_loss, "grad_norm": float(grad_norm), "lr": lr, "aux_loss": aux}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.training
+        loader = PackedSequenceLoader(self.val_tokens, self.cfg.data.seq_len, t.batch_size, 0, self.rank, self.world_size, shuffle=False)
+        self.model.eval()
+        n_batches = min(t.eval_batches, max(1, loader.n_windows // (t.batch_size * self.world_size)))
+        losses = [self.loss_on(*loader.next_batch()).item() for _ in range(n_batches)]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # ---- loop --------------------------------------------------------------------------------------------------
+    def _request_stop(self, signum, frame):
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.training
+        is_rank0 = self.rank == 0
+        if is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
+            (self.run_dir / "tokenizer.json").write_text(self.tokenizer_json)
+        self.maybe_resume()
+        metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=is_rank0)
+        progress = StepProgress(t.steps, self.step, enabled=is_rank0 and cfg.logging.progress)
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.world_size
+        summary: dict = {"start_step": self.step, "eval": []}
+        try:
+            if t.eval_every and self.step == 0:
+                summary["eval"].append((0, self.evaluate()))
+                metrics.log(0, {"eval_loss": summary["eval"][-1][1]})
+                progress.print(f"step 0: eval loss {summary['eval'][-1][1]:.4f}")
+            while self.step < t.steps and not self._stop_requested:
+                started = time.perf_counter()
+                values = self.train_step()
+                elapsed = time.perf_counter() - started
+                values["tokens_per_s"] = tokens_per_step / elapsed
+                values["mfu"] = values["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
+                if not math.isfinite(values["loss"]):
+                    raise UserError(f"loss became {values['loss']} at step {self.step}; lower optimizer.lr or check the data")
+                log_now = self.step % cfg.logging.log_every == 0 or self.step == t.steps
+                if log_now:
+                    metrics.log(self.step, values)
+                progress.update(self.step, f"loss {values['loss']:.3f} | {values['tokens_per_s']:.0f} tok/s", log_now)
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    summary["eval"].append((self.step, self.evaluate()))
+                    metrics.log(self.step, {"eval_loss": summary["eval"][-1][1]})
+                    progress.print(f"step {self.step}: eval loss {summary['eval'][-1][1]:.4f}")
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
+                    self.save()
+            path = self.save()
+            progress.print(("interrupted: " if self._stop_requested else "") + f"saved checkpoint {path}")
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            progress.close()
+            metrics.close()
+        summary.update(end_step=self.step, interrupted=self._stop_requested, checkpoint=str(path))
+        return summary
+
+
+def _read_toml_dict(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
