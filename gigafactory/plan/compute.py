@@ -45,6 +45,7 @@ class LayerTime:
     recompute_selective: float  # extra work under selective checkpointing (attention core + MLP activation)
     hw_flops_fwd: float  # FLOPs actually executed in the forward (for HFU)
     attn_core_fwd: float  # attention core forward time (what context parallel can overlap with)
+    attn_core_bwd: float  # attention core backward time
 
 
 def _gemm_fwd_bwd(m: int, n: int, k: int, gpu: GPU, sw: Software, batch: int = 1) -> tuple[float, float]:
@@ -113,7 +114,7 @@ def layer_time(w: Workload, gpu: GPU, sw: Software, tokens: int, seq_kv: int, tp
     return LayerTime(
         fwd=fwd_total, bwd=bwd + attn_b + 2 * t_elem, recompute_full=fwd_total,
         recompute_selective=(attn_f if sw.attention == "unfused" else 0.0) + t_act,
-        hw_flops_fwd=flops, attn_core_fwd=attn_f,
+        hw_flops_fwd=flops, attn_core_fwd=attn_f, attn_core_bwd=attn_b,
     )
 
 

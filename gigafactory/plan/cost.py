@@ -51,12 +51,13 @@ def estimate(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: 
     if w.is_moe and lay.ep > 1:
         sent = tokens / (lay.tp if lay.sequence_parallel else 1) * w.top_k * w.d_model * 2 * sw.moe_imbalance
         t_ep = (4 + (2 if full else 0)) * comm.all_to_all(sent, lay.ep, lay.tp, cluster)
-    t_cp = 0.0
+    # Context-parallel K/V ring sends and FSDP gathers/reduce-scatters are prefetched behind the layer's compute;
+    # they share that one window, and only what exceeds it is exposed.
+    ring = 0.0
     if lay.cp > 1:
         kv = tokens * 2 * w.kv_width / lay.tp * 2
         ring = (lay.cp - 1) * comm.p2p(kv, lay.tp, cluster) * (3 + (1 if full else 0))
-        t_cp = max(0.0, ring - lt.attn_core_fwd * (3.5 + (1 if full else 0)))
-    t_fsdp = 0.0
+    fsdp = 0.0
     _, _, per_layer = local_params(w, lay)
     if lay.dp_shard > 1:
         dense_layer = per_layer if not w.is_moe else w.params_layer_dense / lay.tp
@@ -67,9 +68,13 @@ def estimate(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: 
             return (comm.all_gather(dense_layer * nbytes_per_param, g_dense, lay.tp, cluster)
                     + comm.all_gather(expert_layer * nbytes_per_param, g_exp, lay.tp * lay.ep, cluster))
 
-        ag, rs = gather(2), gather(sw.grad_bytes)
-        t_fsdp = max(0.0, ag - lt.fwd) + max(0.0, ag + rs - lt.bwd - recompute)
-    per_layer_time = (lt.fwd + lt.bwd + recompute + t_tp * (1 - sw.tp_overlap) + t_ep * (1 - sw.ep_overlap) + t_cp + t_fsdp)
+        fsdp = 2 * gather(2) + gather(sw.grad_bytes)  # all-gather in forward and backward, reduce-scatter
+    compute = lt.fwd + lt.bwd + recompute
+    hidden_exposed = max(0.0, ring + fsdp - compute)
+    t_cp = hidden_exposed * ring / (ring + fsdp) if ring + fsdp else 0.0
+    t_fsdp = hidden_exposed - t_cp
+    per_layer_time = compute + t_tp * (1 - sw.tp_overlap) + t_ep * (1 - sw.ep_overlap) + hidden_exposed
+    bwd_wall = lt.bwd + recompute + hidden_exposed  # the backward of one layer as the clock sees it
 
     layers = w.n_layers // lay.pp
     head_f, head_b, _ = head_time(w, gpu, sw, tokens, lay.tp)
@@ -94,7 +99,7 @@ def estimate(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: 
         t_dp = comm.all_reduce(dense * sw.grad_bytes, lay.dp_replicate * lay.cp, lay.tp, cluster)
         t_dp += comm.all_reduce(expert * sw.grad_bytes, max(1, lay.dp_replicate * lay.cp // lay.ep), lay.tp * lay.ep, cluster)
         state_params = dense + expert
-    window = layers * lt.bwd if sw.dp_overlap else 0.0
+    window = layers * bwd_wall if sw.dp_overlap else 0.0
     dp_exposed = max(0.0, t_dp - window)
     optimizer = 30.0 * state_params / (gpu.hbm_gbps * 1e9 * sw.hbm_efficiency)  # Adam: read/write p, g, m, v
     step = pipeline + dp_exposed + optimizer

@@ -84,7 +84,8 @@ def test_bigger_microbatch_costs_proportional_activation_memory(case):
 def test_checkpointing_trades_memory_for_time(case):
     w, lay, cluster, sw, seq = case
     ests = [estimate(w, dataclasses.replace(lay, checkpointing=c), cluster, sw, seq) for c in ("none", "selective", "full")]
-    assert ests[0].step_time_s <= ests[1].step_time_s * (1 + 1e-9) <= ests[2].step_time_s * (1 + 1e-9)
+    assert ests[0].step_time_s <= ests[1].step_time_s * (1 + 1e-9)
+    assert ests[1].step_time_s <= ests[2].step_time_s * (1 + 1e-9)
     assert ests[2].memory.activations <= ests[0].memory.activations
     assert ests[0].mfu >= ests[2].mfu * (1 - 1e-9)
 
