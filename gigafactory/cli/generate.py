@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--top-p", type=float, default=0.95, help="Nucleus sampling: the smallest set of tokens with this total probability.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed of the sampler.")
     parser.add_argument("--no-cache", action="store_true", help="Recompute the whole prefix every step instead of using the KV cache.")
+    parser.add_argument("--ignore-eos", action="store_true", help="Keep generating past the end-of-document token.")
     parser.add_argument("--device", default="cpu", help="Device to run on (cpu or cuda).")
     parser.set_defaults(func=run)
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.checkpoint, args.device)
     prompt_ids = loaded.tokenizer.encode(args.prompt).ids
     sys.stdout.write(args.prompt)
-    for piece in stream_text(loaded.tokenizer, generate_tokens(loaded.model, prompt_ids, params, args.seed, use_cache=not args.no_cache)):
+    for piece in stream_text(loaded.tokenizer, generate_tokens(loaded.model, prompt_ids, params, args.seed, use_cache=not args.no_cache, stop_at_eos=not args.ignore_eos)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -21,7 +21,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         bad = message.rpartition(": ")[2].split()[0] if "unrecognized arguments" in message else ""
-        known = [opt for action in self._actions for opt in action.option_strings]
+        parsers = [self]
+        for action in self._actions:  # the top-level parser reports unknown flags of subcommands too
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+        known = [opt for p in parsers for action in p._actions for opt in action.option_strings]
         close = difflib.get_close_matches(bad, known, n=1) if bad else []
         hint = f"; did you mean {close[0]}?" if close else f"; see `{self.prog} --help`"
         self.exit(2, f"error: {message}{hint}\n")

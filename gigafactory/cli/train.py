@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
     summary = Trainer(cfg).train()
+    if summary["interrupted"]:
+        print(f"interrupted at step {summary['end_step']}; checkpoint saved to {summary['checkpoint']} (run again to resume)")
     if summary["eval"]:
         (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
         print(f"eval loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")

@@ -87,10 +87,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"no checkpoint found at '{p}'; pass a run directory or a checkpoints/step-N directory written by `gigafactory train`")
 
 
-def load_checkpoint(ckpt: Path, model, optimizer=None) -> dict:
-    """Load model (and optimizer) state in place; return the saved train_state."""
+def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None = None) -> dict:
+    """Load model (and optimizer) state in place; fill and return `train_state` (DCP loads only the keys given)."""
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
-    state = {"model": model_sd, "train_state": {}}
+    state = {"model": model_sd}
+    if train_state is not None:
+        state["train_state"] = train_state
     if optimizer is not None:
         state["optim"] = optim_sd
     try:
@@ -103,5 +105,5 @@ def load_checkpoint(ckpt: Path, model, optimizer=None) -> dict:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-    return state["train_state"]
+    return state.get("train_state", {})
 

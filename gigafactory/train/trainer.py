@@ -90,7 +90,8 @@ class Trainer:
         if saved.model != self.cfg.model:
             diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items() if getattr(self.cfg.model, k) != v]
             raise UserError(f"checkpoint '{latest}' was saved with a different model shape ({'; '.join(diff[:3])}); use a new logging.run_dir or checkpoint.resume=never")
-        state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+        template = {"step": 0, "loader": self.train_loader.state_dict()}
+        state = ckpt.load_checkpoint(latest, self.model, self.optimizer, template)
         self.step = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
 
@@ -143,7 +144,8 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
 
-    def train(self) -> dict:
+    def train(self, stop_at: int | None = None) -> dict:
+        """Train to training.steps (or stop early at step `stop_at`, saving a checkpoint as an interruption would)."""
         cfg, t = self.cfg, self.cfg.training
         is_rank0 = self.rank == 0
         if is_rank0:
@@ -161,7 +163,7 @@ class Trainer:
                 summary["eval"].append((0, self.evaluate()))
                 metrics.log(0, {"eval_loss": summary["eval"][-1][1]})
                 progress.print(f"step 0: eval loss {summary['eval'][-1][1]:.4f}")
-            while self.step < t.steps and not self._stop_requested:
+            while self.step < min(t.steps, stop_at or t.steps) and not self._stop_requested:
                 started = time.perf_counter()
                 values = self.train_step()
                 elapsed = time.perf_counter() - started

@@ -173,6 +173,8 @@ class GrokModel(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Deterministic init, usable after building on the meta device and calling to_empty()."""
+        for buffer in self.buffers():  # to_empty() leaves buffers as garbage too; all of ours start at zero
+            buffer.zero_()
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(torch.ones_like(p))

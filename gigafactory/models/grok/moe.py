@@ -125,8 +125,9 @@ class MoE(nn.Module):
         tokens_per_expert_E = torch.bincount(flat_experts, minlength=self.n_experts)
         out_ND = self.experts(x_TD[token_of_pair], tokens_per_expert_E)
 
-        weighted_ND = out_ND * gates_TK.reshape(-1)[order].unsqueeze(-1).to(out_ND.dtype)
-        y_TD = torch.zeros_like(x_TD, dtype=out_ND.dtype).index_add_(0, token_of_pair, weighted_ND)
+        # Un-sort back to (token, k) order and take the gate-weighted sum over k (deterministic, unlike index_add_).
+        out_TKD = torch.empty_like(out_ND).index_copy_(0, order, out_ND).view(-1, self.top_k, D)
+        y_TD = (out_TKD * gates_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
 
         if self.training and (self.aux_loss_weight or self.z_loss_weight):
             aux = self.balance_loss(probs_TE, tokens_per_expert_E, logits_TE)
