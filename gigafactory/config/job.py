@@ -28,7 +28,7 @@ class OptimizerConfig:
 
     lr: float = knob(3e-3, "Peak learning rate.")
     min_lr_ratio: float = knob(0.1, "Final learning rate as a fraction of lr (cosine floor).")
-    warmup_steps: int = knob(50, "Linear warmup steps from 0 to lr.")
+    warmup_steps: int = knob(30, "Linear warmup steps from 0 to lr.")
     weight_decay: float = knob(0.1, "Decoupled weight decay on matrices (not on norms or the router).")
     beta1: float = knob(0.9, "AdamW beta1.")
     beta2: float = knob(0.95, "AdamW beta2.")
@@ -40,13 +40,13 @@ class OptimizerConfig:
 class TrainingConfig:
     """The training loop."""
 
-    steps: int = knob(600, "Optimizer steps to train (the cosine schedule ends here).")
+    steps: int = knob(300, "Optimizer steps to train (the cosine schedule ends here).")
     batch_size: int = knob(16, "Sequences per micro-batch per data-parallel rank.")
     grad_accum_steps: int = knob(1, "Micro-batches accumulated per optimizer step.")
     seed: int = knob(0, "Seed of the weight init (the same on every rank and layout).")
     dtype: str = knob("auto", "Compute dtype via autocast: bf16, fp32, or auto (bf16 where the device supports it).", choices=("auto", "bf16", "fp32"))
     device: str = knob("auto", "cpu, cuda, or auto (cuda when available).", choices=("auto", "cpu", "cuda"))
-    eval_every: int = knob(100, "Evaluate the held-out loss every N steps (and at step 0 and the end); 0 = never.")
+    eval_every: int = knob(50, "Evaluate the held-out loss every N steps (and at step 0 and the end); 0 = never.")
     eval_batches: int = knob(8, "Micro-batches averaged for one evaluation.")
     compile: bool = knob(False, "torch.compile each block (slow to start on CPU; worth it on GPUs).")
     threads: int = knob(0, "CPU threads for torch; 0 = torch's default.")
@@ -68,7 +68,7 @@ class ParallelConfig:
 class CheckpointConfig:
     """Distributed (DCP) checkpoints."""
 
-    every: int = knob(200, "Save a checkpoint every N steps (and at the end); 0 = only at the end.")
+    every: int = knob(100, "Save a checkpoint every N steps (and at the end); 0 = only at the end.")
     keep: int = knob(2, "Keep the newest K checkpoints.")
     resume: str = knob("auto", "auto = resume from the newest checkpoint in the run directory; never = start fresh.", choices=("auto", "never"))
 
