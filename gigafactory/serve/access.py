@@ -1,0 +1,96 @@
+"""API keys and a per-key rate limit (token bucket).
+
+Keys come from a TOML file (`--api-keys FILE`) or the GIGAFACTORY_API_KEYS environment variable (comma-separated).
+File format, one table per key:
+
+    [keys."sk-alice-..."]
+    name = "alice"            # shown in /metrics and logs instead of the secret
+    region = "DE"             # used for the rollout when the trusted region header is absent
+    requests_per_minute = 60  # overrides --rate-limit for this key
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import os
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from gigafactory.errors import UserError
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    secret: str
+    name: str
+    region: str | None = None
+    requests_per_minute: float | None = None
+
+
+def load_keys(path: str | None, env: str | None = None) -> dict[str, ApiKey]:
+    """Keys from the file and/or the env value; an empty result means the server is open (no 401s)."""
+    keys: dict[str, ApiKey] = {}
+    env = os.environ.get("GIGAFACTORY_API_KEYS", "") if env is None else env
+    for i, secret in enumerate(s.strip() for s in env.split(",")):
+        if secret:
+            keys[secret] = ApiKey(secret, f"env-{i}")
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"--api-keys {p}: file not found; write a TOML file with [keys.\"SECRET\"] tables")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"--api-keys {p}: not valid TOML ({err}); fix the file") from None
+        for secret, entry in raw.get("keys", {}).items():
+            if not isinstance(entry, dict):
+                raise UserError(f"--api-keys {p}: keys.{secret[:6]}... must be a table with name/region/requests_per_minute")
+            rpm = entry.get("requests_per_minute")
+            if rpm is not None and (not isinstance(rpm, (int, float)) or rpm <= 0):
+                raise UserError(f"--api-keys {p}: requests_per_minute must be a positive number")
+            keys[secret] = ApiKey(secret, str(entry.get("name", secret[:6] + "...")), entry.get("region"), rpm)
+    return keys
+
+
+def find_key(keys: dict[str, ApiKey], presented: str | None) -> ApiKey | None:
+    """Constant-time comparison against every configured key."""
+    if not presented:
+        return None
+    found = None
+    for secret, key in keys.items():
+        if hmac.compare_digest(secret.encode(), presented.encode()):
+            found = key
+    return found
+
+
+class RateLimiter:
+    """A token bucket per key: `rpm` requests per minute on average, bursts of up to `burst` (default rpm/6, >= 1)."""
+
+    def __init__(self, requests_per_minute: float = 0.0):
+        self.default_rpm = requests_per_minute  # 0 = unlimited
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
+        self._lock = threading.Lock()
+
+    def check(self, key: str, rpm: float | None = None, now: float | None = None) -> float:
+        """0 if the request may go ahead (and is counted), else the seconds to wait before retrying."""
+        rpm = rpm or self.default_rpm
+        if not rpm:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        rate, burst = rpm / 60.0, max(1.0, rpm / 6.0)
+        with self._lock:
+            tokens, last = self._buckets.get(key, (burst, now))
+            tokens = min(burst, tokens + (now - last) * rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / rate
+
+
+def retry_after_header(wait_s: float) -> str:
+    return str(max(1, math.ceil(wait_s)))

@@ -1,0 +1,43 @@
+"""Continuous batching: every step, waiting requests take free cache rows and finished ones give theirs back."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from gigafactory.serve.kv_cache import SlotKVCache
+from gigafactory.serve.sequence import Sequence
+
+
+class Scheduler:
+    def __init__(self, kv: SlotKVCache, max_prefills_per_step: int = 4):
+        self.kv = kv
+        self.max_prefills_per_step = max_prefills_per_step  # bounds how long one step stalls the decoders
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """First come, first served: move waiting sequences into free rows; they need a prefill this step."""
+        admitted = []
+        while self.waiting and self.kv.n_free and len(admitted) < self.max_prefills_per_step:
+            seq = self.waiting.popleft()
+            if seq.finish_reason is not None:  # aborted while it waited
+                continue
+            seq.slot = self.kv.allocate()
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def retire(self) -> None:
+        """Give back the rows of finished (or aborted) sequences; drop aborted ones that never started."""
+        for seq in [s for s in self.running if s.finish_reason is not None]:
+            self.kv.free(seq.slot)
+            self.running.remove(seq)
+        if any(s.finish_reason is not None for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
