@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 from gigafactory.config.loader import add_config_arguments, config_to_toml, load_config
 
@@ -19,8 +22,23 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as TOML and exit.")
+    parser.add_argument("--nproc", type=int, default=1, help="Processes on this machine: > 1 starts the job under torchrun (one per GPU, or gloo on CPU).")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def launch_local(nproc: int) -> int:
+    """Re-run this same command under torchrun's elastic agent with `nproc` workers on this machine."""
+    argv = sys.argv[sys.argv.index("train") + 1 :]
+    for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N: the workers are the processes
+        if arg == "--nproc":
+            del argv[i : i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del argv[i]
+            break
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gigafactory.cli.main", "train", *argv]
+    return subprocess.call(cmd)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_toml(cfg), end="")
         return 0
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_local(args.nproc)
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
     summary = Trainer(cfg).train()

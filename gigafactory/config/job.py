@@ -62,6 +62,9 @@ class ParallelConfig:
     pp: int = knob(1, "Pipeline stages.")
     ep: int = knob(1, "Expert-parallel degree.")
     cp: int = knob(1, "Context-parallel degree.")
+    schedule: str = knob("1f1b", "Pipeline schedule when pp > 1.", choices=("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"))
+    microbatches: int = knob(0, "Pipeline microbatches per step; 0 = 2 * pp.")
+    activation_checkpointing: str = knob("none", "Recompute activations in backward: none, selective (attention only) or full (each block).", choices=("none", "selective", "full"))
 
 
 @dataclass
@@ -118,6 +121,8 @@ class JobConfig:
         for key, ok, fix in checks:
             if not ok:
                 raise ConfigError(f"{key}={_get(self, key)!r} {fix}")
+        if self.parallel.microbatches < 0:
+            raise ConfigError(f"parallel.microbatches={self.parallel.microbatches} must be >= 0 (0 = 2 * pp)")
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "cp"):
             value = getattr(self.parallel, key)
             if value == 0 or value < -1:

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gigafactory.config.job import OptimizerConfig
 
@@ -18,7 +19,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
         # Norm scales and the router stay undecayed: shrinking them changes what the model computes, not its capacity.
         (no_decay if p.ndim < 2 or "router" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    # The multi-tensor kernels cannot mix DTensors and plain tensors (tensor parallel without FSDP does that).
+    uniform = len({isinstance(p, DTensor) for p in decay + no_decay}) == 1
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=None if uniform else False)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
@@ -28,3 +31,20 @@ def lr_at(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Global gradient L2 norm (clipped to max_norm if > 0). Works when parameters are DTensors on different
+    meshes (FSDP-only and FSDP x TP parameters side by side), where torch's version cannot stack the norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = []
+    for g in grads:
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    scale = max_norm / (float(total) + 1e-6)
+    if max_norm > 0 and scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from gigafactory.config.job import JobConfig
@@ -21,7 +21,10 @@ from gigafactory.errors import UserError
 from gigafactory.models import GrokModel, training_flops_per_token
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
-from gigafactory.train.optim import build_optimizer, lr_at
+from gigafactory.parallel.dims import resolve_dims
+from gigafactory.parallel.distributed import all_reduce_mean, init_distributed
+from gigafactory.parallel.parallelize import parallelize
+from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
 
 
 def pick_device(name: str) -> torch.device:
@@ -48,12 +51,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        if self.world_size > 1:
-            raise UserError("multi-process training needs the parallel layer (gigafactory/parallel); run with one process")
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         self.device = pick_device(cfg.training.device)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dims = resolve_dims(cfg, world_size)  # fails on a bad layout before any process group exists
+        not_yet = [f"parallel.{a}={getattr(self.dims, a)}" for a in ("pp", "ep", "cp") if getattr(self.dims, a) > 1]
+        if not_yet:
+            raise UserError(f"{', '.join(not_yet)}: pipeline, expert and context parallel are not implemented yet; use dp_replicate, dp_shard and tp")
+        self.rank, self.world_size = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
+        self.dp_rank = self._dp_rank()
         self.dtype = pick_dtype(cfg.training.dtype, self.device)
         self.run_dir = Path(cfg.logging.run_dir).expanduser()
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -62,17 +72,17 @@ class Trainer:
         self.dataset_dir = prepare_dataset(d.inputs, cfg.model.vocab_size, d.cache_dir, d.val_fraction, d.seed, d.tokenizer)
         self.tokenizer_json = load_tokenizer(self.dataset_dir / "tokenizer.json").to_str()
         t = cfg.training
-        self.train_loader = PackedSequenceLoader(open_split(self.dataset_dir, "train"), d.seq_len, t.batch_size, d.seed, self.rank, self.world_size)
+        self.train_loader = PackedSequenceLoader(open_split(self.dataset_dir, "train"), d.seq_len, t.batch_size, d.seed, self.dp_rank, self.dims.dp)
         self.val_tokens = open_split(self.dataset_dir, "val")
 
         with torch.device("meta"):
             model = GrokModel(cfg.model)
+        parallelize(model, self.dims, self.mesh, param_dtype=self.dtype, activation_checkpointing=cfg.parallel.activation_checkpointing, compile=t.compile)
         model.to_empty(device=self.device)
         model.init_weights(t.seed)
         for moe in model.moe_layers():
             moe.aux_loss_scale = 1.0 / t.grad_accum_steps
         self.model = model
-        self.step_fn = torch.compile(model) if t.compile else model
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.step = 0
         self.flops_per_token = training_flops_per_token(cfg.model, d.seq_len)
@@ -108,7 +118,7 @@ class Trainer:
 
     def loss_on(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            logits = self.step_fn(inputs.to(self.device))
+            logits = self.model(inputs.to(self.device))
         return F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
 
     def train_step(self) -> dict:
@@ -121,22 +131,29 @@ class Trainer:
             loss = self.loss_on(*self.train_loader.next_batch())
             (loss / t.grad_accum_steps).backward()
             total_loss += loss.item() / t.grad_accum_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), o.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         aux = sum(float(m.last_aux_loss) for m in self.model.moe_layers())
-        return {"loss": total_loss, "grad_norm": float(grad_norm), "lr": lr, "aux_loss": aux}
+        return {"loss": all_reduce_mean(total_loss, self.device), "grad_norm": float(grad_norm), "lr": lr, "aux_loss": aux}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.training
-        loader = PackedSequenceLoader(self.val_tokens, self.cfg.data.seq_len, t.batch_size, 0, self.rank, self.world_size, shuffle=False)
+        loader = PackedSequenceLoader(self.val_tokens, self.cfg.data.seq_len, t.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)
         self.model.eval()
-        n_batches = min(t.eval_batches, max(1, loader.n_windows // (t.batch_size * self.world_size)))
+        n_batches = min(t.eval_batches, max(1, loader.n_windows // (t.batch_size * self.dims.dp)))
         losses = [self.loss_on(*loader.next_batch()).item() for _ in range(n_batches)]
         self.model.train()
-        return sum(losses) / len(losses)
+        return all_reduce_mean(sum(losses) / len(losses), self.device)
+
+    def _dp_rank(self) -> int:
+        """This rank's index among the ranks that read different data (replicate, shard and ep axes)."""
+        if self.mesh is None:
+            return 0
+        coord = dict(zip(self.mesh.mesh_dim_names, self.mesh.get_coordinate()))
+        return (coord["dp_replicate"] * self.dims.dp_shard + coord["dp_shard"]) * self.dims.ep + coord["ep"]
 
     # ---- loop --------------------------------------------------------------------------------------------------
     def _request_stop(self, signum, frame):
@@ -156,7 +173,7 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=is_rank0)
         progress = StepProgress(t.steps, self.step, enabled=is_rank0 and cfg.logging.progress)
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-        tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.world_size
+        tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dims.dp
         summary: dict = {"start_step": self.step, "eval": []}
         try:
             if t.eval_every and self.step == 0:

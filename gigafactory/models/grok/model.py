@@ -13,9 +13,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from gigafactory.models.config import ModelConfig
 from gigafactory.models.grok.moe import MoE, gated_activation
+
+
+def copy_global_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (global) tensor into a parameter that may be a DTensor shard (FSDP/TP): each rank takes its slice."""
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    local = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    param.to_local().copy_(local.reshape(param.to_local().shape))
 
 
 class RMSNorm(nn.Module):
@@ -73,11 +85,12 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD, cos, sin, positions_BS, cache_kv=None):
         B, S, _ = x_BSD.shape
-        # Heads are local here (tensor parallel shards them), so take the counts from the weights.
-        n_heads, n_kv = self.wq.weight.shape[0] // self.head_dim, self.wk.weight.shape[0] // self.head_dim
-        q = self.wq(x_BSD).view(B, S, n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.wk(x_BSD).view(B, S, n_kv, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
-        v = self.wv(x_BSD).view(B, S, n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        # Heads are local here (tensor parallel shards them), so count them from the projected widths.
+        n_heads, n_kv = q.shape[-1] // self.head_dim, k.shape[-1] // self.head_dim
+        q = q.view(B, S, n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        k = k.view(B, S, n_kv, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
+        v = v.view(B, S, n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache_kv is None:
@@ -177,10 +190,11 @@ class GrokModel(nn.Module):
             buffer.zero_()
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(torch.ones_like(p))
+                copy_global_into(p, torch.ones(p.shape, dtype=p.dtype))
             else:  # one generator per parameter name: the same weights whatever device, layout or stage holds it
-                gen = torch.Generator().manual_seed((seed or 0) * 1_000_003 + zlib.crc32(name.encode()))
-                p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0.0, self.cfg.init_std, generator=gen))
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                full = torch.empty(p.shape, dtype=p.dtype).normal_(0.0, self.cfg.init_std, generator=gen)
+                copy_global_into(p, full)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gigafactory.models.config import ModelConfig
 
@@ -77,7 +78,8 @@ class Experts(nn.Module):
         device = x_ND.device.type
         if torch.is_autocast_enabled(device):  # grouped_mm is not on autocast's op list: cast by hand
             x_ND = x_ND.to(torch.get_autocast_dtype(device))
-        w_gate, w_up, w_down = (w.to(x_ND.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        # Under tensor parallel the weights are DTensor shards of the F dimension: compute on the local shard.
+        w_gate, w_up, w_down = (_local(w).to(x_ND.dtype) for w in (self.w_gate, self.w_up, self.w_down))
         if _grouped_mm_ok(x_ND):
             offsets = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
             h_NF = self.act(F.grouped_mm(x_ND, w_gate, offs=offsets)) * F.grouped_mm(x_ND, w_up, offs=offsets)
@@ -89,6 +91,10 @@ class Experts(nn.Module):
             outputs.append((self.act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e])
             start += count
         return torch.cat(outputs)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:

@@ -1,0 +1,37 @@
+"""Process-group setup from the standard torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU); (rank, world_size), (0, 1) outside torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        rank = int(os.environ["RANK"])
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # torchrun's agent store outlives worker restarts; a per-attempt prefix keeps a restarted group from
+        # reading the dead attempt's keys (seen hanging otherwise on gloo).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo", store=dist.PrefixStore(f"attempt{attempt}/", store),
+            rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
