@@ -13,7 +13,7 @@ import sys
 
 from gigafactory.errors import UserError
 
-COMMANDS = ("train", "generate", "data", "simulate", "plan")
+COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve")
 
 
 class Parser(argparse.ArgumentParser):
