@@ -34,4 +34,6 @@ class ModelRunner:
             tokens[s.slot, 0] = s.output_ids[-1]
             positions[s.slot, 0] = s.length - 1
         logits_BV = self.model(tokens.to(self.device), positions.to(self.device), self.kv.rows(0, hi))[:, -1]
-        return [sample_next(logits_BV[s.slot], s.params, s.generator) for s in seqs]
+        greedy = logits_BV.argmax(-1).tolist()  # one op for every temperature-0 row
+        return [greedy[s.slot] if s.params.temperature == 0 else sample_next(logits_BV[s.slot], s.params, s.generator)
+                for s in seqs]
