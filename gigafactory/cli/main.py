@@ -13,7 +13,7 @@ import sys
 
 from gigafactory.errors import UserError
 
-COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve")
+COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve", "report")
 
 
 class Parser(argparse.ArgumentParser):

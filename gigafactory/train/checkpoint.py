@@ -1,17 +1,37 @@
-"""Distributed checkpoints (torch.distributed.checkpoint) written atomically, with the newest K kept.
+"""Distributed checkpoints (torch.distributed.checkpoint) written atomically, verified, with the newest K kept.
 
 A checkpoint is a directory `step-NNNNNNNN/` holding the DCP shards of the model and optimizer, a `train_state`
-entry (step, data loader position), and copies of config.toml and tokenizer.json so it is self-contained. It is
-written under a `.tmp` name and renamed when complete; the `latest` pointer file is replaced last.
+entry (step, data loader position), copies of config.toml and tokenizer.json so it is self-contained, and
+`manifest.json`: the size and sha256 of every other file in it.
+
+Write order (a crash or a full disk at any point leaves the previous checkpoint untouched):
+  1. every rank writes its DCP shards into `step-N.tmp/` and hashes the files it wrote;
+  2. the ranks agree that all of them succeeded (one all_gather carrying the hashes or the error);
+  3. rank 0 writes the side files and `manifest.json`, renames `step-N.tmp` -> `step-N`, then replaces `latest`;
+  4. older checkpoints beyond the newest K are removed.
+A failure in 1-3 removes `step-N.tmp` and raises `CheckpointSaveError` on every rank, so the trainer can log it and
+go on (or stop cleanly). Loading verifies the manifest; `latest_good_checkpoint` skips a truncated or corrupt one
+(reporting it) and returns the newest checkpoint that verifies.
+
+Saves are synchronous (`save_checkpoint`) or asynchronous (`Checkpointer(async_save=True)`, built on
+`dcp.async_save`): the step is blocked only while the state is copied to host memory; the write, hashing and the
+rename finish later in `Checkpointer.finalize()`.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
+import hashlib
+import json
+import os
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -19,13 +39,39 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from gigafactory.errors import UserError
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 8 << 20
 
 # DCP warns on every single-process save/load; that is a supported mode here, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
+LogEvent = Callable[..., None]  # log_event(event: str, **fields), e.g. EventLog.record
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank (disk full, I/O error, ...). The partial `.tmp` directory was removed and every
+    earlier checkpoint is intact. Raised on every rank, so all ranks can catch it at the same point."""
+
+    def __init__(self, step: int, path: Path, reason: str):
+        super().__init__(f"checkpoint save at step {step} failed ({reason}); previous checkpoints are intact")
+        self.step, self.path, self.reason = step, path, reason
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint's files do not match its manifest (truncated, bit-flipped, missing)."""
+
+
+# ---- small distributed helpers (all work without a process group) ---------------------------------------------
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
 
 def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return _rank() == 0
 
 
 def _barrier() -> None:
@@ -33,46 +79,138 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: dict, side_files: dict[str, str], keep: int) -> Path:
-    """Write checkpoint `step`; the previous good checkpoint stays untouched until this one is complete."""
-    final = ckpt_root / checkpoint_name(step)
-    tmp = ckpt_root / (checkpoint_name(step) + ".tmp")
-    if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "train_state": train_state}, checkpoint_id=str(tmp))
-    _barrier()
-    if _is_rank0():
-        for name, text in side_files.items():
-            (tmp / name).write_text(text)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        pointer = ckpt_root / (LATEST + ".tmp")
-        pointer.write_text(final.name + "\n")
-        pointer.replace(ckpt_root / LATEST)
-        for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+# ---- manifest ----------------------------------------------------------------------------------------------------
+def file_digest(path: Path) -> dict:
+    """{"size": bytes, "sha256": hex} of one file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
 
 
+def _own_files(ckpt_dir: Path, rank: int) -> list[Path]:
+    """The shard files DCP's FileSystemWriter wrote for `rank` (named `__{rank}_{i}.distcp`)."""
+    return sorted(ckpt_dir.glob(f"__{rank}_*.distcp"))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(ckpt_dir: Path, known: dict[str, dict] | None = None) -> dict:
+    """Hash every file in `ckpt_dir` (reusing digests in `known`) and write manifest.json; return the manifest."""
+    known = dict(known or {})
+    files = {}
+    for p in sorted(ckpt_dir.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.name] = known.get(p.name) or file_digest(p)
+    manifest = {"format": 1, "created": time.time(), "files": files}
+    tmp = ckpt_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(ckpt_dir / MANIFEST)
+    return manifest
+
+
+def verify_checkpoint(ckpt_dir: Path, full: bool = True) -> list[str]:
+    """Problems found in `ckpt_dir` against its manifest ([] = good). full=False checks sizes only.
+
+    Under torch.distributed every rank must call it: the files are hashed in parallel (rank r hashes every
+    world_size-th file) and the problems are shared, so all ranks return the same list."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return _gather_problems([f"{MANIFEST} missing"] if _is_rank0() else [])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return _gather_problems([f"{MANIFEST} unreadable ({type(err).__name__})"] if _is_rank0() else [])
+    problems = []
+    for i, (name, want) in enumerate(sorted(files.items())):
+        if i % _world() != _rank():
+            continue
+        path = ckpt_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{name}: {size} bytes, manifest says {want['size']} (truncated?)")
+        elif full and file_digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (corrupt)")
+    return _gather_problems(problems)
+
+
+def _gather_problems(mine: list[str]) -> list[str]:
+    return sorted(p for part in _gather(mine) for p in part)
+
+
+# ---- listing -----------------------------------------------------------------------------------------------------
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (unfinished `.tmp` directories are ignored)."""
+    """Complete checkpoints, oldest first (unfinished `.tmp` and set-aside `.old` directories are ignored)."""
+    ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / ".metadata").is_file())
+    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and "." not in p.name and (p / ".metadata").is_file())
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint, unverified (see `latest_good_checkpoint`)."""
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
+
+
+def latest_good_checkpoint(ckpt_root: Path, log_event: LogEvent | None = None, full: bool = True) -> Path | None:
+    """The newest checkpoint whose files match its manifest; each bad one skipped is reported through
+    `log_event("checkpoint_corrupt", path=..., problems=[...])`. A checkpoint without a manifest (written before
+    integrity checks existed) is used but reported as `checkpoint_unverified`. Collective under torch.distributed."""
+    for path in reversed(list_checkpoints(ckpt_root)):
+        problems = verify_checkpoint(path, full=full)
+        if not problems:
+            return path
+        if problems == [f"{MANIFEST} missing"]:
+            if log_event:
+                log_event("checkpoint_unverified", path=str(path), once=True)
+            return path
+        if log_event:
+            log_event("checkpoint_corrupt", path=str(path), problems=problems[:10], once=True)
+        else:
+            warnings.warn(f"skipping corrupt checkpoint {path}: {'; '.join(problems[:3])}")
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -87,8 +225,206 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"no checkpoint found at '{p}'; pass a run directory or a checkpoints/step-N directory written by `gigafactory train`")
 
 
-def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None = None) -> dict:
-    """Load model (and optimizer) state in place; fill and return `train_state` (DCP loads only the keys given)."""
+def remove_stale(ckpt_root: Path) -> list[Path]:
+    """Delete `.tmp`/`.old` leftovers of a crashed save (rank 0; call at start-up, before any save)."""
+    removed = []
+    if _is_rank0() and Path(ckpt_root).is_dir():
+        for p in Path(ckpt_root).glob("step-*.*"):
+            if p.is_dir() and p.suffix in (".tmp", ".old"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    _barrier()
+    return removed
+
+
+# ---- saving ------------------------------------------------------------------------------------------------------
+def _write_shards(tmp: Path, state: dict, step: int) -> tuple[bool, str, dict]:
+    """(ok, reason, {file: digest}) for this rank's part of a synchronous save."""
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        return True, "", {p.name: file_digest(p) for p in _own_files(tmp, _rank())}
+    except Exception as err:  # noqa: BLE001 - any failure must reach the agreement step, not hang the others
+        return False, _reason(err), {}
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def _finish(ckpt_root: Path, step: int, tmp: Path, final: Path, local: tuple[bool, str, dict], side_files: dict[str, str], keep: int,
+            before_commit: Callable[[int], None] | None = None) -> Path:
+    """Agree on success, then (rank 0) side files, manifest, rename, `latest`, pruning. Collective."""
+    parts = _gather(local)
+    failed = [f"rank {r}: {reason}" for r, (ok, reason, _) in enumerate(parts) if not ok]
+    outcome = ""
+    if not failed and _is_rank0():
+        try:
+            if before_commit is not None:
+                before_commit(step)
+            known = {name: d for _, _, digests in parts for name, d in digests.items()}
+            for name, text in side_files.items():
+                (tmp / name).write_text(text)
+            write_manifest(tmp, known)
+            _fsync_dir(tmp)
+            aside = None
+            if final.exists():  # re-saving a step (after a rollback): keep the old one until the new one is in place
+                aside = final.with_name(final.name + ".old")
+                shutil.rmtree(aside, ignore_errors=True)
+                final.rename(aside)
+            tmp.rename(final)
+            _fsync_dir(ckpt_root)
+            pointer = ckpt_root / (LATEST + ".tmp")
+            pointer.write_text(final.name + "\n")
+            pointer.replace(ckpt_root / LATEST)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+            for old in list_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        except Exception as err:  # noqa: BLE001
+            outcome = f"rank 0: {_reason(err)}"
+    if not failed:
+        outcome = _from_rank0(outcome)
+        failed = [outcome] if outcome else []
+    if failed:
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.exists() and final.with_name(final.name + ".old").exists():
+                final.with_name(final.name + ".old").rename(final)
+        _barrier()
+        raise CheckpointSaveError(step, final, "; ".join(failed))
+    return final
+
+
+def _prepare_tmp(ckpt_root: Path, step: int) -> tuple[Path, Path, str]:
+    """Create an empty `step-N.tmp/` (rank 0); returns (tmp, final, error-or-empty agreed by all ranks)."""
+    final = Path(ckpt_root) / checkpoint_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    error = ""
+    if _is_rank0():
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            error = f"rank 0: {_reason(err)}"
+    return tmp, final, _from_rank0(error)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: dict, side_files: dict[str, str], keep: int,
+                    before_commit: Callable[[int], None] | None = None) -> Path:
+    """Write checkpoint `step` synchronously; raises CheckpointSaveError (on every rank) if any part fails.
+
+    `before_commit(step)` runs on rank 0 after the shards are written and before the rename (fault injection)."""
+    ckpt_root = Path(ckpt_root)
+    tmp, final, error = _prepare_tmp(ckpt_root, step)
+    if error:
+        raise CheckpointSaveError(step, final, error)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    local = _write_shards(tmp, {"model": model_sd, "optim": optim_sd, "train_state": train_state}, step)
+    return _finish(ckpt_root, step, tmp, final, local, side_files, keep, before_commit)
+
+
+class Checkpointer:
+    """Saves checkpoints synchronously or asynchronously (`dcp.async_save`); at most one save in flight.
+
+    save(): sync -> returns the checkpoint Path when complete; async -> returns None as soon as the state is staged
+    in host memory (the step may then change the weights). finalize(): waits for the save in flight and commits it
+    (manifest, rename, `latest`); it is collective, so every rank must call it at the same step. It is called by
+    save() before starting the next one; call it before a rollback/load and at the end of training.
+    Errors raise CheckpointSaveError from save() (sync) or finalize() (async)."""
+
+    def __init__(self, ckpt_root: Path, keep: int, async_save: bool = False, log_event: LogEvent | None = None,
+                 before_commit: Callable[[int], None] | None = None):
+        self.root, self.keep, self.async_save = Path(ckpt_root), keep, async_save
+        self.log_event, self.before_commit = log_event, before_commit
+        self._pending: tuple | None = None  # (step, tmp, final, side_files, future, started)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if async_save else None
+        self._pg = None
+        self.last_blocked_s = 0.0
+
+    @property
+    def pending_step(self) -> int | None:
+        return self._pending[0] if self._pending else None
+
+    def save(self, step: int, model, optimizer, train_state: dict, side_files: dict[str, str]) -> Path | None:
+        started = time.perf_counter()
+        self.finalize()
+        if not self.async_save:
+            path = save_checkpoint(self.root, step, model, optimizer, train_state, side_files, self.keep, self.before_commit)
+            self.last_blocked_s = time.perf_counter() - started
+            self._log("checkpoint_saved", step=step, path=str(path), blocked_s=round(self.last_blocked_s, 4))
+            return path
+        tmp, final, error = _prepare_tmp(self.root, step)
+        if error:
+            raise CheckpointSaveError(step, final, error)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "train_state": copy.deepcopy(train_state)}
+        try:
+            upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._save_group())
+        except Exception as err:  # noqa: BLE001 - staging failed: report through finalize like any other failure
+            upload = Future()
+            upload.set_exception(err)
+        rank = _rank()
+
+        def write_and_hash() -> tuple[bool, str, dict]:
+            try:
+                upload.result()
+                return True, "", {p.name: file_digest(p) for p in _own_files(tmp, rank)}
+            except Exception as err:  # noqa: BLE001
+                return False, _reason(err), {}
+
+        self._pending = (step, tmp, final, dict(side_files), self._pool.submit(write_and_hash), time.perf_counter())
+        self.last_blocked_s = time.perf_counter() - started
+        return None
+
+    def done_locally(self) -> bool:
+        """True when no save is in flight on this rank (not collective; do not branch collectives on it)."""
+        return self._pending is None or self._pending[4].done()
+
+    def finalize(self) -> Path | None:
+        """Wait for the save in flight (if any) and commit it; returns its Path. Collective."""
+        if self._pending is None:
+            return None
+        step, tmp, final, side_files, future, started = self._pending
+        self._pending = None
+        local = future.result()
+        path = _finish(self.root, step, tmp, final, local, side_files, self.keep, self.before_commit)
+        self._log("checkpoint_saved", step=step, path=str(path), blocked_s=round(self.last_blocked_s, 4),
+                  write_s=round(time.perf_counter() - started, 4))
+        return path
+
+    def close(self) -> Path | None:
+        """Finalize and release the background thread; returns the last committed path (or None)."""
+        try:
+            return self.finalize()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _save_group(self):
+        """A dedicated gloo group for the background writer, so its collectives never interleave with training's."""
+        if not dist.is_initialized():
+            return None
+        if self._pg is None:
+            self._pg = dist.new_group(backend="gloo")
+        return self._pg
+
+    def _log(self, event: str, **fields) -> None:
+        if self.log_event is not None:
+            self.log_event(event, once=True, **fields)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None = None, verify: bool = False) -> dict:
+    """Load model (and optimizer) state in place; fill and return `train_state` (DCP loads only the keys given).
+
+    verify=True checks the manifest first (collective) and raises CorruptCheckpointError on a mismatch."""
+    if verify:
+        problems = verify_checkpoint(Path(ckpt))
+        if problems and problems != [f"{MANIFEST} missing"]:
+            raise CorruptCheckpointError(f"checkpoint '{ckpt}' is corrupt ({'; '.join(problems[:3])}); use an earlier checkpoint")
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
     state = {"model": model_sd}
     if train_state is not None:
@@ -107,3 +443,14 @@ def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None 
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     return state.get("train_state", {})
 
+
+def disk_full_error(path: Path | str = "") -> OSError:
+    """The OSError a full disk raises (used by fault injection and tests)."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+__all__ = [
+    "Checkpointer", "CheckpointSaveError", "CorruptCheckpointError", "LATEST", "MANIFEST", "checkpoint_name", "disk_full_error",
+    "file_digest", "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints", "load_checkpoint", "remove_stale",
+    "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_manifest",
+]

@@ -1,0 +1,26 @@
+"""`gigafactory report RUN_DIR`: steps, tokens, failures, time lost and ETTR of a run, with loss/throughput plots."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="Summarise a training run: steps, tokens, failures, time lost, ETTR; plots loss and throughput.",
+        description="Read RUN_DIR/metrics.jsonl and RUN_DIR/events.jsonl; print a summary and write PNG plots and an HTML page.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="The logging.run_dir of a `gigafactory train` run.")
+    p.add_argument("--out", metavar="DIR", help="Where to write loss.png, throughput.png and report.html (default RUN_DIR/report).")
+    p.add_argument("--no-plots", action="store_true", help="Print the summary only.")
+    p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
+    p.add_argument("--events-file", default="events.jsonl", help="Events file name inside RUN_DIR (resilience.events_file).")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigafactory.resilience.report import build_report, format_summary, summary_json
+
+    s = build_report(args.run_dir, args.out, plots=not args.no_plots, events_file=args.events_file)
+    print(summary_json(s) if args.json else format_summary(s))
+    return 0
