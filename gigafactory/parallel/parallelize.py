@@ -17,7 +17,9 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from gigafactory.models import GrokModel
+from gigafactory.parallel.context_parallel import apply_cp
 from gigafactory.parallel.dims import ParallelDims
+from gigafactory.parallel.expert_parallel import apply_ep
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -85,22 +87,60 @@ def apply_compile(model: GrokModel) -> None:
         model.layers[name] = torch.compile(block)
 
 
-def apply_fsdp(model: GrokModel, dp_mesh, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model: GrokModel, dp_mesh, param_dtype: torch.dtype, ignored: set | None = None) -> None:
     """FSDP2 on each block then the root; a 2-D (replicate, shard) mesh gives HSDP. Gradients reduce in fp32."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
+
+
+def _data_mesh(mesh, dims: ParallelDims, axes: tuple[str, ...], name: str):
+    """The (replicate, shard) mesh FSDP uses: `axes` flattened into one shard axis, dp_replicate kept apart for HSDP."""
+    live = [a for a in axes if dims.degrees[a] > 1]
+    if len(live) > 1:
+        try:  # flatten once per mesh; later calls find the named axis
+            mesh[name]
+        except KeyError:
+            mesh[tuple(live)]._flatten(name)
+        shard_axis = name
+    else:
+        shard_axis = live[0] if live else "dp_shard"  # size 1: plain replication (DDP-like) under HSDP
+    return mesh["dp_replicate", shard_axis] if dims.dp_replicate > 1 else mesh[shard_axis]
 
 
 def parallelize(model: GrokModel, dims: ParallelDims, mesh, *, param_dtype: torch.dtype, activation_checkpointing: str, compile: bool) -> GrokModel:
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
+    if dims.ep > 1:
+        for block in model.layers.values():
+            apply_ep(block.moe.experts, mesh["ep"])
+    if dims.cp > 1:
+        apply_cp(model, mesh["cp"])
     if activation_checkpointing != "none":
         apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
-    if dims.fsdp_enabled:
-        dp_axes = tuple(a for a in ("dp_replicate", "dp_shard") if dims.degrees[a] > 1)
-        apply_fsdp(model, mesh[dp_axes], param_dtype)
+    # Every rank that sees different tokens (dp_replicate, dp_shard, ep, cp) must average gradients: FSDP does it.
+    data_degree = dims.dp_replicate * dims.dp_shard * dims.ep * dims.cp
+    if data_degree > 1:
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        ignored: set = set()
+        if dims.ep > 1:  # experts are already split over ep: shard them over the other data axes only
+            expert_degree = dims.dp_replicate * dims.dp_shard * dims.cp
+            for block in model.layers.values():
+                experts = _unwrap(block).moe.experts
+                if expert_degree > 1:
+                    fully_shard(experts, mesh=_data_mesh(mesh, dims, ("dp_shard", "cp"), "dp_shard_cp"), mp_policy=policy)
+                    experts.set_gradient_divide_factor(float(data_degree))
+                else:  # nothing to reduce over: each ep rank owns its experts outright (grads scaled in build.py)
+                    ignored.update(experts.parameters())
+        apply_fsdp(model, _data_mesh(mesh, dims, ("dp_shard", "ep", "cp"), "dp_shard_ep_cp"), param_dtype, ignored or None)
     return model
+
+
+def _unwrap(block: nn.Module) -> nn.Module:
+    """The Block inside activation-checkpoint or compile wrappers."""
+    for attr in ("_checkpoint_wrapped_module", "_orig_mod"):
+        block = getattr(block, attr, block)
+    return block

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -19,8 +20,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
         # Norm scales and the router stay undecayed: shrinking them changes what the model computes, not its capacity.
         (no_decay if p.ndim < 2 or "router" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The multi-tensor kernels cannot mix DTensors and plain tensors (tensor parallel without FSDP does that).
-    uniform = len({isinstance(p, DTensor) for p in decay + no_decay}) == 1
+    # The multi-tensor kernels cannot mix plain tensors and DTensors of different meshes (TP without FSDP, EP).
+    uniform = len({p.device_mesh if isinstance(p, DTensor) else None for p in decay + no_decay}) == 1
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=None if uniform else False)
 
 
@@ -34,15 +35,20 @@ def lr_at(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, pp_group=None, exclude_from_norm: set[int] = frozenset()) -> torch.Tensor:
     """Global gradient L2 norm (clipped to max_norm if > 0). Works when parameters are DTensors on different
-    meshes (FSDP-only and FSDP x TP parameters side by side), where torch's version cannot stack the norms."""
+    meshes (FSDP-only and FSDP x TP parameters side by side), where torch's version cannot stack the norms, and
+    across pipeline stages (pp_group). Parameters in exclude_from_norm (a tied weight's second copy) are clipped
+    but not counted twice."""
     grads = [p.grad for p in params if p.grad is not None]
     squares = []
-    for g in grads:
+    for g in (p.grad for p in params if p.grad is not None and id(p) not in exclude_from_norm):
         norm = torch.linalg.vector_norm(g, dtype=torch.float32)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros(())
+    if pp_group is not None:  # each pipeline stage holds different parameters
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
     scale = max_norm / (float(total) + 1e-6)
     if max_norm > 0 and scale < 1.0:
         for g in grads:

@@ -18,12 +18,13 @@ from gigafactory.data.loader import PackedSequenceLoader
 from gigafactory.data.shards import open_split, prepare_dataset
 from gigafactory.data.tokenizer import load_tokenizer
 from gigafactory.errors import UserError
-from gigafactory.models import GrokModel, training_flops_per_token
+from gigafactory.models import training_flops_per_token
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.parallel.dims import resolve_dims
 from gigafactory.parallel.distributed import all_reduce_mean, init_distributed
-from gigafactory.parallel.parallelize import parallelize
+from gigafactory.parallel.build import build_parallel_model, check_supported
+from gigafactory.parallel.context_parallel import shard_sequence
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
 
 
@@ -56,9 +57,7 @@ class Trainer:
         self.device = pick_device(cfg.training.device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = resolve_dims(cfg, world_size)  # fails on a bad layout before any process group exists
-        not_yet = [f"parallel.{a}={getattr(self.dims, a)}" for a in ("pp", "ep", "cp") if getattr(self.dims, a) > 1]
-        if not_yet:
-            raise UserError(f"{', '.join(not_yet)}: pipeline, expert and context parallel are not implemented yet; use dp_replicate, dp_shard and tp")
+        check_supported(cfg, self.dims)
         self.rank, self.world_size = init_distributed(self.device.type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -75,15 +74,11 @@ class Trainer:
         self.train_loader = PackedSequenceLoader(open_split(self.dataset_dir, "train"), d.seq_len, t.batch_size, d.seed, self.dp_rank, self.dims.dp)
         self.val_tokens = open_split(self.dataset_dir, "val")
 
-        with torch.device("meta"):
-            model = GrokModel(cfg.model)
-        parallelize(model, self.dims, self.mesh, param_dtype=self.dtype, activation_checkpointing=cfg.parallel.activation_checkpointing, compile=t.compile)
-        model.to_empty(device=self.device)
-        model.init_weights(t.seed)
-        for moe in model.moe_layers():
+        self.pmodel = build_parallel_model(cfg, self.dims, self.mesh, self.device, self.dtype)
+        for moe in self.pmodel.moe_layers():
             moe.aux_loss_scale = 1.0 / t.grad_accum_steps
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optimizer)
+        self.model = self.pmodel.view  # single-device parameter names, whatever the layout
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.step = 0
         self.flops_per_token = training_flops_per_token(cfg.model, d.seq_len)
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops) * 1e12
@@ -117,9 +112,28 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def loss_on(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token loss of this rank's part of the batch (its sequence chunks under context parallel)."""
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        positions = torch.arange(inputs.shape[1], device=self.device).expand_as(inputs)
+        if self.dims.cp > 1:
+            cp_rank = self.mesh["cp"].get_local_rank()
+            inputs, targets, positions = (shard_sequence(x, cp_rank, self.dims.cp) for x in (inputs, targets, positions))
         with self.autocast():
-            logits = self.model(inputs.to(self.device))
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
+            logits = self.pmodel.parts[0](inputs, positions)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def pipeline_loss(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> float:
+        """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0)."""
+        pm, losses = self.pmodel, []
+        kwargs = {"target": targets.to(self.device), "losses": losses} if pm.is_last_stage else {}
+        args = (inputs.to(self.device),) if pm.is_first_stage else ()
+        with self.autocast():
+            (pm.schedule.step if train else pm.schedule.eval)(*args, **kwargs)
+        return float(torch.stack(losses).mean()) if losses else 0.0
+
+    def reduce_loss(self, local: float) -> float:
+        """Average over the ranks holding losses (under pipeline parallel, only the last stage does)."""
+        return all_reduce_mean(local, self.device) * (self.dims.pp if self.dims.pp > 1 else 1)
 
     def train_step(self) -> dict:
         t, o = self.cfg.training, self.cfg.optimizer
@@ -128,15 +142,27 @@ class Trainer:
             group["lr"] = lr
         total_loss = 0.0
         for _ in range(t.grad_accum_steps):
+            if self.pmodel.schedule is not None:
+                total_loss += self.pipeline_loss(*self.train_loader.next_batch(), train=True)
+                continue
             loss = self.loss_on(*self.train_loader.next_batch())
             (loss / t.grad_accum_steps).backward()
             total_loss += loss.item() / t.grad_accum_steps
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), o.grad_clip)
+        for hook in self.pmodel.after_backward:
+            hook()
+        pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        aux = sum(float(m.last_aux_loss) for m in self.model.moe_layers())
-        return {"loss": all_reduce_mean(total_loss, self.device), "grad_norm": float(grad_norm), "lr": lr, "aux_loss": aux}
+        aux = sum(float(m.last_aux_loss) for m in self.pmodel.moe_layers())
+        return {"loss": self.reduce_loss(total_loss), "grad_norm": float(grad_norm), "lr": lr, "aux_loss": aux}
+
+    def tied_copies(self) -> set[int]:
+        """The last pipeline stage's copy of a tied embedding: clipped, but counted once (by the first stage)."""
+        if self.dims.pp > 1 and not self.pmodel.is_first_stage and self.cfg.model.tie_embeddings and hasattr(self.model, "embed"):
+            return {id(self.model.embed.weight)}
+        return set()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -144,9 +170,12 @@ class Trainer:
         loader = PackedSequenceLoader(self.val_tokens, self.cfg.data.seq_len, t.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)
         self.model.eval()
         n_batches = min(t.eval_batches, max(1, loader.n_windows // (t.batch_size * self.dims.dp)))
-        losses = [self.loss_on(*loader.next_batch()).item() for _ in range(n_batches)]
+        if self.pmodel.schedule is not None:
+            losses = [self.pipeline_loss(*loader.next_batch(), train=False) for _ in range(n_batches)]
+        else:
+            losses = [self.loss_on(*loader.next_batch()).item() for _ in range(n_batches)]
         self.model.train()
-        return all_reduce_mean(sum(losses) / len(losses), self.device)
+        return self.reduce_loss(sum(losses) / len(losses))
 
     def _dp_rank(self) -> int:
         """This rank's index among the ranks that read different data (replicate, shard and ep axes)."""

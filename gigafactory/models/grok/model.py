@@ -82,6 +82,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.kv_gather = None  # set by gigafactory/parallel/context_parallel.py
 
     def forward(self, x_BSD, cos, sin, positions_BS, cache_kv=None):
         B, S, _ = x_BSD.shape
@@ -95,6 +96,8 @@ class Attention(nn.Module):
 
         if cache_kv is None:
             key_pos_BK = positions_BS
+            if self.kv_gather is not None:  # context parallel: keys/values of the whole sequence
+                k, v, key_pos_BK = self.kv_gather(k, v, positions_BS)
         else:  # write this step's keys/values at each row's positions, then attend over the whole buffer
             cache_k, cache_v = cache_kv
             index = positions_BS[:, None, :, None].expand(B, n_kv, S, self.head_dim)
@@ -166,15 +169,20 @@ class GrokModel(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None):
-        """Logits [B, S, V]. Without a cache, positions default to 0..S-1; with one, pass each row's positions."""
-        B, S = tokens_BS.shape
+        """Logits [B, S, V]. Without a cache, positions default to 0..S-1; with one, pass each row's positions.
+
+        A pipeline stage (gigafactory/parallel/pipeline.py) holds some of the layers: after the first stage the input
+        is hidden states [B, S, D] (floating point), and before the last stage (norm is None) it returns them."""
+        h = tokens_BS if tokens_BS.is_floating_point() else self.embed(tokens_BS) * self.cfg.embedding_multiplier
+        B, S = h.shape[:2]
         if positions_BS is None:
-            positions_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+            positions_BS = torch.arange(S, device=h.device).expand(B, S)
         cos, sin = rope_cos_sin(positions_BS, self.cfg.resolved_head_dim, self.cfg.rope_theta)
-        h = self.embed(tokens_BS) * self.cfg.embedding_multiplier
         for i, layer in self.layers.items():
             cache_kv = None if kv_cache is None else (kv_cache.k[int(i)], kv_cache.v[int(i)])
             h = layer(h, cos, sin, positions_BS, cache_kv)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, head.to(h.dtype)) * self.cfg.output_multiplier

@@ -116,8 +116,8 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.aux_loss_weight, self.z_loss_weight = cfg.aux_loss_weight, cfg.router_z_loss_weight
         self.aux_loss_scale = 1.0  # set by the trainer to 1/grad_accum_steps so aux grads match the main loss
-        self.last_aux_loss = torch.zeros(())  # detached, for logging
-        self.last_tokens_per_expert = torch.zeros(cfg.n_experts)
+        self.last_aux_loss: torch.Tensor | float = 0.0  # detached, for logging
+        self.last_tokens_per_expert: torch.Tensor | None = None  # for logging load balance
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape

@@ -1,0 +1,89 @@
+"""Pipeline parallel with torch.distributed.pipelining: split the model into stages and pick a schedule.
+
+Each stage is a GrokModel with the other stages' layers deleted, so parameter names (and checkpoints) are the
+same as the single-device model's. gpipe and 1f1b put one stage on each `pp` rank; interleaved_1f1b and
+zero_bubble put two (rank r holds stages r and r + pp). With tied embeddings the first and last stages each hold
+the embedding; their gradients are summed after backward (Megatron's embedding group).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+from torch.distributed.tensor import DTensor
+
+from gigafactory.models import GrokModel
+from gigafactory.models.config import ModelConfig
+
+SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+MULTI_STAGE = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}
+
+
+def stage_layers(n_layers: int, n_stages: int) -> list[list[int]]:
+    """Contiguous layer ranges, as even as possible; earlier stages take the remainder."""
+    base, extra = divmod(n_layers, n_stages)
+    bounds, start = [], 0
+    for s in range(n_stages):
+        end = start + base + (1 if s < extra else 0)
+        bounds.append(list(range(start, end)))
+        start = end
+    return bounds
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule in MULTI_STAGE else 1
+
+
+def build_stage_model(cfg: ModelConfig, stage_idx: int, n_stages: int) -> GrokModel:
+    """On the meta device: the full model minus what this stage does not run."""
+    with torch.device("meta"):
+        model = GrokModel(cfg)
+    keep = {str(i) for i in stage_layers(cfg.n_layers, n_stages)[stage_idx]}
+    for name in list(model.layers.keys()):
+        if name not in keep:
+            del model.layers[name]
+    is_first, is_last = stage_idx == 0, stage_idx == n_stages - 1
+    if not is_last:
+        model.norm, model.lm_head = None, None
+    if not is_first and not (is_last and cfg.tie_embeddings):
+        model.embed = None
+    return model
+
+
+def stage_indices(pp_rank: int, pp: int, schedule: str) -> list[int]:
+    return [pp_rank + v * pp for v in range(stages_per_rank(schedule))]
+
+
+def build_schedule(stage_models: list[GrokModel], indices: list[int], n_stages: int, pp_group, device, schedule: str, n_microbatches: int, loss_fn):
+    stages = [PipelineStage(m, i, n_stages, device, group=pp_group) for m, i in zip(stage_models, indices)]
+    if schedule in SINGLE_STAGE:
+        return SINGLE_STAGE[schedule](stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    return MULTI_STAGE[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+
+class TiedEmbeddingSync:
+    """Sums the embedding gradient of the first and last stage (they hold one tied weight between them)."""
+
+    def __init__(self, world_mesh, stage_models: list[GrokModel]):
+        self.group = None
+        # Every rank creates the group of every (first, last) pair, in the same order, and keeps its own.
+        grid = world_mesh.mesh.reshape(world_mesh.mesh.shape[0], -1)  # [pp, other ranks]; pp is the outermost axis
+        for col in range(grid.shape[1]):
+            ranks = sorted({int(grid[0, col]), int(grid[-1, col])})
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                self.group = group
+        self.weights = [m.embed.weight for m in stage_models if m.embed is not None]
+
+    def __call__(self) -> None:
+        for w in self.weights:
+            if w.grad is not None:
+                grad = w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad
+                dist.all_reduce(grad, group=self.group)

@@ -1,0 +1,95 @@
+"""Every parallel layout trains like the single-process model: same losses, same final weights, and checkpoints
+that resume under another layout. Layouts of one world size share one torchrun launch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gigafactory.config.loader import build_config
+from gigafactory.inference.generate import load_for_inference
+from gigafactory.train.trainer import Trainer
+
+GLOBAL_BATCH = 4
+BASE = {
+    "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 2,
+    "model.max_seq_len": 64, "model.n_experts": 4, "model.top_k": 2, "model.moe_ffn_dim": 64,
+    "model.embedding_multiplier": 8.0, "model.aux_loss_weight": 0.0,  # per-rank balance losses differ by design
+    "data.seq_len": 32, "training.steps": 6, "training.eval_every": 6, "training.eval_batches": 1,
+    "training.dtype": "fp32", "optimizer.warmup_steps": 2, "checkpoint.every": 3, "checkpoint.keep": 3,
+    "logging.log_every": 1, "logging.tensorboard": False, "logging.progress": False,
+}
+
+WS2 = {
+    "fsdp": {"parallel.dp_shard": 2},
+    "ddp_via_hsdp": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
+    "tp": {"parallel.tp": 2, "parallel.dp_shard": 1},
+    "ep": {"parallel.ep": 2, "parallel.dp_shard": 1},
+    "cp": {"parallel.cp": 2, "parallel.dp_shard": 1},
+    "pp_gpipe": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "gpipe"},
+    "pp_1f1b": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "1f1b"},
+    "pp_interleaved": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "interleaved_1f1b"},
+    "pp_zero_bubble": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "zero_bubble"},
+}
+WS4 = {
+    "hsdp": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2},
+    "fsdp_tp": {"parallel.tp": 2, "parallel.dp_shard": 2},
+    "pp_dp": {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.microbatches": 2},
+    "ep_fsdp": {"parallel.ep": 2, "parallel.dp_shard": 2},
+}
+RESUMES = {2: [("tp_from_fsdp", {"parallel.tp": 2, "parallel.dp_shard": 1}, "fsdp")], 4: [("fsdp4_from_hsdp", {"parallel.dp_shard": 4}, "hsdp")]}
+
+
+def per_rank_batch(overrides: dict) -> int:
+    dp = overrides.get("parallel.dp_replicate", 1) * overrides.get("parallel.dp_shard", 1) * overrides.get("parallel.ep", 1)
+    return GLOBAL_BATCH // dp
+
+
+def metrics(run_dir: Path) -> tuple[dict[int, float], list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("reference")
+    cfg = build_config({}, {**BASE, "data.cache_dir": data_cache, "training.batch_size": GLOBAL_BATCH, "logging.run_dir": str(run_dir)})
+    trainer = Trainer(cfg)
+    trainer.train()
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return metrics(run_dir), weights
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def launch(request, tmp_path_factory, data_cache):
+    world = request.param
+    layouts = WS2 if world == 2 else WS4
+    spec_dir = tmp_path_factory.mktemp(f"ws{world}")
+    runs = [{"name": name, "overrides": {**o, "training.batch_size": per_rank_batch(o)}} for name, o in layouts.items()]
+    runs += [{"name": name, "overrides": {**o, "training.batch_size": per_rank_batch(o)}, "resume_from": src} for name, o, src in RESUMES[world]]
+    (spec_dir / "spec.json").write_text(json.dumps({"base": {**BASE, "data.cache_dir": data_cache}, "runs": runs}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           str(Path(__file__).with_name("layout_runner.py")), str(spec_dir / "spec.json")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return spec_dir, [r["name"] for r in runs]
+
+
+def test_every_layout_matches_single_process(launch, reference):
+    (ref_losses, ref_eval), ref_weights = reference
+    spec_dir, names = launch
+    for name in names:
+        losses, evals = metrics(spec_dir / name)
+        for step, loss in losses.items():
+            assert loss == pytest.approx(ref_losses[step], rel=1e-5), (name, step, loss, ref_losses[step])
+        assert evals[-1] == pytest.approx(ref_eval[-1], rel=1e-5), name
+        final = load_for_inference(spec_dir / name).model.state_dict()
+        for key, ref in ref_weights.items():
+            torch.testing.assert_close(final[key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    resumed = [n for n in names if "_from_" in n]
+    assert resumed and all(sorted(metrics(spec_dir / n)[0]) == [4, 5, 6] for n in resumed)
