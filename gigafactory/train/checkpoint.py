@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gigafactory.errors import UserError
@@ -243,11 +244,13 @@ def _write_shards(tmp: Path, state: dict, step: int) -> tuple[bool, str, dict]:
     try:
         dcp.save(state, checkpoint_id=str(tmp))
         return True, "", {p.name: file_digest(p) for p in _own_files(tmp, _rank())}
-    except Exception as err:  # noqa: BLE001 - any failure must reach the agreement step, not hang the others
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure must reach the agreement step (DCP's is a BaseException)
         return False, _reason(err), {}
 
 
 def _reason(err: BaseException) -> str:
+    if isinstance(err, CheckpointException) and getattr(err, "failures", None):
+        return "; ".join(f"rank {r}: {_reason(e)}" for r, e in sorted(err.failures.items()))
     if isinstance(err, OSError) and err.errno is not None:
         return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}"
     text = str(err).strip().splitlines()
@@ -363,7 +366,7 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd, "train_state": copy.deepcopy(train_state)}
         try:
             upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._save_group())
-        except Exception as err:  # noqa: BLE001 - staging failed: report through finalize like any other failure
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - staging failed: report through finalize like any other failure
             upload = Future()
             upload.set_exception(err)
         rank = _rank()
@@ -372,7 +375,7 @@ class Checkpointer:
             try:
                 upload.result()
                 return True, "", {p.name: file_digest(p) for p in _own_files(tmp, rank)}
-            except Exception as err:  # noqa: BLE001
+            except (Exception, CheckpointException) as err:  # noqa: BLE001
                 return False, _reason(err), {}
 
         self._pending = (step, tmp, final, dict(side_files), self._pool.submit(write_and_hash), time.perf_counter())
@@ -433,7 +436,7 @@ def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None 
         state["optim"] = optim_sd
     try:
         dcp.load(state, checkpoint_id=str(ckpt))
-    except Exception as err:  # DCP wraps shape/key mismatches in CheckpointException
+    except (Exception, CheckpointException) as err:  # DCP wraps shape/key mismatches in CheckpointException
         first = str(err).strip().splitlines()
         detail = next((line.strip() for line in first if "size" in line or "Missing" in line or "shape" in line), first[0] if first else "")
         raise UserError(f"checkpoint '{ckpt}' does not match this model ({detail[:200]}); use the model config it was saved with") from None
