@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import shutil
 
+import httpx
 import pytest
 
 from tests.serve.conftest import make_state, running_server
+
+# Records every text the assistant's bubbles show, so the test sees the answer grow piece by piece.
+OBSERVE = """
+window.__seen = [];
+new MutationObserver(() => {
+  const b = document.querySelectorAll('.msg.assistant');
+  if (b.length) window.__seen.push(b[b.length - 1].textContent);
+}).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+"""
 
 
 def _driver():
@@ -34,33 +44,35 @@ def test_chat_page_streams_the_answer(loaded):
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = _driver()
-    seen_partial = []
     try:
         with running_server(make_state(loaded, n_slots=2)) as url:
-            driver.get(url + "/")
+            question = "Who made the light?"
+            expected = httpx.post(url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 12}).json()
+            expected = expected["choices"][0]["message"]["content"]
+            driver.get(url + "/?temperature=0&max_tokens=12")
             WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-            box = driver.find_element(By.ID, "input")
-            box.send_keys("Who made the light?")
-            driver.find_element(By.ID, "send").click()
+            driver.execute_script(OBSERVE)
+            box, send = driver.find_element(By.ID, "input"), driver.find_element(By.ID, "send")
+            box.send_keys(question)
+            send.click()
 
-            def answered(d):
-                bubbles = d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")
-                if bubbles and bubbles[-1].text:
-                    seen_partial.append(bubbles[-1].text)
-                return bubbles and d.find_element(By.ID, "send").is_enabled()
+            def replies(n):
+                return lambda d: (len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")) == n
+                                  and send.is_enabled())
 
-            WebDriverWait(driver, 30, poll_frequency=0.01).until(answered)
+            WebDriverWait(driver, 30).until(replies(1))
             assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
-            user = driver.find_elements(By.CSS_SELECTOR, ".msg.user")
-            assert [u.text for u in user] == ["Who made the light?"]
-            first_answer = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
-            assert first_answer and all(first_answer.startswith(p) for p in seen_partial)
-            assert len(set(seen_partial)) >= 2, seen_partial  # the text grew piece by piece, not all at once
+            assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("textContent") == expected
+            seen = [t for t in driver.execute_script("return window.__seen") if t]
+            assert seen[-1] == expected and all(expected.startswith(t) for t in seen)
+            if len(expected.split()) > 2:
+                assert len(set(seen)) >= 2, seen  # the text grew piece by piece, not all at once
 
-            box.send_keys("And then?")  # a second turn keeps the first in the page
-            driver.find_element(By.ID, "send").click()
-            WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
-                                            and d.find_element(By.ID, "send").is_enabled())
-            assert [u.text for u in driver.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Who made the light?", "And then?"]
+            box.send_keys("And then?")  # a second turn keeps the first in the page and in the request
+            send.click()
+            WebDriverWait(driver, 30).until(replies(2))
+            assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+            assert [u.text for u in driver.find_elements(By.CSS_SELECTOR, ".msg.user")] == [question, "And then?"]
     finally:
         driver.quit()
