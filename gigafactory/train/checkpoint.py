@@ -250,7 +250,7 @@ def _write_shards(tmp: Path, state: dict, step: int) -> tuple[bool, str, dict]:
 
 def _reason(err: BaseException) -> str:
     if isinstance(err, CheckpointException) and getattr(err, "failures", None):
-        return "; ".join(f"rank {r}: {_reason(e)}" for r, e in sorted(err.failures.items()))
+        return "; ".join(f"rank {r}: {_reason(e[0] if isinstance(e, tuple) else e)}" for r, e in sorted(err.failures.items()))
     if isinstance(err, OSError) and err.errno is not None:
         return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}"
     text = str(err).strip().splitlines()
@@ -261,7 +261,7 @@ def _finish(ckpt_root: Path, step: int, tmp: Path, final: Path, local: tuple[boo
             before_commit: Callable[[int], None] | None = None) -> Path:
     """Agree on success, then (rank 0) side files, manifest, rename, `latest`, pruning. Collective."""
     parts = _gather(local)
-    failed = [f"rank {r}: {reason}" for r, (ok, reason, _) in enumerate(parts) if not ok]
+    failed = list(dict.fromkeys(reason if reason.startswith("rank ") else f"rank {r}: {reason}" for r, (ok, reason, _) in enumerate(parts) if not ok))
     outcome = ""
     if not failed and _is_rank0():
         try:

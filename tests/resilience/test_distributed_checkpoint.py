@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
         ckpt.save_checkpoint(root, 2, model, opt, {"step": 2}, {}, keep=3)
         results.append("saved")
     except ckpt.CheckpointSaveError as err:
-        results.append(f"failed:{err.step}:{'ENOSPC' in err.reason}")
+        results.append(f"failed:{err.step}:{err.reason}")
     FileSystemWriter.write_data = real_write
     saver = ckpt.Checkpointer(root, keep=3, async_save=True)
     saver.save(3, model, opt, {"step": 3}, {})
@@ -63,5 +63,5 @@ def test_two_ranks_commit_protocol(tmp_path):
     root, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
     mp.start_processes(_worker, args=(2, _free_port(), root, out), nprocs=2, start_method="spawn", join=True)
     for rank in (0, 1):
-        assert eval((tmp_path / f"out.{rank}").read_text()) == ["step-00000001", "failed:2:True", "step-00000003", 3]
+        assert eval((tmp_path / f"out.{rank}").read_text()) == ["step-00000001", "failed:2:rank 1: ENOSPC: No space left on device", "step-00000003", 3]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-00000001", "step-00000003"]
