@@ -165,3 +165,18 @@ def test_stale_tmp_removed_and_ignored(tmp_path):
     (tmp_path / "step-00000002.tmp" / ".metadata").write_text("partial")
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
     assert [p.name for p in ckpt.remove_stale(tmp_path)] == ["step-00000002.tmp"]
+
+
+def test_async_reused_buffers_carry_new_values(tmp_path):
+    model, opt = make()
+    saver = ckpt.Checkpointer(tmp_path, keep=3, async_save=True)
+    saver.save(1, model, opt, {"step": 1, "loader": {"consumed": 8}}, {})
+    train_steps(model, opt, 1)
+    want = params(model)
+    saver.save(2, model, opt, {"step": 2, "loader": {"consumed": 16}}, {})
+    train_steps(model, opt, 1)  # changes the live weights after staging; the checkpoint must hold the staged ones
+    path = saver.close()
+    fresh, fopt = make(seed=7)
+    state = ckpt.load_checkpoint(path, fresh, fopt, {"step": 0, "loader": {"consumed": 0}}, verify=True)
+    assert state == {"step": 2, "loader": {"consumed": 16}}
+    assert all(torch.equal(a, b) for a, b in zip(want, params(fresh)))
