@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (penalties, user, ...) are accepted and unused
+    # Unknown OpenAI fields (penalties, user, ...) are accepted and unused; NaN/Infinity (json.loads accepts them) are not.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = None

@@ -37,7 +37,7 @@ class Sequence:
 
     def __post_init__(self):
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed % 2**64)  # any int; same stream as generate() for 0 <= seed < 2**63
 
     @property
     def length(self) -> int:

@@ -78,7 +78,11 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, "invalid_value"),
     ("/v1/completions", {"prompt": "hi", "top_k": -2}, "invalid_value"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', "invalid_value"),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": Infinity}', "invalid_value"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True, "stop": 7}, "invalid_value"),
     ("/v1/completions", {"prompt": ""}, None),
+    ("/v1/completions", {"prompt": []}, None),
     ("/v1/completions", {"prompt": [99999]}, None),
     ("/v1/completions", {"prompt": "hi", "n": 3}, None),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, None),
@@ -98,6 +102,14 @@ def test_bad_requests_get_openai_style_4xx(server, path, body, code):
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     err = r.json()["error"]
     assert err["message"] and err["type"] and (code is None or err["code"] == code), err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**70, 0])
+def test_any_integer_seed_works(server, seed):
+    url, _ = server
+    body = {"prompt": "In", "max_tokens": 3, "seed": seed, "temperature": 1.0}
+    first, again = (httpx.post(url + "/v1/completions", json=body) for _ in range(2))
+    assert first.status_code == 200 and first.json()["choices"][0]["text"] == again.json()["choices"][0]["text"]
 
 
 def test_unknown_routes_and_methods_are_openai_style(server):

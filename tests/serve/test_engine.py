@@ -15,11 +15,9 @@ PROMPTS = ["In", "In the beginning God created", "And God said, Let there be lig
            "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures", "Jesus wept", "And"]
 
 
-def run_all(engine: Engine, requests: list[dict], stagger: threading.Event | None = None) -> list[Sequence]:
+def run_all(engine: Engine, requests: list[dict]) -> list[Sequence]:
     done = threading.Semaphore(0)
-    seqs = []
-    for i, r in enumerate(requests):
-        seqs.append(engine.submit(on_event=lambda text, fin: fin and done.release(), **r))
+    seqs = [engine.submit(on_event=lambda text, fin: fin and done.release(), **r) for r in requests]
     for _ in requests:
         assert done.acquire(timeout=60)
     return seqs
