@@ -81,7 +81,7 @@ def build_parallel_model(cfg: JobConfig, dims: ParallelDims, mesh, device: torch
         part.to_empty(device=device)
         part.init_weights(cfg.training.seed)
     model = ParallelModel(parts, _view(parts))
-    if dims.ep > 1 and dims.dp_replicate * dims.dp_shard * dims.cp == 1:
+    if dims.ep > 1:
         model.after_backward.append(ExpertGradScale([b.moe.experts for part in parts for b in map(_unwrap, part.layers.values())], 1.0 / dims.ep))
     if dims.pp > 1:
         def loss_fn(logits, targets):

@@ -55,9 +55,9 @@ def apply_ep(experts: nn.Module, ep_mesh) -> None:
 
 
 class ExpertGradScale:
-    """Expert grads sum the losses of every rank that sent tokens. Without an FSDP reduction over the experts (which
-    divides by the whole data-parallel size), divide by ep after backward to match the global-mean loss. (A hook on
-    the parameters would not survive `to_empty`, which replaces DTensor parameters.)"""
+    """Expert grads sum the losses of the ep ranks that sent them tokens, and FSDP (if any) averages over the other
+    data axes only: dividing by ep after backward gives the gradient of the global-mean loss. (A hook on the
+    parameters would not survive `to_empty`, which replaces DTensor parameters.)"""
 
     def __init__(self, experts: list[nn.Module], factor: float):
         self.experts, self.factor = experts, factor

@@ -130,10 +130,11 @@ def parallelize(model: GrokModel, dims: ParallelDims, mesh, *, param_dtype: torc
             expert_degree = dims.dp_replicate * dims.dp_shard * dims.cp
             for block in model.layers.values():
                 experts = _unwrap(block).moe.experts
+                # FSDP averages expert grads over the other data axes; build.py divides them by ep afterwards
+                # (set_gradient_divide_factor would do both at once, but needs PREMUL_SUM, which gloo lacks).
                 if expert_degree > 1:
                     fully_shard(experts, mesh=_data_mesh(mesh, dims, ("dp_shard", "cp"), "dp_shard_cp"), mp_policy=policy)
-                    experts.set_gradient_divide_factor(float(data_degree))
-                else:  # nothing to reduce over: each ep rank owns its experts outright (grads scaled in build.py)
+                else:  # nothing to reduce over: each ep rank owns its experts outright
                     ignored.update(experts.parameters())
         apply_fsdp(model, _data_mesh(mesh, dims, ("dp_shard", "ep", "cp"), "dp_shard_ep_cp"), param_dtype, ignored or None)
     return model

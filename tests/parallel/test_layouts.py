@@ -88,8 +88,10 @@ def test_every_layout_matches_single_process(launch, reference):
         for step, loss in losses.items():
             assert loss == pytest.approx(ref_losses[step], rel=1e-5), (name, step, loss, ref_losses[step])
         assert evals[-1] == pytest.approx(ref_eval[-1], rel=1e-5), name
+        # Weights: AdamW turns reduction-order rounding on near-zero gradients into updates of up to ~1e-5
+        # (measured worst element 1.5e-5 of weights ~2e-2 after 6 steps), so the bound is absolute 3e-5.
         final = load_for_inference(spec_dir / name).model.state_dict()
         for key, ref in ref_weights.items():
-            torch.testing.assert_close(final[key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            torch.testing.assert_close(final[key], ref, rtol=1e-5, atol=3e-5, msg=f"{name}: {key}")
     resumed = [n for n in names if "_from_" in n]
     assert resumed and all(sorted(metrics(spec_dir / n)[0]) == [4, 5, 6] for n in resumed)
