@@ -57,12 +57,7 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
     app = FastAPI(title="gigafactory serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path if request.url.path in ROUTES else "other"
-        state.metrics.requests.inc(endpoint=path, status=response.status_code)
-        return response
+    app.add_middleware(CountRequests, metrics=state.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -121,6 +116,26 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
         return await _generate(request, engine, req, ids, max_tokens, template.stop, chat=True)
 
     return app
+
+
+class CountRequests:
+    """Counts responses by endpoint and status. Plain ASGI (not @app.middleware, whose wrapped `receive` hides
+    client disconnects from handlers) and it does not buffer streamed responses."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.inc(endpoint=path, status=message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def _authenticate(state: ServerState, request: Request) -> ApiKey | None:
@@ -246,16 +261,18 @@ async def _generate(request: Request, engine: Engine, req, ids: list[int], max_t
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    pieces, finish = [], None
+    pieces, finish, checked = [], None, time.monotonic()
     try:
         while finish is None:
             try:
                 text, finish = await asyncio.wait_for(events.get(), timeout=0.5)
+                pieces.append(text)
             except TimeoutError:
+                pass
+            if finish is None and time.monotonic() - checked >= 0.25:  # has the client gone? (every 0.25 s)
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)
-                continue
-            pieces.append(text)
     finally:
         engine.abort(seq)
     if finish == "error":

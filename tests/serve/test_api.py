@@ -12,6 +12,7 @@ import pytest
 
 from gigafactory.inference.generate import generate_tokens
 from gigafactory.inference.sampling import SamplingParams
+from tests.serve.conftest import make_state, running_server
 
 
 def test_openai_client_completion_and_streamed_chat(server, loaded):
@@ -131,19 +132,28 @@ def test_health_metrics_and_page(server):
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(server):
-    url, state = server
+def test_client_disconnect_frees_the_slot(loaded):
+    """Streamed or not, a client that leaves aborts its request long before max_tokens, and its slot comes back."""
+    state = make_state(loaded, n_slots=2)
     engine = state.engines["grok-tiny"]
-    with httpx.stream("POST", url + "/v1/completions", timeout=30,
-                      json={"prompt": "In", "max_tokens": 10_000, "stream": True, "ignore_eos": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                break
-        assert engine.n_running == 1
-    deadline = time.monotonic() + 10  # the max_tokens would take far longer than this to reach
-    while engine.n_running or engine.kv.n_free != engine.kv.n_slots:
-        assert time.monotonic() < deadline, "slot still held after the client left"
-        time.sleep(0.05)
+    seqs, submit, decode = [], engine.submit, engine.runner.decode
+    engine.submit = lambda *a, **k: seqs.append(submit(*a, **k)) or seqs[-1]
+    engine.runner.decode = lambda batch: time.sleep(0.05) or decode(batch)  # 63 tokens would take > 3 s
+    body = {"prompt": "In", "max_tokens": 10_000, "ignore_eos": True}
+    with running_server(state) as url:
+        with httpx.stream("POST", url + "/v1/completions", timeout=30, json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=0.3)
+        deadline = time.monotonic() + 3
+        while len(seqs) < 2 or engine.n_running or engine.kv.n_free != engine.kv.n_slots:
+            assert time.monotonic() < deadline, ("slot still held after the client left",
+                                                 [(s.finish_reason, len(s.output_ids)) for s in seqs])
+            time.sleep(0.02)
+    assert [s.finish_reason for s in seqs] == ["abort", "abort"]
+    assert all(len(s.output_ids) < 40 for s in seqs)
 
 
 def test_load_with_malformed_requests_never_5xx(server):
