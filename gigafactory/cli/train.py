@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def launch_local(nproc: int) -> int:
-    """Re-run this same command under torchrun's elastic agent with `nproc` workers on this machine."""
+def launch_local(nproc: int, max_restarts: int) -> int:
+    """Re-run this same command under torchrun's elastic agent with `nproc` workers on this machine; after a
+    failure the agent restarts all workers (up to max_restarts times) and they resume from the newest checkpoint."""
     argv = sys.argv[sys.argv.index("train") + 1 :]
     for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N: the workers are the processes
         if arg == "--nproc":
@@ -37,7 +38,8 @@ def launch_local(nproc: int) -> int:
         if arg.startswith("--nproc="):
             del argv[i]
             break
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gigafactory.cli.main", "train", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+           "-m", "gigafactory.cli.main", "train", *argv]
     return subprocess.call(cmd)
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(config_to_toml(cfg), end="")
         return 0
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_local(args.nproc)
+        return launch_local(args.nproc, cfg.resilience.max_restarts)
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
     summary = Trainer(cfg).train()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gigafactory.config.fields import knob
 from gigafactory.models.config import ConfigError, ModelConfig
+from gigafactory.resilience.config import FaultConfig, ResilienceConfig
 
 
 @dataclass
@@ -96,9 +97,13 @@ class JobConfig:
     parallel: ParallelConfig = knob(factory=ParallelConfig, help="Parallelism.")
     checkpoint: CheckpointConfig = knob(factory=CheckpointConfig, help="Checkpoints.")
     logging: LoggingConfig = knob(factory=LoggingConfig, help="Logging.")
+    resilience: ResilienceConfig = knob(factory=ResilienceConfig, help="Failure detection and recovery.")
+    faults: FaultConfig = knob(factory=FaultConfig, help="Fault injection for tests and drills.")
 
     def validate(self) -> None:
         self.model.validate()
+        self.resilience.validate()
+        self.faults.validate()
         checks = [
             ("data.seq_len", self.data.seq_len > 0, "must be > 0"),
             ("data.seq_len", self.data.seq_len <= self.model.max_seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from gigafactory.data.corpus import input_paths, read_documents
-from gigafactory.data.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
+from gigafactory.data.tokenizer import EOS_ID, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from gigafactory.errors import UserError
 
 
@@ -29,7 +29,7 @@ def prepare_dataset(inputs: list[str], vocab_size: int, cache_dir: str, val_frac
     for p in paths:
         stat = p.stat()
         key.update(f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    key.update(f"{vocab_size}|{val_fraction}|{seed}".encode())
+    key.update(f"{vocab_size}|{val_fraction}|{seed}|{','.join(SPECIAL_TOKENS)}".encode())
     if tokenizer_path:
         key.update(load_tokenizer(tokenizer_path).to_str().encode())
     out = Path(cache_dir).expanduser() / f"dataset-{key.hexdigest()[:16]}"

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer (HF `tokenizers`) with Grok-1's special-token ids: 0 [PAD], 1 [BOS], 2 [EOS], 3 [UNK]."""
+"""Byte-level BPE tokenizer (HF `tokenizers`) with Grok-1's special-token ids 0 [PAD], 1 [BOS], 2 [EOS], 3 [UNK], then chat roles."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gigafactory.errors import UserError
 
-SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "<|system|>", "<|user|>", "<|assistant|>"]  # ids 0-6; roles for chat
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 

@@ -1,8 +1,7 @@
-"""The training loop: data -> model -> AdamW, with evaluation, checkpoints, metrics and clean interruption."""
+"""The training loop: data -> model -> AdamW, with evaluation, checkpoints, metrics, recovery and clean interruption."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -19,12 +18,13 @@ from gigafactory.data.shards import open_split, prepare_dataset
 from gigafactory.data.tokenizer import load_tokenizer
 from gigafactory.errors import UserError
 from gigafactory.models import training_flops_per_token
-from gigafactory.train import checkpoint as ckpt
-from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
-from gigafactory.parallel.dims import resolve_dims
-from gigafactory.parallel.distributed import all_reduce_mean, init_distributed
 from gigafactory.parallel.build import build_parallel_model, check_supported
 from gigafactory.parallel.context_parallel import shard_sequence
+from gigafactory.parallel.dims import resolve_dims
+from gigafactory.parallel.distributed import all_reduce_mean, init_distributed
+from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, StragglerMonitor, Watchdog, record_start
+from gigafactory.train import checkpoint as ckpt
+from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
 
 
@@ -58,7 +58,9 @@ class Trainer:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = resolve_dims(cfg, world_size)  # fails on a bad layout before any process group exists
         check_supported(cfg, self.dims)
-        self.rank, self.world_size = init_distributed(self.device.type)
+        r = cfg.resilience
+        # Collectives time out after the watchdog would have fired, so a hang surfaces as the watchdog's event.
+        self.rank, self.world_size = init_distributed(self.device.type, timeout_s=max(60.0, 2 * r.watchdog_timeout_s) if r.watchdog_timeout_s else 1800.0)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
@@ -84,26 +86,64 @@ class Trainer:
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops) * 1e12
         self._stop_requested = False
 
+        self.events = EventLog(self.run_dir / r.events_file, rank=self.rank)
+        self.faults = FaultInjector(cfg.faults, self.rank, self.run_dir, self.events)
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_root, cfg.checkpoint.keep, async_save=r.async_checkpoint,
+                                              log_event=self.events, before_commit=self.faults.before_save)
+        self.guard = AnomalyGuard(r, self.events)
+        self.stragglers = StragglerMonitor(r.straggler_every, r.straggler_ratio, self.events, device=self.device)
+        self.watchdog = Watchdog(r.watchdog_timeout_s, self.rank, self.events,
+                                 heartbeat_path=self.run_dir / "heartbeat.json" if self.rank == 0 else None)
+
     # ---- state -------------------------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
         if self.cfg.checkpoint.resume == "never":
             return
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        ckpt.remove_stale(self.ckpt_root)
+        verify = self.cfg.resilience.verify
+        if verify == "none":
+            latest = ckpt.latest_checkpoint(self.ckpt_root)
+        else:  # skips (and logs) checkpoints whose files do not match their manifest
+            latest = ckpt.latest_good_checkpoint(self.ckpt_root, self.events, full=verify == "sha256")
         if latest is None:
             return
         saved = build_config(_read_toml_dict(latest / "config.toml"), {})
         if saved.model != self.cfg.model:
             diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items() if getattr(self.cfg.model, k) != v]
             raise UserError(f"checkpoint '{latest}' was saved with a different model shape ({'; '.join(diff[:3])}); use a new logging.run_dir or checkpoint.resume=never")
+        self.load(latest)
+
+    def load(self, path: Path) -> None:
         template = {"step": 0, "loader": self.train_loader.state_dict()}
-        state = ckpt.load_checkpoint(latest, self.model, self.optimizer, template)
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, template)
         self.step = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Checkpoint now (async: started now, committed at the next save or the end). A failed save is logged and
+        training goes on: the previous checkpoint is intact."""
         train_state = {"step": self.step, "loader": self.train_loader.state_dict()}
         side = {"config.toml": config_to_toml(self.cfg), "tokenizer.json": self.tokenizer_json}
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, train_state, side, self.cfg.checkpoint.keep)
+        try:
+            with self.watchdog.paused():
+                path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, side)
+            if path is not None:
+                self.faults.after_save(self.step, path)
+            return path
+        except ckpt.CheckpointSaveError as err:
+            self.events.record("checkpoint_failed", once=True, step=err.step, reason=err.reason)
+            return None
+
+    def finish_saves(self) -> Path | None:
+        try:
+            with self.watchdog.paused():
+                path = self.checkpointer.close()
+            if path is not None:
+                self.faults.after_save(int(path.name.split("-")[1]), path)
+            return path
+        except ckpt.CheckpointSaveError as err:
+            self.events.record("checkpoint_failed", once=True, step=err.step, reason=err.reason)
+            return None
 
     # ---- steps -------------------------------------------------------------------------------------------------
     def autocast(self):
@@ -136,7 +176,10 @@ class Trainer:
         return all_reduce_mean(local, self.device) * (self.dims.pp if self.dims.pp > 1 else 1)
 
     def train_step(self) -> dict:
+        """One optimizer step, guarded: NaN/Inf or a loss spike skips the update, rolls back, or stops (config)."""
         t, o = self.cfg.training, self.cfg.optimizer
+        step = self.step + 1
+        self.faults.before_step(step)
         lr = lr_at(self.step, t.steps, o)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -148,15 +191,34 @@ class Trainer:
             loss = self.loss_on(*self.train_loader.next_batch())
             (loss / t.grad_accum_steps).backward()
             total_loss += loss.item() / t.grad_accum_steps
+        self.faults.after_backward(step, self.model)
         for hook in self.pmodel.after_backward:
             hook()
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies())
-        self.optimizer.step()
+        grad_norm = float(clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies()))
+        loss = self.reduce_loss(total_loss)  # the same numbers on every rank, so every rank takes the same decision
+        verdict = self.guard.check(step, loss, grad_norm)
+        if verdict.action == "ok":
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        if verdict.action == "rollback":
+            return self.rollback(step)
+        if verdict.action == "stop":
+            raise UserError(f"training stopped at step {step}: {verdict.reason} (resilience.on_nan / on_spike = stop)")
+        self.step = step
         aux = sum(float(m.last_aux_loss) for m in self.pmodel.moe_layers())
-        return {"loss": self.reduce_loss(total_loss), "grad_norm": float(grad_norm), "lr": lr, "aux_loss": aux}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": aux, "skipped": verdict.action == "skip"}
+
+    def rollback(self, step: int) -> dict:
+        """Reload the newest good checkpoint (model, optimizer, data position) and carry on from there."""
+        self.checkpointer.finalize()
+        latest = ckpt.latest_good_checkpoint(self.ckpt_root, self.events, full=self.cfg.resilience.verify == "sha256")
+        if latest is None:
+            raise UserError(f"step {step} asked for a rollback but there is no checkpoint yet; use resilience.on_nan=skip")
+        with self.watchdog.paused():
+            self.load(latest)
+        self.events.record("rollback", once=True, from_step=step, to_step=self.step, steps_lost=step - 1 - self.step)
+        return {"rolled_back": True}
 
     def tied_copies(self) -> set[int]:
         """The last pipeline stage's copy of a tied embedding: clipped, but counted once (by the first stage)."""
@@ -204,32 +266,42 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dims.dp
         summary: dict = {"start_step": self.step, "eval": []}
+        record_start(self.events, self.run_dir / "heartbeat.json", self.step, self.world_size, tokens_per_step)
+        self.watchdog.start(self.step)
+        path = None
         try:
             if t.eval_every and self.step == 0:
-                summary["eval"].append((0, self.evaluate()))
+                with self.watchdog.paused():
+                    summary["eval"].append((0, self.evaluate()))
                 metrics.log(0, {"eval_loss": summary["eval"][-1][1]})
                 progress.print(f"step 0: eval loss {summary['eval'][-1][1]:.4f}")
             while self.step < min(t.steps, stop_at or t.steps) and not self._stop_requested:
                 started = time.perf_counter()
                 values = self.train_step()
                 elapsed = time.perf_counter() - started
-                values["tokens_per_s"] = tokens_per_step / elapsed
+                self.watchdog.beat(self.step)
+                if values.get("rolled_back"):
+                    continue
+                self.stragglers.step_done(self.step, elapsed)
+                values.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed)
                 values["mfu"] = values["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
-                if not math.isfinite(values["loss"]):
-                    raise UserError(f"loss became {values['loss']} at step {self.step}; lower optimizer.lr or check the data")
                 log_now = self.step % cfg.logging.log_every == 0 or self.step == t.steps
                 if log_now:
                     metrics.log(self.step, values)
                 progress.update(self.step, f"loss {values['loss']:.3f} | {values['tokens_per_s']:.0f} tok/s", log_now)
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    summary["eval"].append((self.step, self.evaluate()))
+                    with self.watchdog.paused():
+                        summary["eval"].append((self.step, self.evaluate()))
                     metrics.log(self.step, {"eval_loss": summary["eval"][-1][1]})
                     progress.print(f"step {self.step}: eval loss {summary['eval'][-1][1]:.4f}")
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.save()
             path = self.save()
+            path = self.finish_saves() or path
             progress.print(("interrupted: " if self._stop_requested else "") + f"saved checkpoint {path}")
+            self.events.record("finish", once=True, step=self.step, interrupted=self._stop_requested)
         finally:
+            self.watchdog.stop(finished=self.step >= t.steps)
             signal.signal(signal.SIGINT, previous_handler)
             progress.close()
             metrics.close()
