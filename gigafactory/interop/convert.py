@@ -1,0 +1,155 @@
+"""The conversions behind `gigafactory import` and `gigafactory export`; each streams one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from gigafactory.errors import UserError
+from gigafactory.interop.grok1 import Grok1Checkpoint
+from gigafactory.interop.layouts import FORMATS, Entry, check_exportable, config_json, detect_format, entries, model_config_from_json
+from gigafactory.interop.storage import (
+    DEFAULT_SHARD_BYTES, DTYPES, GigafactorySource, OutTensor, SafetensorsSource, empty_output_dir, write_gigafactory_checkpoint,
+    write_safetensors_shards,
+)
+from gigafactory.models.config import ModelConfig
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every Gigafactory parameter name and shape for `cfg` (built on the meta device: no memory)."""
+    from gigafactory.models import GrokModel
+
+    with torch.device("meta"):
+        model = GrokModel(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+class _OneTensorCache:
+    """Keeps only the most recently read source tensor (export reads each stacked parameter once for E experts)."""
+
+    def __init__(self, get):
+        self._get, self._key, self._value = get, None, None
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key != self._key:
+            self._key, self._value = None, None  # drop the old tensor before reading the next
+            self._value, self._key = self._get(key), key
+        return self._value
+
+
+# ---- import: Grok-1 release -> Gigafactory --------------------------------------------------------------------
+def import_grok1(source_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, tokenizer_json: str | Path | None = None,
+                 dtype: str = "bf16", progress: bool = False) -> Path:
+    """Convert a released Grok-1 checkpoint directory to a Gigafactory checkpoint under `out_dir` (returned).
+
+    Quantised weights are dequantised to `dtype` (bf16 by default); the fp32 embedding, norms and router stay fp32.
+    Memory: one source file (int8 or fp32) plus its converted copy at a time."""
+    cfg.validate()
+    if cfg.dense_ffn_dim or cfg.norm_placement != "sandwich" or not cfg.tie_embeddings:
+        raise UserError("the Grok-1 release has sandwich norms, tied embeddings and no dense FFN; use --preset grok-1 (with size overrides)")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    reader = Grok1Checkpoint(source_dir, cfg, DTYPES[dtype])
+    tokenizer = _find_tokenizer(tokenizer_json, [reader.dir, reader.dir.parent])
+    out = empty_output_dir(out_dir)
+    shapes = parameter_shapes(cfg)
+    tensors = []
+    for param in reader.params:
+        stored = torch.float32 if param.key.endswith(("norm.weight", "router.weight", "embed.weight")) else DTYPES[dtype]
+        tensors.append(OutTensor(param.key, shapes[param.key], stored, lambda p=param: reader.load(p, shapes[p.key])))
+    return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer, progress, "importing Grok-1")
+
+
+def _find_tokenizer(explicit: str | Path | None, search: list[Path]) -> Path | None:
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise UserError(f"tokenizer file '{p}' not found; pass a tokenizer.json with --tokenizer")
+        return p
+    return next((d / "tokenizer.json" for d in search if (d / "tokenizer.json").is_file()), None)
+
+
+# ---- export: Gigafactory -> safetensors layout ---------------------------------------------------------------
+def export_checkpoint(checkpoint: str | Path, fmt: str, out_dir: str | Path, dtype: str = "bf16",
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> list[Path]:
+    """Write `fmt` (see FORMATS) safetensors shards, the index json, config.json and the tokenizer into `out_dir`."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    source = GigafactorySource(checkpoint)
+    cfg = source.cfg
+    check_exportable(fmt, cfg)
+    out = empty_output_dir(out_dir)
+    get = _OneTensorCache(source.get)
+    target = DTYPES[dtype]
+
+    def producer(entry: Entry):
+        def make() -> torch.Tensor:
+            t = get(entry.key)
+            if entry.expert is not None:
+                t = t[entry.expert]
+            return t.t() if entry.transpose else t
+        return make
+
+    shapes = parameter_shapes(cfg)
+    tensors = []
+    for entry in entries(fmt, cfg):
+        shape = shapes[entry.key][1:] if entry.expert is not None else shapes[entry.key]
+        tensors.append(OutTensor(entry.name, tuple(reversed(shape)) if entry.transpose else shape, target, producer(entry)))
+    files = write_safetensors_shards(out, tensors, max_shard_bytes, progress, f"exporting {fmt}")
+    (out / "config.json").write_text(json.dumps(config_json(fmt, cfg, dtype), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n")
+    if source.tokenizer_json is not None:
+        shutil.copyfile(source.tokenizer_json, out / "tokenizer.json")
+        special = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}, indent=2) + "\n")
+    return files
+
+
+# ---- import: safetensors layout -> Gigafactory ----------------------------------------------------------------
+def import_safetensors(source_dir: str | Path, out_dir: str | Path, progress: bool = False) -> Path:
+    """Read a directory in any of FORMATS (detected from config.json and names) back into a Gigafactory checkpoint."""
+    src = Path(source_dir).expanduser()
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"'{src}' has no config.json; pass a directory written by `gigafactory export` (or a Mixtral/Grok HF checkpoint)")
+    config = json.loads(config_file.read_text())
+    reader = SafetensorsSource(src)
+    fmt = detect_format(config, set(reader.names()))
+    cfg = model_config_from_json(fmt, config)
+    shapes = parameter_shapes(cfg)
+    by_key: dict[str, list[Entry]] = defaultdict(list)
+    for entry in entries(fmt, cfg):
+        if entry.name == "lm_head.weight" and entry.key == "embed.weight":
+            continue  # sglang-grok's copy of a tied embedding
+        by_key[entry.key].append(entry)
+    missing = sorted(e.name for es in by_key.values() for e in es if e.name not in reader.location)
+    if missing:
+        raise UserError(f"'{src}' lacks {len(missing)} tensors of the {fmt} layout (first: {missing[0]}); use a complete export")
+    out = empty_output_dir(out_dir)
+
+    def producer(key: str):
+        def make() -> torch.Tensor:
+            parts = by_key[key]
+            if parts[0].expert is None:
+                t = reader.get(parts[0].name)
+                return t.t() if parts[0].transpose else t
+            stacked = torch.empty(shapes[key], dtype=reader.dtype(parts[0].name))
+            for e in parts:
+                t = reader.get(e.name)
+                stacked[e.expert].copy_(t.t() if e.transpose else t)
+            return stacked
+        return make
+
+    tensors = [OutTensor(key, shapes[key], reader.dtype(by_key[key][0].name), producer(key)) for key in shapes if key in by_key]
+    absent = [key for key in shapes if key not in by_key]
+    if absent:
+        raise UserError(f"the {fmt} layout has no tensor for Gigafactory parameter {absent[0]}; this config cannot be imported")
+    tokenizer = src / "tokenizer.json"
+    return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer if tokenizer.is_file() else None, progress, f"importing {fmt}")
+

@@ -1,0 +1,283 @@
+"""Streaming tensor I/O: Gigafactory (DCP) checkpoints and sharded safetensors, one tensor in memory at a time.
+
+A conversion is a list of `OutTensor`s (name, shape, dtype, and a function producing the tensor). The writers ask
+for each tensor only when they write it and drop it afterwards, so the peak memory is about two tensors (the source
+being converted and the converted copy), never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from gigafactory.config.job import JobConfig
+from gigafactory.config.loader import build_config, config_to_toml
+from gigafactory.errors import UserError
+from gigafactory.models.config import ModelConfig
+from gigafactory.train.checkpoint import LATEST, checkpoint_name, resolve_checkpoint, write_manifest
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int8: "I8", torch.int64: "I64"}
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+class Progress:
+    """A rich progress bar over bytes written (or nothing when disabled)."""
+
+    def __init__(self, description: str, total_bytes: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+            self._task = self._bar.add_task(description, total=total_bytes)
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=nbytes)
+
+
+def _produce(t: OutTensor) -> torch.Tensor:
+    x = t.make().to(t.dtype).contiguous()
+    if tuple(x.shape) != tuple(t.shape):
+        raise UserError(f"tensor {t.name} has shape {tuple(x.shape)}, expected {tuple(t.shape)}; the source does not match its config")
+    return x
+
+
+# ---- Gigafactory checkpoints ------------------------------------------------------------------------------------
+class _LazySavePlanner(DefaultSavePlanner):
+    """DCP planner whose state dict holds meta tensors; each tensor is produced when DCP writes it."""
+
+    def __init__(self, producers: dict[str, OutTensor], progress: Progress):
+        super().__init__()
+        self.producers, self.progress = producers, progress
+
+    def resolve_data(self, write_item):
+        fqn = write_item.index.fqn
+        if fqn not in self.producers:
+            return super().resolve_data(write_item)
+        out = self.producers[fqn]
+        tensor = _produce(out)
+        self.progress.advance(out.nbytes)
+        return tensor
+
+
+def write_gigafactory_checkpoint(out_dir: str | Path, model_cfg: ModelConfig, tensors: list[OutTensor], tokenizer_json: Path | None = None,
+                                 progress: bool = False, description: str = "writing checkpoint") -> Path:
+    """Write `out_dir/checkpoints/step-00000000/` (DCP model state, config.toml, tokenizer.json, manifest.json).
+
+    `out_dir` then works as a run directory for `gigafactory generate --checkpoint` and `load_for_inference`. There is
+    no optimizer state. DCP writes one file per tensor, each produced on demand, so memory stays at ~2 tensors."""
+    root = Path(out_dir).expanduser() / "checkpoints"
+    final = root / checkpoint_name(0)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {"model": {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors}}
+    producers = {f"model.{t.name}": t for t in tensors}
+    with Progress(description, sum(t.nbytes for t in tensors), progress) as bar:
+        writer = FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1, sync_files=False)
+        dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(producers, bar))
+    (tmp / "config.toml").write_text(config_to_toml(JobConfig(model=model_cfg)))
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    (root / LATEST).write_text(final.name + "\n")
+    return final
+
+
+class GigafactorySource:
+    """A Gigafactory checkpoint read one parameter at a time (any parallel layout it was saved with)."""
+
+    def __init__(self, path: str | Path):
+        self.path = resolve_checkpoint(path)
+        config_file = self.path / "config.toml"
+        if not config_file.is_file():
+            raise UserError(f"checkpoint '{self.path}' has no config.toml; pass a checkpoint written by `gigafactory train` or `gigafactory import`")
+        self.job = build_config(tomllib.loads(config_file.read_text()), {})
+        self.cfg: ModelConfig = self.job.model
+        meta = FileSystemReader(str(self.path)).read_metadata()
+        self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            fqn[len("model."):]: (tuple(m.size), m.properties.dtype)
+            for fqn, m in meta.state_dict_metadata.items()
+            if fqn.startswith("model.") and isinstance(m, TensorStorageMetadata)
+        }
+        tok = self.path / "tokenizer.json"
+        self.tokenizer_json = tok if tok.is_file() else None
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise UserError(f"checkpoint '{self.path}' has no parameter {key}; it does not match its own config.toml")
+        shape, dtype = self.shapes[key]
+        state = {"model": {key: torch.empty(shape, dtype=dtype)}}
+        dcp.load(state, checkpoint_id=str(self.path))
+        return state["model"][key]
+
+
+# ---- safetensors --------------------------------------------------------------------------------------------------
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000; '500MB', '2GiB', or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, scale in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, scale = s, 1
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise UserError(f"shard size {text!r} is not a size; write e.g. 5GB, 500MB or a number of bytes") from None
+    if value <= 0:
+        raise UserError(f"shard size {text!r} must be positive")
+    return value
+
+
+def _plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _write_safetensors_file(path: Path, tensors: list[OutTensor], bar: Progress) -> None:
+    """The safetensors format written by hand: 8-byte header length, JSON header, then each tensor's bytes in order;
+    the header is known up front, so tensors are produced and written one at a time."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            x = _produce(t)
+            f.write(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
+            del x
+            bar.advance(t.nbytes)
+    tmp.replace(path)
+
+
+def write_safetensors_shards(out_dir: Path, tensors: list[OutTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                             progress: bool = False, description: str = "exporting") -> list[Path]:
+    """`model-0000i-of-0000N.safetensors` of at most max_shard_bytes each (a bigger tensor gets a shard to itself)
+    and `model.safetensors.index.json` ({"metadata": {"total_size"}, "weight_map": {name: file}})."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = _plan_shards(tensors, max_shard_bytes)
+    files, weight_map = [], {}
+    with Progress(description, sum(t.nbytes for t in tensors), progress) as bar:
+        for i, shard in enumerate(shards):
+            path = out_dir / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors_file(path, shard, bar)
+            files.append(path)
+            weight_map.update({t.name: path.name for t in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+class SafetensorsSource:
+    """Tensors of a directory of safetensors files (an index json, or every *.safetensors), read lazily."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.dir = directory
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"'{directory}' holds no *.safetensors files; pass a directory written by `gigafactory export`")
+        self.location: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for name in files:
+            if not (directory / name).is_file():
+                raise UserError(f"'{directory}' lacks {name}, listed in its index; copy the whole export directory")
+            with safe_open(str(directory / name), "pt") as f:
+                for key in f.keys():
+                    self.location[key] = name
+                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+                    self.dtypes[key] = f.get_slice(key).get_dtype()
+
+    def names(self) -> Iterable[str]:
+        return self.location.keys()
+
+    def dtype(self, name: str) -> torch.dtype:
+        found = {v: k for k, v in _ST_DTYPES.items()}.get(self.dtypes[name].upper())
+        if found not in DTYPES.values():
+            raise UserError(f"tensor {name} in '{self.dir}' has dtype {self.dtypes[name]}; import reads bf16, fp16 or fp32 weights")
+        return found
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.location:
+            raise UserError(f"'{self.dir}' has no tensor {name}; the export is incomplete or of another layout")
+        with safe_open(str(self.dir / self.location[name]), "pt") as f:
+            return f.get_tensor(name)
+
+
+def empty_output_dir(path: str | Path) -> Path:
+    """The output directory, created; refuses a non-empty one so nothing is overwritten by accident."""
+    p = Path(path).expanduser()
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise UserError(f"output directory '{p}' exists and is not empty; pass a new or empty directory with --out")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
