@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -100,12 +101,21 @@ class _LazySavePlanner(DefaultSavePlanner):
         return tensor
 
 
+def job_config_for(model_cfg: ModelConfig) -> JobConfig:
+    """A default job around an imported model (sequence length clipped to the model's context), validated."""
+    job = JobConfig(model=model_cfg)
+    job.data.seq_len = min(job.data.seq_len, model_cfg.max_seq_len)
+    job.validate()
+    return job
+
+
 def write_gigafactory_checkpoint(out_dir: str | Path, model_cfg: ModelConfig, tensors: list[OutTensor], tokenizer_json: Path | None = None,
                                  progress: bool = False, description: str = "writing checkpoint") -> Path:
     """Write `out_dir/checkpoints/step-00000000/` (DCP model state, config.toml, tokenizer.json, manifest.json).
 
     `out_dir` then works as a run directory for `gigafactory generate --checkpoint` and `load_for_inference`. There is
     no optimizer state. DCP writes one file per tensor, each produced on demand, so memory stays at ~2 tensors."""
+    job = job_config_for(model_cfg)  # fail before writing anything
     root = Path(out_dir).expanduser() / "checkpoints"
     final = root / checkpoint_name(0)
     tmp = final.with_name(final.name + ".tmp")
@@ -115,8 +125,12 @@ def write_gigafactory_checkpoint(out_dir: str | Path, model_cfg: ModelConfig, te
     producers = {f"model.{t.name}": t for t in tensors}
     with Progress(description, sum(t.nbytes for t in tensors), progress) as bar:
         writer = FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1, sync_files=False)
-        dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(producers, bar))
-    (tmp / "config.toml").write_text(config_to_toml(JobConfig(model=model_cfg)))
+        try:
+            dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(producers, bar))
+        except (Exception, CheckpointException) as err:  # DCP wraps a producer's error (a BaseException)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _unwrap(err) from None
+    (tmp / "config.toml").write_text(config_to_toml(job))
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
     write_manifest(tmp)
@@ -125,6 +139,15 @@ def write_gigafactory_checkpoint(out_dir: str | Path, model_cfg: ModelConfig, te
     tmp.rename(final)
     (root / LATEST).write_text(final.name + "\n")
     return final
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The UserError a producer raised inside DCP (DCP reports it as CheckpointException.failures), else err."""
+    for failure in getattr(err, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, UserError):
+            return inner
+    return err
 
 
 class GigafactorySource:
