@@ -285,6 +285,8 @@ class Trainer:
                 self.stragglers.step_done(self.step, elapsed)
                 values.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed)
                 values["mfu"] = values["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
+                if self.device.type == "cuda":
+                    values["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 log_now = self.step % cfg.logging.log_every == 0 or self.step == t.steps
                 if log_now:
                     metrics.log(self.step, values)

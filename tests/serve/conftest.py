@@ -24,7 +24,9 @@ def served_run(tmp_path_factory, data_cache):
 
     run_dir = tmp_path_factory.mktemp("serve") / "run"
     dotted = {f"model.{k}": v for k, v in TINY_MODEL.items()}
-    dotted.update({"data.cache_dir": data_cache, "data.seq_len": 32, "training.batch_size": 4, "training.steps": 4,
+    # Enough steps that greedy text is real words (stop-string tests need decodable text), still ~3 s.
+    dotted.update({"data.cache_dir": data_cache, "data.seq_len": 32, "training.batch_size": 4, "training.steps": 30,
+                   "optimizer.lr": 1e-2, "optimizer.warmup_steps": 5,
                    "training.eval_every": 0, "training.dtype": "fp32", "logging.run_dir": str(run_dir),
                    "logging.tensorboard": False, "logging.progress": False})
     Trainer(build_config({}, dotted)).train()
