@@ -175,3 +175,19 @@ def test_import_memory_is_bounded_by_a_few_tensors(tmp_path):
     growth = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
     # The checkpoint is 200+ MB of pickles (420+ MB once dequantised); the import may hold ~2 tensors plus slack.
     assert growth < 4 * largest_out, f"peak RSS grew by {growth / 1e6:.1f} MB for a {total / 1e6:.0f} MB checkpoint"
+
+
+def test_cli_import_grok1(released, tmp_path, capsys):
+    from gigafactory.cli.main import main
+
+    root, _ = released
+    overrides = tmp_path / "model.toml"
+    overrides.write_text("[model]\n" + "\n".join(f"{k} = {v!r}" for k, v in {
+        "vocab_size": DIMS["V"], "d_model": DIMS["D"], "n_layers": DIMS["L"], "n_heads": DIMS["H"], "n_kv_heads": DIMS["G"],
+        "head_dim": DIMS["Dh"], "n_experts": DIMS["E"], "moe_ffn_dim": DIMS["F"], "max_seq_len": 64,
+        "embedding_multiplier": EMB_MULT, "attn_scale": ATTN_SCALE}.items()) + "\n")
+    assert main(["import", "grok1", "--from", str(root), "--out", str(tmp_path / "out"), "--model-config", str(overrides), "--no-progress"]) == 0
+    assert "step-00000000" in capsys.readouterr().out
+    assert load_for_inference(tmp_path / "out").config.model == tiny_grok1_cfg()
+    assert main(["import", "grok1", "--from", str(root), "--out", str(tmp_path / "out2")]) == 2  # grok-1 preset: 64 layers
+    assert "holds 38 tensor files; a 64-layer Grok-1 checkpoint has 770" in capsys.readouterr().err
