@@ -13,7 +13,7 @@ import sys
 
 from gigafactory.errors import UserError
 
-COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_")
+COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch")
 
 
 class Parser(argparse.ArgumentParser):

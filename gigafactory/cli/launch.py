@@ -1,0 +1,93 @@
+"""`gigafactory launch slurm|k8s`: write an sbatch script or a Kubernetes PyTorchJob for a multi-node training job."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from gigafactory.errors import UserError
+
+
+class _SplitAtDoubleDash:
+    """Everything after the first `--` is kept verbatim as extra `gigafactory train` flags (args.train_args)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        extra: list[str] = []
+        if "--" in args:
+            cut = args.index("--")
+            args, extra = args[:cut], args[cut + 1 :]
+        namespace, rest = super().parse_known_args(args, namespace)
+        namespace.train_args = extra
+        return namespace, rest
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        allow_abbrev=False,
+        help="Write a Slurm sbatch script or a Kubernetes PyTorchJob that runs `gigafactory train` on many nodes.",
+        description=(
+            "Write the file that starts one training job on N nodes x G GPUs: torchrun on every node with c10d "
+            "rendezvous, restarts by torchrun's elastic agent. The config's parallel degrees must multiply to "
+            "N x G (one may be -1). Flags after `--` are passed to `gigafactory train`. See docs/scale-out.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.__class__ = type("LaunchParser", (_SplitAtDoubleDash, type(parser)), {})
+    parser.add_argument("target", choices=("slurm", "k8s"), help="slurm = sbatch script; k8s = ConfigMap + Kubeflow PyTorchJob YAML.")
+    parser.add_argument("--nodes", type=int, required=True, help="Nodes (one torchrun agent each).")
+    parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one training process each).")
+    parser.add_argument("--config", metavar="FILE", help="Training config TOML (its [parallel] layout is checked against nodes x GPUs).")
+    parser.add_argument("--out", metavar="FILE", help="Write here instead of to stdout.")
+    parser.add_argument("--max-restarts", type=int, default=None, help="torchrun restart budget; default: the config's resilience.max_restarts.")
+    parser.add_argument("--name", help="Job name (DNS label); default: the config file's name.")
+    parser.add_argument("--image", help="Container image (k8s: default gigafactory:latest; slurm: run under pyxis/enroot).")
+    parser.add_argument("--port", type=int, default=29400, help="c10d rendezvous port on the first node.")
+    parser.add_argument("--time", default="24:00:00", help="slurm: wall-clock limit (#SBATCH --time).")
+    parser.add_argument("--partition", help="slurm: partition (#SBATCH --partition).")
+    parser.add_argument("--account", help="slurm: account (#SBATCH --account).")
+    parser.add_argument("--pvc", default="gigafactory-runs", help="k8s: ReadWriteMany PersistentVolumeClaim for run dir, checkpoints and data cache.")
+    parser.set_defaults(func=run, train_args=[])
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigafactory.launch import build_spec, render_pytorchjob, render_sbatch
+
+    argv = ["gigafactory", "launch", args.target, "--nodes", str(args.nodes), "--gpus-per-node", str(args.gpus_per_node)]
+    for flag in ("config", "out", "max_restarts", "name", "image", "partition", "account"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for flag, default in (("time", "24:00:00"), ("port", 29400), ("pvc", "gigafactory-runs")):
+        if getattr(args, flag) != default:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    if args.train_args:
+        argv += ["--", *args.train_args]
+    spec = build_spec(
+        args.target, nodes=args.nodes, gpus_per_node=args.gpus_per_node, config=args.config, train_args=args.train_args,
+        max_restarts=args.max_restarts, name=args.name, image=args.image, time=args.time, partition=args.partition,
+        account=args.account, pvc=args.pvc, port=args.port, command_line=shlex.join(argv),
+    )
+    for warning in spec.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.target == "slurm":
+        text = render_sbatch(spec, script_name=args.out or "job.sbatch")
+        submit = "sbatch"
+    else:
+        text = render_pytorchjob(spec)
+        submit = "kubectl apply -f"
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as err:
+        raise UserError(f"--out {args.out!r}: cannot write ({err.strerror or err})") from None
+    if args.target == "slurm":
+        out.chmod(out.stat().st_mode | 0o111)
+    print(f"wrote {out} ({spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), layout {spec.layout}); submit with: {submit} {shlex.quote(str(out))}", file=sys.stderr)
+    return 0

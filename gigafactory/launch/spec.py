@@ -1,0 +1,184 @@
+"""What one multi-node launch needs, validated before any file is written.
+
+Every check fails with a one-line `UserError` (exit code 2 from the CLI): node and GPU counts, the config file,
+the extra train flags, and the parallel layout, whose degrees must multiply to nodes x GPUs per node (at most one
+-1, inferred by `resolve_dims`, which also checks tp/ep/pp/cp against the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gigafactory.config.job import JobConfig
+from gigafactory.config.loader import add_config_arguments, load_config
+from gigafactory.errors import UserError
+from gigafactory.parallel.dims import AXES, ParallelDims, resolve_dims
+
+DEFAULT_PORT = 29400  # torchrun's default c10d rendezvous port
+
+# (name, default, why). Written as `export NAME="${NAME:-default}"` in sbatch, so a site's own value wins.
+NCCL_ENV: tuple[tuple[str, str, str], ...] = (
+    ("NCCL_DEBUG", "WARN", "INFO (or TRACE) to see topology, transports and rings when diagnosing; WARN keeps logs small."),
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1", "A failed or timed-out collective aborts the communicator and kills the process, so torchrun restarts the job instead of it hanging."),
+    ("TORCH_FR_BUFFER_SIZE", "2000", "Flight recorder: keep the last 2000 collectives per rank (torch < 2.7 reads TORCH_NCCL_TRACE_BUFFER_SIZE) ..."),
+    ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1", "... and dump them on a timeout, to find the rank that fell behind."),
+    ("OMP_NUM_THREADS", "1", "One CPU thread per rank for torch ops (torchrun's own default, set explicitly)."),
+    ("PYTHONUNBUFFERED", "1", "Logs appear as they are written."),
+)
+# Site-specific; written commented out. Set them when NCCL picks the wrong network.
+NCCL_SITE_ENV: tuple[tuple[str, str, str], ...] = (
+    ("NCCL_SOCKET_IFNAME", "eth0", "interface for NCCL's bootstrap and socket transport (e.g. the cluster network)"),
+    ("NCCL_IB_HCA", "mlx5", "InfiniBand/RoCE adapters to use (prefix match)"),
+)
+
+_NAME_RE = re.compile(r"[^a-z0-9-]+")
+_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes, h:m:s, days-h, days-h:m:s, ...
+_DNS_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,251}[a-z0-9])?$")
+
+
+@dataclass
+class LaunchSpec:
+    """One validated launch request."""
+
+    target: str  # "slurm" or "k8s"
+    nodes: int
+    gpus_per_node: int
+    max_restarts: int
+    name: str
+    config_path: str | None  # absolute path, or None for the default config
+    config_text: str | None
+    cfg: JobConfig
+    dims: ParallelDims
+    train_args: list[str] = field(default_factory=list)  # extra `gigafactory train` flags, passed through
+    image: str | None = None
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    pvc: str = "gigafactory-runs"
+    mount: str = "/runs"
+    port: int = DEFAULT_PORT
+    command_line: str = ""  # the `gigafactory launch ...` that generated the file
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def layout(self) -> str:
+        return " x ".join(f"{axis}={d}" for axis, d in self.dims.degrees.items() if d > 1) or "all 1"
+
+    def has_train_flag(self, key: str) -> bool:
+        return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in self.train_args)
+
+
+def job_name(text: str) -> str:
+    """A DNS-1123 label short enough for `<name>-worker-<index>` service names (Kubernetes) and Slurm."""
+    name = _NAME_RE.sub("-", text.lower()).strip("-")[:40].strip("-")
+    return name if name and name[0].isalpha() else f"gf-{name}".strip("-")
+
+
+def _train_flags_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gigafactory train", allow_abbrev=False, add_help=False)
+    add_config_arguments(parser)
+    return parser
+
+
+def _check_train_args(train_args: list[str]) -> argparse.Namespace:
+    for arg in train_args:
+        flag = arg.split("=", 1)[0]
+        if flag == "--nproc":
+            raise UserError("--nproc after `--` conflicts with the launcher: the process count is --nodes x --gpus-per-node")
+        if flag == "--config":
+            raise UserError("pass the config file as `gigafactory launch ... --config FILE`, before the `--`")
+        if flag in ("--print-config", "-h", "--help"):
+            raise UserError(f"{flag} after `--` would stop every rank before training; remove it")
+    namespace, unknown = _train_flags_parser().parse_known_args(train_args)
+    if unknown:
+        raise UserError(f"unknown train flag(s) after `--`: {' '.join(unknown)}; use --section.key VALUE (see `gigafactory train --help`)")
+    return namespace
+
+
+def _check_layout(cfg: JobConfig, nodes: int, gpus_per_node: int) -> ParallelDims:
+    world = nodes * gpus_per_node
+    where = f"{nodes} node(s) x {gpus_per_node} GPU(s) = {world} processes"
+    p = cfg.parallel
+    degrees = {axis: getattr(p, axis) for axis in AXES}
+    inferred = [axis for axis, d in degrees.items() if d == -1]
+    known = math.prod(d for d in degrees.values() if d != -1)
+    given = " x ".join(f"{axis}={d}" for axis, d in degrees.items() if d != 1) or "all 1"
+    if not inferred and known != world:
+        hint = "set one degree to -1 or change --nodes/--gpus-per-node"
+        if p.ep > 1 and known // p.ep == world and p.dp_shard % p.ep == 0:
+            # `gigafactory plan` counts ep inside dp_shard; the trainer's mesh has ep as its own axis.
+            hint = f"ep is its own mesh axis here, not carved out of dp_shard as in `gigafactory plan`: set parallel.dp_shard = {p.dp_shard // p.ep}"
+        raise UserError(f"parallel layout {given} needs {known} processes but {where}; {hint}")
+    if len(inferred) == 1 and world % known:
+        raise UserError(f"parallel layout {given} (product {known} without parallel.{inferred[0]}=-1) does not divide {where}; change the degrees or the node count")
+    try:
+        return resolve_dims(cfg, world)
+    except UserError as err:
+        raise UserError(f"{err} (for {where})") from None
+
+
+def build_spec(
+    target: str,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    config: str | None = None,
+    train_args: list[str] | None = None,
+    max_restarts: int | None = None,
+    name: str | None = None,
+    image: str | None = None,
+    time: str = "24:00:00",
+    partition: str | None = None,
+    account: str | None = None,
+    pvc: str = "gigafactory-runs",
+    port: int = DEFAULT_PORT,
+    command_line: str = "",
+) -> LaunchSpec:
+    """Validate a launch request; raise UserError (one line) on any bad input."""
+    if target not in ("slurm", "k8s"):
+        raise UserError(f"launch target {target!r} must be slurm or k8s")
+    if nodes < 1:
+        raise UserError(f"--nodes {nodes} must be >= 1")
+    if gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node {gpus_per_node} must be >= 1")
+    if max_restarts is not None and max_restarts < 0:
+        raise UserError(f"--max-restarts {max_restarts} must be >= 0")
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} must be a TCP port (1-65535)")
+    if not _TIME_RE.match(time):
+        raise UserError(f"--time {time!r} is not a Slurm time limit; use e.g. 24:00:00, 90 (minutes) or 2-00:00:00")
+    if not _DNS_RE.match(pvc):
+        raise UserError(f"--pvc {pvc!r} must be a Kubernetes name (lowercase letters, digits and '-')")
+    train_args = list(train_args or [])
+    overrides = _check_train_args(train_args)
+
+    config_path = config_text = None
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise UserError(f"--config {config!r}: file not found; pass an existing TOML file")
+        config_path = str(path.resolve())
+        config_text = path.read_text()
+    cfg = load_config(overrides, config_path=config_path)  # ConfigError (a UserError) names the bad key
+
+    dims = _check_layout(cfg, nodes, gpus_per_node)
+    restarts = cfg.resilience.max_restarts if max_restarts is None else max_restarts
+    spec = LaunchSpec(
+        target=target, nodes=nodes, gpus_per_node=gpus_per_node, max_restarts=restarts,
+        name=job_name(name or (Path(config).stem if config else "gigafactory")),
+        config_path=config_path, config_text=config_text, cfg=cfg, dims=dims, train_args=train_args,
+        image=image, time=time, partition=partition, account=account, pvc=pvc, port=port, command_line=command_line,
+    )
+    if name is not None and spec.name != name:
+        raise UserError(f"--name {name!r} must be a DNS label (lowercase letters, digits and '-', <= 40 characters), e.g. {spec.name!r}")
+    if dims.tp > gpus_per_node or gpus_per_node % dims.tp:
+        spec.warnings.append(f"parallel.tp={dims.tp} does not fit in one node of {gpus_per_node} GPUs: tensor-parallel traffic will cross the network")
+    return spec
