@@ -132,13 +132,14 @@ MEMORY_SCRIPT = textwrap.dedent("""
     d = json.loads(sys.argv[3])
     cfg = dataclasses.replace(get_preset("grok-1"), vocab_size=d["V"], d_model=d["D"], n_layers=d["L"], n_heads=d["H"],
                               n_kv_heads=d["G"], head_dim=d["Dh"], n_experts=d["E"], moe_ffn_dim=d["F"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()  # current RSS (peak may be higher)
     import_grok1(sys.argv[1], sys.argv[2], cfg)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_growth": after - before}))
+    print(json.dumps({"peak_growth": max(after - before, 0)}))
 """)
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux) to read the current RSS")
 def test_import_memory_is_bounded_by_a_few_tensors(tmp_path):
     d = {"V": 2048, "D": 512, "L": 8, "H": 4, "G": 2, "Dh": 128, "E": 8, "F": 2048}
     src = tmp_path / "big"
@@ -168,13 +169,18 @@ def test_import_memory_is_bounded_by_a_few_tensors(tmp_path):
     total = sum(p.stat().st_size for p in src.iterdir())
     assert total >= 200e6
     largest_out = 8 * 512 * 2048 * 2  # one dequantised expert stack, bf16 (16.8 MB); its int8 source is half that
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    # A fixed mmap threshold: glibc's dynamic one otherwise keeps freed multi-MB buffers in the heap, so the peak RSS
+    # varies run to run (81-142 MB here) by allocator slack that says nothing about what the importer holds.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(src), str(tmp_path / "out"), json.dumps(d)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     growth = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
-    # The checkpoint is 200+ MB of pickles (420+ MB once dequantised); the import may hold ~2 tensors plus slack.
-    assert growth < 4 * largest_out, f"peak RSS grew by {growth / 1e6:.1f} MB for a {total / 1e6:.0f} MB checkpoint"
+    # The checkpoint is 200+ MB of pickles (420+ MB once dequantised). The import holds one source (its pickle bytes
+    # and the array unpickled from them), its dequantised copy and DCP's serialisation of it. Measured: RSS plateaus
+    # ~75 MB above the start from the first expert stack to the last (no growth with the layer count); 81 MB alone,
+    # up to 143 MB inside the full suite (allocator arenas). Holding the model would be 420+ MB.
+    assert growth < 10 * largest_out, f"peak RSS grew by {growth / 1e6:.1f} MB for a {total / 1e6:.0f} MB checkpoint"
 
 
 def test_cli_import_grok1(released, tmp_path, capsys):
