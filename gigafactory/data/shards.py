@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +58,16 @@ def prepare_dataset(inputs: list[str], vocab_size: int, cache_dir: str, val_frac
         encoded = tokenizer.encode_batch([documents[i] for i in doc_ids])
         tokens = np.fromiter((t for e in encoded for t in (*e.ids, EOS_ID)), dtype=dtype)
         counts[split] = int(tokens.size)
-        tmp = out / f"{split}.bin.tmp"
+        tmp = out / f"{split}.bin.{os.getpid()}.tmp"  # per-process: concurrent preparers never share a temp file
         tokens.tofile(tmp)
         tmp.replace(out / f"{split}.bin")
     meta = {
         "dtype": dtype.name, "vocab_size": vocab_size, "tokens": counts, "documents": {k: len(v) for k, v in splits.items()},
         "inputs": [str(p) for p in paths], "seed": seed, "val_fraction": val_fraction,
     }
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
-    (out / "meta.json.tmp").replace(out / "meta.json")
+    tmp_meta = out / f"meta.json.{os.getpid()}.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    tmp_meta.replace(out / "meta.json")  # written last: its presence marks a complete dataset
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path) -
     )
     tokenizer.train_from_iterator(documents, trainer=trainer)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
+    tmp = out_path.with_suffix(f".{os.getpid()}.tmp")
     tokenizer.save(str(tmp))
     tmp.replace(out_path)
     return tokenizer

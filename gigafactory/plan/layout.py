@@ -51,13 +51,19 @@ class Layout:
         return dataclasses.asdict(self)
 
     def toml(self) -> str:
-        """The `[parallel]` section (plus the microbatch size) that runs this layout."""
+        """The `[parallel]` section (plus the microbatch size) that runs this layout under `gigafactory train`.
+
+        The trainer's mesh keeps ep as its own axis (world = dp_replicate * dp_shard * ep * cp * tp * pp, and ep
+        ranks read different data), so the dp_shard written here is the planner's dp_shard / ep."""
+        train_dp_shard = self.dp_shard // self.ep if self.ep > 1 and self.dp_shard % self.ep == 0 else self.dp_shard
         values = {
-            "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp,
+            "dp_replicate": self.dp_replicate, "dp_shard": train_dp_shard, "tp": self.tp, "pp": self.pp,
             "ep": self.ep, "cp": self.cp, "schedule": self.schedule, "microbatches": self.microbatches,
             "activation_checkpointing": self.checkpointing,
         }
         lines = ["[parallel]"] + [f"{k} = {v!r}".replace("'", '"') for k, v in values.items()]
+        if self.ep > 1 and self.dp_shard % self.ep:
+            lines.insert(1, f"# ep={self.ep} borrows from dp_shard x cp here; the trainer needs dp_shard * ep * cp = {self.dp_shard * self.cp}")
         lines += ["", "[training]", f"batch_size = {self.microbatch_size}  # sequences per microbatch per data-parallel rank"]
         if self.pp == 1:
             lines.append(f"grad_accum_steps = {self.microbatches}")

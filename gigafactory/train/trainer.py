@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from gigafactory.config.job import JobConfig
@@ -70,7 +71,13 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
 
         d = cfg.data
+        # One process per machine tokenizes; the others wait and then find it in the cache.
+        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if self.world_size > 1 and not first_on_node:
+            dist.barrier()
         self.dataset_dir = prepare_dataset(d.inputs, cfg.model.vocab_size, d.cache_dir, d.val_fraction, d.seed, d.tokenizer)
+        if self.world_size > 1 and first_on_node:
+            dist.barrier()
         self.tokenizer_json = load_tokenizer(self.dataset_dir / "tokenizer.json").to_str()
         t = cfg.training
         self.train_loader = PackedSequenceLoader(open_split(self.dataset_dir, "train"), d.seq_len, t.batch_size, d.seed, self.dp_rank, self.dims.dp)
