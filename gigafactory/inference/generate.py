@@ -38,6 +38,7 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> LoadedModel:
     with torch.device("meta"):
         model = GrokModel(cfg.model)
     model.to_empty(device=device)
+    model.reset_buffers()
     load_checkpoint(ckpt, model)
     model.eval()
     return LoadedModel(model, tokenizer, cfg, ckpt)

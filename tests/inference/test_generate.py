@@ -51,3 +51,9 @@ def test_generate_cli_streams_text(trained_run):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("In the beginning") and len(result.stdout) > len("In the beginning\n")
+
+
+def test_loaded_model_has_zeroed_router_bias(trained_run):
+    """Buffers are not in checkpoints; a meta-built model must zero them or routing silently changes."""
+    loaded = load_for_inference(trained_run)
+    assert all(bool((b == 0).all()) for b in loaded.model.buffers())

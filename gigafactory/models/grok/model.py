@@ -194,8 +194,7 @@ class GrokModel(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Deterministic init, usable after building on the meta device and calling to_empty()."""
-        for buffer in self.buffers():  # to_empty() leaves buffers as garbage too; all of ours start at zero
-            buffer.zero_()
+        self.reset_buffers()
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 copy_global_into(p, torch.ones(p.shape, dtype=p.dtype))
@@ -203,6 +202,13 @@ class GrokModel(nn.Module):
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 full = torch.empty(p.shape, dtype=p.dtype).normal_(0.0, self.cfg.init_std, generator=gen)
                 copy_global_into(p, full)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Zero the non-persistent buffers (router expert bias): to_empty() leaves them as garbage, and checkpoints
+        do not carry them, so every path that materialises a meta model must call this."""
+        for buffer in self.buffers():
+            buffer.zero_()
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
