@@ -113,9 +113,8 @@ class Attention(nn.Module):
             )
         else:  # Grok: logits = cap * tanh(scale * q.k / cap), masked, softmax in fp32
             group = n_heads // n_kv  # query head h uses kv head h // group
-            qg = q.view(B, n_kv, group, S, self.head_dim)
-            logits = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() * self.scale  # [B, G, group, S, K]
-            logits = self.softcap * torch.tanh(logits / self.softcap)
+            qg = q.view(B, n_kv, group, S, self.head_dim) * (self.scale / self.softcap)  # fold scale and 1/cap into q
+            logits = self.softcap * torch.tanh((qg @ k.unsqueeze(2).transpose(-1, -2)).float())  # [B, G, group, S, K]
             logits = logits.masked_fill(~mask_BSK[:, None, None], float("-inf"))
             probs = logits.softmax(dim=-1).to(v.dtype)
             out = (probs @ v.unsqueeze(2)).view(B, n_heads, S, self.head_dim)
