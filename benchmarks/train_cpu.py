@@ -27,6 +27,7 @@ def hf_mixtral(cfg, seq):
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, max_position_embeddings=seq,
         tie_word_embeddings=cfg.tie_embeddings, output_router_logits=True, router_aux_loss_coef=cfg.aux_loss_weight,
+        rope_theta=cfg.rope_theta,
         attn_implementation="sdpa",
     )
     return MixtralForCausalLM(hf_cfg)
@@ -49,10 +50,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds of (ours, HF).")
+    parser.add_argument("--preset", default="grok-tiny", help="grok-tiny (Grok-1 architecture) or mixtral-tiny (Mixtral's own).")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    cfg = get_preset("grok-tiny")
+    cfg = get_preset(args.preset)
     ours = GrokModel(cfg)
     ours.init_weights(0)
     theirs = hf_mixtral(cfg, args.seq)
@@ -84,10 +86,10 @@ def main() -> None:
     ours_tps, theirs_tps = n_tokens / statistics.median(ours_t), n_tokens / statistics.median(theirs_t)
     import transformers
 
-    print(f"shape: grok-tiny {cfg.n_layers}L d{cfg.d_model} h{cfg.n_heads}/kv{cfg.n_kv_heads} E{cfg.n_experts} top{cfg.top_k} "
+    print(f"shape: {args.preset} {cfg.n_layers}L d{cfg.d_model} h{cfg.n_heads}/kv{cfg.n_kv_heads} E{cfg.n_experts} top{cfg.top_k} "
           f"F{cfg.moe_ffn_dim} V{cfg.vocab_size}, batch {args.batch} x seq {args.seq}, {args.dtype}, threads {torch.get_num_threads()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"gigafactory grok-tiny: {ours_tps:8.0f} tokens/s (median step {statistics.median(ours_t) * 1e3:.0f} ms)")
+    print(f"gigafactory {args.preset}: {ours_tps:8.0f} tokens/s (median step {statistics.median(ours_t) * 1e3:.0f} ms)")
     print(f"HF MixtralForCausalLM: {theirs_tps:8.0f} tokens/s (median step {statistics.median(theirs_t) * 1e3:.0f} ms)")
     print(f"ratio ours/HF: {ours_tps / theirs_tps:.2f}x")
 
