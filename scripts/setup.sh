@@ -9,7 +9,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     .venv/bin/pip install --quiet "torch>=2.6"
   else
-    .venv/bin/pip install --quiet torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    # The CPU wheel index; where it is unreachable (offline mirrors), fail fast and fall back to the local indexes.
+    .venv/bin/pip install --quiet --retries 0 --timeout 5 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 .venv/bin/pip install --quiet -e ".[test]"
