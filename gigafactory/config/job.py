@@ -41,7 +41,7 @@ class OptimizerConfig:
 class TrainingConfig:
     """The training loop."""
 
-    steps: int = knob(300, "Optimizer steps to train (the cosine schedule ends here).")
+    steps: int = knob(200, "Optimizer steps to train (the cosine schedule ends here).")
     batch_size: int = knob(16, "Sequences per micro-batch per data-parallel rank.")
     grad_accum_steps: int = knob(1, "Micro-batches accumulated per optimizer step.")
     seed: int = knob(0, "Seed of the weight init (the same on every rank and layout).")
