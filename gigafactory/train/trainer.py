@@ -115,8 +115,10 @@ class Trainer:
         if latest is None:
             return
         saved = build_config(_read_toml_dict(latest / "config.toml"), {})
-        if saved.model != self.cfg.model:
-            diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items() if getattr(self.cfg.model, k) != v]
+        training_only = ("name", "init_std", "aux_loss_weight", "router_z_loss_weight")  # may change between runs
+        diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items()
+                if k not in training_only and getattr(self.cfg.model, k) != v]
+        if diff:
             raise UserError(f"checkpoint '{latest}' was saved with a different model shape ({'; '.join(diff[:3])}); use a new logging.run_dir or checkpoint.resume=never")
         self.load(latest)
 
