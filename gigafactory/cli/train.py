@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from gigafactory.config.loader import add_config_arguments, config_to_toml, load_config
+from gigafactory.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -48,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_toml(cfg), end="")
         return 0
+    if args.nproc < 1:
+        raise UserError(f"--nproc={args.nproc} must be >= 1")
+    if "WORLD_SIZE" not in os.environ:  # check the layout before starting any process
+        from gigafactory.parallel.build import check_supported
+        from gigafactory.parallel.dims import resolve_dims
+
+        check_supported(cfg, resolve_dims(cfg, args.nproc))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_local(args.nproc, cfg.resilience.max_restarts)
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
