@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
     summary = Trainer(cfg).train()
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 speaks for the job
+        return 0
     if summary["interrupted"]:
         print(f"interrupted at step {summary['end_step']}; checkpoint saved to {summary['checkpoint']} (run again to resume)")
     if summary["eval"]:
