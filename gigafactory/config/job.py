@@ -63,6 +63,7 @@ class ParallelConfig:
     pp: int = knob(1, "Pipeline stages.")
     ep: int = knob(1, "Expert-parallel degree.")
     cp: int = knob(1, "Context-parallel degree.")
+    sequence_parallel: bool = knob(True, "With tp > 1, split activations outside attention and experts along the sequence (Megatron SP).")
     schedule: str = knob("1f1b", "Pipeline schedule when pp > 1.", choices=("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"))
     microbatches: int = knob(0, "Pipeline microbatches per step; 0 = 2 * pp.")
     activation_checkpointing: str = knob("none", "Recompute activations in backward: none, selective (attention only) or full (each block).", choices=("none", "selective", "full"))

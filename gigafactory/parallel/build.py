@@ -19,6 +19,7 @@ from gigafactory.parallel import pipeline
 from gigafactory.parallel.dims import ParallelDims
 from gigafactory.parallel.expert_parallel import ExpertGradScale
 from gigafactory.parallel.parallelize import _unwrap, parallelize
+from gigafactory.parallel.sequence_parallel import ReplicatedGradSync
 
 
 @dataclass
@@ -47,10 +48,16 @@ def _view(parts: list[GrokModel]) -> nn.Module:
     return view
 
 
+def sequence_parallel(cfg: JobConfig, dims: ParallelDims) -> bool:
+    return cfg.parallel.sequence_parallel and dims.tp > 1
+
+
 def check_supported(cfg: JobConfig, dims: ParallelDims) -> None:
     """Layouts whose combination is not built (yet) are refused up front with the reason."""
     if dims.ep > 1 and dims.tp > 1:
         raise UserError(f"parallel.ep={dims.ep} with parallel.tp={dims.tp}: expert and tensor parallel together are not supported; use one of them")
+    if sequence_parallel(cfg, dims) and (dims.pp > 1 or dims.cp > 1 or cfg.model.dense_ffn_dim):
+        raise UserError("parallel.sequence_parallel with pipeline or context parallel, or a dense FFN, is not supported; set parallel.sequence_parallel=false")
     if dims.pp > 1 and dims.cp > 1:
         raise UserError(f"parallel.pp={dims.pp} with parallel.cp={dims.cp}: pipeline and context parallel together are not supported")
     if dims.pp > 1:
@@ -77,10 +84,14 @@ def build_parallel_model(cfg: JobConfig, dims: ParallelDims, mesh, device: torch
         indices = pipeline.stage_indices(pp_rank, dims.pp, p.schedule)
         parts = [pipeline.build_stage_model(cfg.model, i, n_stages) for i in indices]
     for part in parts:
-        parallelize(part, dims, mesh, param_dtype=dtype, activation_checkpointing=p.activation_checkpointing, compile=cfg.training.compile)
+        parallelize(part, dims, mesh, param_dtype=dtype, activation_checkpointing=p.activation_checkpointing,
+                    compile=cfg.training.compile, sequence_parallel=sequence_parallel(cfg, dims))
         part.to_empty(device=device)
         part.init_weights(cfg.training.seed)
     model = ParallelModel(parts, _view(parts))
+    if sequence_parallel(cfg, dims):
+        names = set(parts[0].sp_replicated_names)
+        model.after_backward.append(ReplicatedGradSync([q for n, q in parts[0].named_parameters() if n in names], mesh["tp"].get_group()))
     if dims.ep > 1:
         model.after_backward.append(ExpertGradScale([b.moe.experts for part in parts for b in map(_unwrap, part.layers.values())], 1.0 / dims.ep))
     if dims.pp > 1:

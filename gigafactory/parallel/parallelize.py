@@ -1,6 +1,7 @@
 """Apply parallelisms to a GrokModel built on the meta device, in one fixed order:
 
-    tensor parallel (attention heads, expert FFN width)  ->  activation checkpointing  ->  torch.compile per block
+    tensor (+ sequence) parallel  ->  expert parallel  ->  context parallel  ->  activation checkpointing
+    ->  torch.compile per block
     ->  FSDP2 / HSDP over the data-parallel axes
 
 The model code stays single-device; everything distributed is attached here from outside.
@@ -20,6 +21,7 @@ from gigafactory.models import GrokModel
 from gigafactory.parallel.context_parallel import apply_cp
 from gigafactory.parallel.dims import ParallelDims
 from gigafactory.parallel.expert_parallel import apply_ep
+from gigafactory.parallel.sequence_parallel import apply_sp, replicated_param_names
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -51,26 +53,30 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-def shard_experts_tp(experts: nn.Module, tp_mesh) -> None:
-    """Split every expert's FFN width F over the TP axis: w_gate/w_up by columns, w_down by rows."""
+def shard_experts_tp(experts: nn.Module, tp_mesh, reduce_here: bool) -> None:
+    """Split every expert's FFN width F over the TP axis: w_gate/w_up by columns, w_down by rows. Without sequence
+    parallel the experts all-reduce their partial sums themselves; with it the MoE's reduce-scatter does."""
     for name, dim in (("w_gate", 2), ("w_up", 2), ("w_down", 1)):
         param = getattr(experts, name)
         experts.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(dim)])))
-    group = tp_mesh.get_group()
-    experts.register_forward_pre_hook(lambda mod, args: (_CopyToTP.apply(args[0], group), *args[1:]))
-    experts.register_forward_hook(lambda mod, args, out: _ReduceFromTP.apply(out, group))
+    if reduce_here:
+        group = tp_mesh.get_group()
+        experts.register_forward_pre_hook(lambda mod, args: (_CopyToTP.apply(args[0], group), *args[1:]))
+        experts.register_forward_hook(lambda mod, args, out: _ReduceFromTP.apply(out, group))
 
 
-def apply_tp(model: GrokModel, tp_mesh) -> None:
-    """Attention heads split column-/row-wise (DTensor), experts split along F; embeddings and norms replicated."""
+def apply_tp(model: GrokModel, tp_mesh, sequence_parallel: bool) -> None:
+    """Attention heads split column-/row-wise (DTensor), experts split along F; embeddings, norms and the router
+    replicated. With sequence parallel, activations between those regions are split along the sequence."""
     for block in model.layers.values():
-        parallelize_module(
-            block.attn, tp_mesh,
-            {"wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(), "wo": RowwiseParallel()},
-        )
-        shard_experts_tp(block.moe.experts, tp_mesh)
+        wo = RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else RowwiseParallel()
+        parallelize_module(block.attn, tp_mesh, {"wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(), "wo": wo})
+        shard_experts_tp(block.moe.experts, tp_mesh, reduce_here=not sequence_parallel)
         if block.dense is not None:
             parallelize_module(block.dense, tp_mesh, {"w_gate": ColwiseParallel(), "w_up": ColwiseParallel(), "w_down": RowwiseParallel()})
+    if sequence_parallel:
+        apply_sp(model, tp_mesh, _CopyToTP.apply)
+        model.sp_replicated_names = replicated_param_names(model)
 
 
 def apply_activation_checkpointing(model: GrokModel, mode: str) -> None:
@@ -109,9 +115,10 @@ def _data_mesh(mesh, dims: ParallelDims, axes: tuple[str, ...], name: str):
     return mesh["dp_replicate", shard_axis] if dims.dp_replicate > 1 else mesh[shard_axis]
 
 
-def parallelize(model: GrokModel, dims: ParallelDims, mesh, *, param_dtype: torch.dtype, activation_checkpointing: str, compile: bool) -> GrokModel:
+def parallelize(model: GrokModel, dims: ParallelDims, mesh, *, param_dtype: torch.dtype, activation_checkpointing: str,
+                compile: bool, sequence_parallel: bool = False) -> GrokModel:
     if dims.tp > 1:
-        apply_tp(model, mesh["tp"])
+        apply_tp(model, mesh["tp"], sequence_parallel)
     if dims.ep > 1:
         for block in model.layers.values():
             apply_ep(block.moe.experts, mesh["ep"])

@@ -19,8 +19,9 @@ from gigafactory.data.shards import open_split, prepare_dataset
 from gigafactory.data.tokenizer import load_tokenizer
 from gigafactory.errors import UserError
 from gigafactory.models import training_flops_per_token
-from gigafactory.parallel.build import build_parallel_model, check_supported
+from gigafactory.parallel.build import build_parallel_model, check_supported, sequence_parallel
 from gigafactory.parallel.context_parallel import shard_sequence
+from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.parallel.dims import resolve_dims
 from gigafactory.parallel.distributed import all_reduce_mean, init_distributed
 from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, StragglerMonitor, Watchdog, record_start
@@ -84,8 +85,9 @@ class Trainer:
         self.val_tokens = open_split(self.dataset_dir, "val")
 
         self.pmodel = build_parallel_model(cfg, self.dims, self.mesh, self.device, self.dtype)
-        for moe in self.pmodel.moe_layers():
-            moe.aux_loss_scale = 1.0 / t.grad_accum_steps
+        self.sequence_parallel = sequence_parallel(cfg, self.dims)
+        for moe in self.pmodel.moe_layers():  # under SP every TP rank adds the (full-token) aux gradient; count it once
+            moe.aux_loss_scale = 1.0 / (t.grad_accum_steps * (self.dims.tp if self.sequence_parallel else 1))
         self.model = self.pmodel.view  # single-device parameter names, whatever the layout
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.step = 0
@@ -167,6 +169,8 @@ class Trainer:
         if self.dims.cp > 1:
             cp_rank = self.mesh["cp"].get_local_rank()
             inputs, targets, positions = (shard_sequence(x, cp_rank, self.dims.cp) for x in (inputs, targets, positions))
+        if self.sequence_parallel:  # the head sees this TP rank's slice of the sequence
+            targets = slice_sequence(targets, self.mesh["tp"].get_local_rank(), self.dims.tp)
         with self.autocast():
             logits = self.pmodel.parts[0](inputs, positions)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -198,7 +202,8 @@ class Trainer:
                 total_loss += self.pipeline_loss(*self.train_loader.next_batch(), train=True)
                 continue
             loss = self.loss_on(*self.train_loader.next_batch())
-            (loss / t.grad_accum_steps).backward()
+            # Under sequence parallel each TP rank's loss covers 1/tp of the tokens: the objective is their mean.
+            (loss / (t.grad_accum_steps * (self.dims.tp if self.sequence_parallel else 1))).backward()
             total_loss += loss.item() / t.grad_accum_steps
         self.faults.after_backward(step, self.model)
         for hook in self.pmodel.after_backward:

@@ -28,7 +28,8 @@ BASE = {
 WS2 = {
     "fsdp": {"parallel.dp_shard": 2},
     "ddp_via_hsdp": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
-    "tp": {"parallel.tp": 2, "parallel.dp_shard": 1},
+    "tp_sp": {"parallel.tp": 2, "parallel.dp_shard": 1},  # sequence parallel is on by default
+    "tp_no_sp": {"parallel.tp": 2, "parallel.dp_shard": 1, "parallel.sequence_parallel": False},
     "ep": {"parallel.ep": 2, "parallel.dp_shard": 1},
     "cp": {"parallel.cp": 2, "parallel.dp_shard": 1},
     "pp_gpipe": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "gpipe"},
@@ -40,6 +41,7 @@ WS4 = {
     "hsdp": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2},
     "fsdp_tp": {"parallel.tp": 2, "parallel.dp_shard": 2},
     "pp_dp": {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.microbatches": 2},
+    "pp_tp": {"parallel.pp": 2, "parallel.tp": 2, "parallel.dp_shard": 1, "parallel.sequence_parallel": False},
     "ep_fsdp": {"parallel.ep": 2, "parallel.dp_shard": 2},
 }
 RESUMES = {2: [("tp_from_fsdp", {"parallel.tp": 2, "parallel.dp_shard": 1}, "fsdp")], 4: [("fsdp4_from_hsdp", {"parallel.dp_shard": 4}, "hsdp")]}
