@@ -59,7 +59,6 @@ def _counts(text: str) -> list[int]:
 
 
 def plan_rows(args) -> tuple[list[dict], str]:
-    from gigafactory.plan.cost import estimate  # noqa: F401  (import cost early for clear errors)
     from gigafactory.plan.forecast import forecast
     from gigafactory.plan.hardware import load_catalog, make_cluster
     from gigafactory.plan.layout import MODERN

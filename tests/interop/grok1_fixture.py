@@ -158,7 +158,7 @@ def _rms(x, scale, eps=1e-5):
 def reference_logits(params: dict, d: dict, tokens: torch.Tensor, emb_mult: float, out_mult: float, attn_scale: float) -> torch.Tensor:
     """Grok-1's forward pass (xai-org/grok-1 model.py, §2 of the architecture notes) in fp32 from the JAX tensors."""
     W = {k: dequant_reference(v) for k, v in params.items()}
-    H, G, Dh, E = d["H"], d["G"], d["Dh"], d["E"]
+    H, G, Dh = d["H"], d["G"], d["Dh"]
     S = tokens.shape[0]
     E_in = W["language_model/in_out_embed:embeddings"]
     h = E_in[tokens] * emb_mult  # [S, D]

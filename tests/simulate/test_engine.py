@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gigafactory.simulate import FailureClass, analytic, run_once, simulate
+from gigafactory.simulate import analytic, run_once, simulate
 from gigafactory.simulate.config import DAY_S
 from gigafactory.simulate.engine import STATES
 
