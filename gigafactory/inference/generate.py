@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from tokenizers import Tokenizer
 
 from gigafactory.config.job import JobConfig
-from gigafactory.config.loader import build_config
+from gigafactory.config.loader import load_config
 from gigafactory.data.tokenizer import EOS_ID, load_tokenizer
 from gigafactory.errors import UserError
 from gigafactory.inference.sampling import SamplingParams, sample_next
@@ -33,7 +32,7 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> LoadedModel:
     config_file = ckpt / "config.toml"
     if not config_file.is_file():
         raise UserError(f"checkpoint '{ckpt}' has no config.toml; it was not written by `gigafactory train`")
-    cfg = build_config(tomllib.loads(config_file.read_text()), {})
+    cfg = load_config(config_path=str(config_file))
     tokenizer = load_tokenizer(ckpt / "tokenizer.json")
     with torch.device("meta"):
         model = GrokModel(cfg.model)

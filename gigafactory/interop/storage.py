@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystem
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from gigafactory.config.job import JobConfig
-from gigafactory.config.loader import build_config, config_to_toml
+from gigafactory.config.loader import config_to_toml, load_config
 from gigafactory.errors import UserError
 from gigafactory.models.config import ModelConfig
 from gigafactory.train.checkpoint import LATEST, checkpoint_name, resolve_checkpoint, write_manifest
@@ -158,7 +157,7 @@ class GigafactorySource:
         config_file = self.path / "config.toml"
         if not config_file.is_file():
             raise UserError(f"checkpoint '{self.path}' has no config.toml; pass a checkpoint written by `gigafactory train` or `gigafactory import`")
-        self.job = build_config(tomllib.loads(config_file.read_text()), {})
+        self.job = load_config(config_path=str(config_file))
         self.cfg: ModelConfig = self.job.model
         meta = FileSystemReader(str(self.path)).read_metadata()
         self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {

@@ -35,3 +35,13 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
+
+
+def sum_grads(params, group) -> None:
+    """All-reduce (sum) the gradients of parameters that several ranks each hold a partial gradient of.
+    FSDP-sharded DTensor grads are summed shard by shard (every rank in `group` shards them alike)."""
+    from torch.distributed.tensor import DTensor
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad, group=group)

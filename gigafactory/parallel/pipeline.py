@@ -17,10 +17,10 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
-from torch.distributed.tensor import DTensor
 
 from gigafactory.models import GrokModel
 from gigafactory.models.config import ModelConfig
+from gigafactory.parallel.distributed import sum_grads
 
 SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 MULTI_STAGE = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}
@@ -83,7 +83,4 @@ class TiedEmbeddingSync:
         self.weights = [m.embed.weight for m in stage_models if m.embed is not None]
 
     def __call__(self) -> None:
-        for w in self.weights:
-            if w.grad is not None:
-                grad = w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad
-                dist.all_reduce(grad, group=self.group)
+        sum_grads(self.weights, self.group)

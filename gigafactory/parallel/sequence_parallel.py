@@ -17,6 +17,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleInputOutput, parallelize_module
 
+from gigafactory.parallel.distributed import sum_grads
+
 
 class _SliceSequence(torch.autograd.Function):
     """Keep this rank's contiguous slice of dim 1. Backward returns only this slice's gradient (zeros elsewhere):
@@ -67,7 +69,4 @@ class ReplicatedGradSync:
         self.params, self.group = params, group
 
     def __call__(self) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                dist.all_reduce(grad, group=self.group)
+        sum_grads(self.params, self.group)

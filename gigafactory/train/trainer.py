@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gigafactory.config.job import JobConfig
-from gigafactory.config.loader import build_config, config_to_toml
+from gigafactory.config.loader import config_to_toml, load_config
 from gigafactory.data.loader import PackedSequenceLoader
 from gigafactory.data.shards import open_split, prepare_dataset
 from gigafactory.data.tokenizer import load_tokenizer
@@ -116,7 +116,7 @@ class Trainer:
             latest = ckpt.latest_good_checkpoint(self.ckpt_root, self.events, full=verify == "sha256")
         if latest is None:
             return
-        saved = build_config(_read_toml_dict(latest / "config.toml"), {})
+        saved = load_config(config_path=str(latest / "config.toml"))
         training_only = ("name", "init_std", "aux_loss_weight", "router_z_loss_weight")  # may change between runs
         diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items()
                 if k not in training_only and getattr(self.cfg.model, k) != v]
@@ -135,20 +135,17 @@ class Trainer:
         training goes on: the previous checkpoint is intact."""
         train_state = {"step": self.step, "loader": self.train_loader.state_dict()}
         side = {"config.toml": config_to_toml(self.cfg), "tokenizer.json": self.tokenizer_json}
-        try:
-            with self.watchdog.paused():
-                path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, side)
-            if path is not None:
-                self.faults.after_save(self.step, path)
-            return path
-        except ckpt.CheckpointSaveError as err:
-            self.events.record("checkpoint_failed", once=True, step=err.step, reason=err.reason)
-            return None
+        return self._guarded(lambda: self.checkpointer.save(self.step, self.model, self.optimizer, train_state, side))
 
     def finish_saves(self) -> Path | None:
+        """Commit an async save still in flight."""
+        return self._guarded(self.checkpointer.close)
+
+    def _guarded(self, commit) -> Path | None:
+        """Run a checkpoint commit with the watchdog paused; log a failure instead of raising it."""
         try:
             with self.watchdog.paused():
-                path = self.checkpointer.close()
+                path = commit()
             if path is not None:
                 self.faults.after_save(int(path.name.split("-")[1]), path)
             return path
@@ -324,8 +321,3 @@ class Trainer:
         summary.update(end_step=self.step, interrupted=self._stop_requested, checkpoint=str(path))
         return summary
 
-
-def _read_toml_dict(path: Path) -> dict:
-    import tomllib
-
-    return tomllib.loads(path.read_text())
