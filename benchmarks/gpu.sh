@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 10 minutes on one H100): training tokens/s, MFU and peak memory for a dense and an MoE
-# model sized to fill the GPU, bf16, single GPU. Prints the command line of each run and its steady-state metrics.
-#   bash benchmarks/gpu.sh            (run from the repository root, after ./scripts/setup.sh)
-set -euo pipefail
+# One prepared GPU check (about 6 minutes on one H100), run from the repository root:
+#   bash benchmarks/gpu.sh
+# 1. benchmarks/gpu_checks.py: bf16 matmul peak; grouped-GEMM experts and fused capped attention against float64 /
+#    materialised references, their speed and memory; KV-cached = uncached decoding on CUDA.
+# 2. `gigafactory train` on grok-1b-moe (MoE, eager and torch.compile) and a dense twin: tokens/s, MFU, peak memory.
+# 3. benchmarks/train_cpu.py --device cuda: ours vs HF transformers' Mixtral of the same shape, same process.
+# Uses the venv's python when there is one, else python3 (the GPU image has torch, tokenizers, rich, transformers).
+# Logs go to $OUT when it is set (the device tool's output folder), else runs/gpu-bench.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+LOGS=${OUT:-runs/gpu-bench}
+mkdir -p "$LOGS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-COMMON=(--training.device cuda --training.dtype bf16 --training.steps 30 --training.eval_every 0 --optimizer.warmup_steps 5
+
+echo "== checks"
+timeout 170 $PY benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/checks.log" | grep -v Warning
+
+COMMON=(--training.device cuda --training.dtype bf16 --training.steps 20 --training.eval_every 0 --optimizer.warmup_steps 5
         --checkpoint.every 0 --logging.log_every 1 --logging.tensorboard false --logging.progress false
-        --data.seq_len 4096 --parallel.activation_checkpointing full --resilience.watchdog_timeout_s 0)
-run() {
+        --data.seq_len 4096 --training.batch_size 8 --resilience.watchdog_timeout_s 0)
+train() {
   local name=$1; shift
   local dir=runs/gpu-bench/$name
   rm -rf "$dir"
-  echo "== $name: gigafactory train $* ${COMMON[*]} --logging.run_dir $dir"
-  $PY -m gigafactory.cli.main train "$@" "${COMMON[@]}" --logging.run_dir "$dir" > "$dir.log" 2>&1 || { tail -20 "$dir.log"; return 1; }
+  echo "== $name: gigafactory train $* (+ common flags in benchmarks/gpu.sh)"
+  timeout 150 $PY -m gigafactory.cli.main train "$@" "${COMMON[@]}" --logging.run_dir "$dir" > "$LOGS/$name.log" 2>&1 \
+    || { echo "  FAILED:"; tail -5 "$LOGS/$name.log"; return 0; }
   $PY - "$dir" <<'PYEOF'
 import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"tokens_per_s"' in l][10:]  # skip warm-up
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"tokens_per_s"' in l][8:]  # skip warm-up
 print(f"  tokens/s {statistics.median(r['tokens_per_s'] for r in rows):,.0f}  MFU {statistics.median(r['mfu'] for r in rows):.1%}"
       f"  peak memory {max(r.get('max_memory_gib', 0) for r in rows):.1f} GiB  loss {rows[-1]['loss']:.3f}")
 PYEOF
 }
-# MoE: grok-1b-moe (0.9B total, 0.28B active per token).
-run moe --preset grok-1b-moe --training.batch_size 8
+# MoE: grok-1b-moe (0.9B total, 0.28B active per token), 8 x 4096 tokens per step.
+train moe --preset grok-1b-moe
+train moe-compiled --preset grok-1b-moe --training.compile true
 # Dense: the same shape with one expert of 4x width (every token uses all FFN weights).
-run dense --preset grok-1b-moe --model.n_experts 1 --model.top_k 1 --model.moe_ffn_dim 8192 --model.aux_loss_weight 0 --training.batch_size 8
+train dense --preset grok-1b-moe --model.n_experts 1 --model.top_k 1 --model.moe_ffn_dim 8192 --model.aux_loss_weight 0
+
+echo "== peer: ours vs HF MixtralForCausalLM, grok-1b-moe shape"
+timeout 150 $PY benchmarks/train_cpu.py --device cuda --preset grok-1b-moe --dtype bf16 --batch 4 --seq 2048 --steps 5 \
+  2>&1 | tee "$LOGS/peer.log" | grep -v Warning | tail -6

@@ -4,6 +4,7 @@ Both models: same layers, d_model, heads, KV heads, experts, top-k, expert width
 forward + backward + step; the same autocast dtype; router aux loss on. Runs alternate so machine noise hits both.
 
     .venv/bin/python benchmarks/train_cpu.py [--dtype bf16|fp32] [--steps 6] [--batch 16] [--seq 256]
+    python3 benchmarks/train_cpu.py --device cuda --preset grok-1b-moe --dtype bf16 --batch 4 --seq 2048  (gpu.sh)
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ def hf_mixtral(cfg, seq):
     return MixtralForCausalLM(hf_cfg)
 
 
-def time_steps(step, steps: int) -> list[float]:
+def time_steps(step, steps: int, sync) -> list[float]:
     step()  # warm-up
     times = []
     for _ in range(steps):
+        sync()
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
@@ -51,16 +54,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds of (ours, HF).")
     parser.add_argument("--preset", default="grok-tiny", help="grok-tiny (Grok-1 architecture) or mixtral-tiny (Mixtral's own).")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
 
     torch.manual_seed(0)
     cfg = get_preset(args.preset)
-    ours = GrokModel(cfg)
+    ours = GrokModel(cfg).to(args.device)
     ours.init_weights(0)
-    theirs = hf_mixtral(cfg, args.seq)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
+    theirs = hf_mixtral(cfg, args.seq).to(args.device)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=args.device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)
 
@@ -80,14 +85,15 @@ def main() -> None:
 
     ours_t, theirs_t = [], []
     for _ in range(args.rounds):
-        ours_t += time_steps(step_ours, args.steps)
-        theirs_t += time_steps(step_theirs, args.steps)
+        ours_t += time_steps(step_ours, args.steps, sync)
+        theirs_t += time_steps(step_theirs, args.steps, sync)
     n_tokens = args.batch * args.seq
     ours_tps, theirs_tps = n_tokens / statistics.median(ours_t), n_tokens / statistics.median(theirs_t)
     import transformers
 
     print(f"shape: {args.preset} {cfg.n_layers}L d{cfg.d_model} h{cfg.n_heads}/kv{cfg.n_kv_heads} E{cfg.n_experts} top{cfg.top_k} "
-          f"F{cfg.moe_ffn_dim} V{cfg.vocab_size}, batch {args.batch} x seq {args.seq}, {args.dtype}, threads {torch.get_num_threads()}")
+          f"F{cfg.moe_ffn_dim} V{cfg.vocab_size}, batch {args.batch} x seq {args.seq}, {args.dtype}, {args.device}, "
+          f"threads {torch.get_num_threads()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"gigafactory {args.preset}: {ours_tps:8.0f} tokens/s (median step {statistics.median(ours_t) * 1e3:.0f} ms)")
     print(f"HF MixtralForCausalLM: {theirs_tps:8.0f} tokens/s (median step {statistics.median(theirs_t) * 1e3:.0f} ms)")

@@ -48,6 +48,12 @@ class ModelConfig:
     aux_loss_weight: float = knob(0.01, "Weight of the Switch-style load-balancing loss added to the training loss.")
     router_z_loss_weight: float = knob(0.0, "Weight of the router z-loss (mean squared logsumexp of router logits).")
     init_std: float = knob(0.02, "Std of the normal init of weight matrices and embeddings.")
+    attn_impl: str = knob(
+        "auto",
+        "Capped attention kernel: 'flex' (fused FlexAttention, compiled; forward-only on CPU), 'eager' (materialised "
+        "logits), or 'auto' (flex on CUDA, eager elsewhere). Uncapped attention always uses SDPA.",
+        choices=("auto", "eager", "flex"),
+    )
 
     @property
     def resolved_head_dim(self) -> int:

@@ -46,9 +46,9 @@ def apply_sp(model: nn.Module, tp_mesh, copy_to_tp) -> None:
     group = tp_mesh.get_group()
     model.embed.register_forward_hook(lambda mod, args, out: _SliceSequence.apply(out, group))
     for block in model.layers.values():
-        # attention(x, cos, sin, positions, cache): x arrives as a sequence shard and is gathered
+        # attention(x, cos, sin, positions, cache, block_mask): x arrives as a sequence shard and is gathered
         parallelize_module(block.attn, tp_mesh, PrepareModuleInput(
-            input_layouts=(Shard(1), None, None, None, None), desired_input_layouts=(Replicate(), None, None, None, None)))
+            input_layouts=(Shard(1),) + (None,) * 5, desired_input_layouts=(Replicate(),) + (None,) * 5))
         # MoE: gather the tokens, route them on every rank, experts add partial sums, reduce-scatter the result.
         # The router's input gradient is partial too (its gates multiply partial expert outputs), hence the all-reduce.
         parallelize_module(block.moe, tp_mesh, PrepareModuleInputOutput(

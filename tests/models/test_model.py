@@ -168,3 +168,19 @@ def test_same_seed_same_weights_on_meta_materialisation():
     b.init_weights(3)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_flex_capped_attention_equals_materialised_logits(monkeypatch):
+    """The fused path (GPU default) computes the same capped, causal attention; run uncompiled here (CPU, no grad)."""
+    import gigafactory.models.grok.model as model_mod
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(model_mod, "_compiled_flex_attention", lambda: flex_attention)
+    eager = build()
+    flex = GrokModel(dataclasses.replace(CFG, attn_impl="flex"))
+    flex.load_state_dict(eager.state_dict())
+    tokens = torch.randint(0, CFG.vocab_size, (2, 24))
+    positions = torch.stack([torch.arange(24), torch.arange(24) + 7])  # absolute positions per row
+    with torch.no_grad():
+        torch.testing.assert_close(flex(tokens, positions), eager(tokens, positions), atol=1e-5, rtol=1e-5)
+    assert not model_mod.use_flex(dataclasses.replace(CFG, attn_impl="auto"), torch.device("cpu"))

@@ -7,6 +7,7 @@ Shapes: B batch, S sequence, D d_model, H query heads, G kv heads, Dh head dim, 
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from gigafactory.models.config import ModelConfig
 from gigafactory.models.grok.moe import MoE, gated_activation
@@ -59,6 +61,23 @@ def apply_rope(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tenso
     return out.to(x_BHSD.dtype)
 
 
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention is only fused (and memory-light) when compiled; compile it once per process."""
+    return torch.compile(flex_attention)
+
+
+def causal_block_mask(positions_BS: torch.Tensor) -> BlockMask:
+    """FlexAttention's sparse mask for 'key position <= query position' (absolute positions, per row)."""
+    B, S = positions_BS.shape
+    mask_mod = lambda b, h, q, k: positions_BS[b, k] <= positions_BS[b, q]  # noqa: E731
+    return create_block_mask(mask_mod, B, None, S, S, device=positions_BS.device)
+
+
+def use_flex(cfg: ModelConfig, device: torch.device) -> bool:
+    return bool(cfg.attn_softcap) and (cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and device.type == "cuda"))
+
+
 @dataclass
 class KVCache:
     """Per-layer key/value buffers [B, G, max_len, Dh]; each row (sequence slot) writes at its own positions."""
@@ -84,7 +103,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.kv_gather = None  # set by gigafactory/parallel/context_parallel.py
 
-    def forward(self, x_BSD, cos, sin, positions_BS, cache_kv=None):
+    def forward(self, x_BSD, cos, sin, positions_BS, cache_kv=None, block_mask: BlockMask | None = None):
+        """block_mask (from causal_block_mask) selects the fused FlexAttention path for capped logits."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         # Heads are local here (tensor parallel shards them), so count them from the projected widths.
@@ -94,6 +114,13 @@ class Attention(nn.Module):
         v = v.view(B, S, n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        if block_mask is not None and cache_kv is None and self.kv_gather is None:
+            cap = self.softcap
+            out = _compiled_flex_attention()(
+                q, k, v, score_mod=lambda score, b, h, q_idx, k_idx: cap * torch.tanh(score / cap),
+                block_mask=block_mask, scale=self.scale, enable_gqa=n_heads != n_kv,
+            )
+            return self.wo(out.transpose(1, 2).reshape(B, S, n_heads * self.head_dim))
         if cache_kv is None:
             key_pos_BK = positions_BS
             if self.kv_gather is not None:  # context parallel: keys/values of the whole sequence
@@ -148,8 +175,8 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.post_moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, h, cos, sin, positions, cache_kv=None):
-        a = self.attn(self.pre_attn_norm(h), cos, sin, positions, cache_kv)
+    def forward(self, h, cos, sin, positions, cache_kv=None, block_mask=None):
+        a = self.attn(self.pre_attn_norm(h), cos, sin, positions, cache_kv, block_mask)
         h = h + (self.post_attn_norm(a) if self.sandwich else a)
         m = self.pre_moe_norm(h)
         f = self.moe(m)
@@ -177,9 +204,10 @@ class GrokModel(nn.Module):
         if positions_BS is None:
             positions_BS = torch.arange(S, device=h.device).expand(B, S)
         cos, sin = rope_cos_sin(positions_BS, self.cfg.resolved_head_dim, self.cfg.rope_theta)
+        block_mask = causal_block_mask(positions_BS) if kv_cache is None and use_flex(self.cfg, h.device) else None
         for i, layer in self.layers.items():
             cache_kv = None if kv_cache is None else (kv_cache.k[int(i)], kv_cache.v[int(i)])
-            h = layer(h, cos, sin, positions_BS, cache_kv)
+            h = layer(h, cos, sin, positions_BS, cache_kv, block_mask)
         if self.norm is None:
             return h
         h = self.norm(h)
