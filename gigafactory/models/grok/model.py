@@ -212,7 +212,8 @@ class GrokModel(nn.Module):
             return h
         h = self.norm(h)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, head.to(h.dtype)) * self.cfg.output_multiplier
+        # (h * m) W^T == (h W^T) * m: scaling the [B, S, D] input is a V/D-times smaller pass than scaling the logits.
+        logits = F.linear(h * self.cfg.output_multiplier, head.to(h.dtype))
         if self.cfg.final_logit_softcap:
             cap = self.cfg.final_logit_softcap
             logits = cap * torch.tanh(logits / cap)

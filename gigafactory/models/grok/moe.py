@@ -103,6 +103,8 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    if torch.compiler.is_compiling():  # the op's shape function (used while tracing) accepts bf16 only
+        return x.dtype == torch.bfloat16
     return x.dtype in (torch.float32, torch.bfloat16)
 
 
