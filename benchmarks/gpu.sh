@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 6 minutes on one H100), run from the repository root:
-#   bash benchmarks/gpu.sh
+#   bash benchmarks/gpu.sh [SECTION ...]     sections: checks moe moe-compiled dense peer (default: all)
 # 1. benchmarks/gpu_checks.py: bf16 matmul peak; grouped-GEMM experts and fused capped attention against float64 /
 #    materialised references, their speed and memory; KV-cached = uncached decoding on CUDA.
 # 2. `gigafactory train` on grok-1b-moe (MoE, eager and torch.compile) and a dense twin: tokens/s, MFU, peak memory.
@@ -13,17 +13,22 @@ PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOGS=${OUT:-runs/gpu-bench}
+SECTIONS=" ${*:-checks moe moe-compiled dense peer} "
+want() { [[ $SECTIONS == *" $1 "* ]]; }
 mkdir -p "$LOGS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-echo "== checks"
-timeout 170 $PY benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/checks.log" | grep -v Warning
+if want checks; then
+  echo "== checks"
+  timeout 170 $PY benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/checks.log" | grep -v Warning
+fi
 
 COMMON=(--training.device cuda --training.dtype bf16 --training.steps 20 --training.eval_every 0 --optimizer.warmup_steps 5
         --checkpoint.every 0 --logging.log_every 1 --logging.tensorboard false --logging.progress false
         --data.seq_len 4096 --training.batch_size 8 --resilience.watchdog_timeout_s 0)
 train() {
   local name=$1; shift
+  want "$name" || return 0
   local dir=runs/gpu-bench/$name
   rm -rf "$dir"
   echo "== $name: gigafactory train $* (+ common flags in benchmarks/gpu.sh)"
@@ -42,6 +47,8 @@ train moe-compiled --preset grok-1b-moe --training.compile true
 # Dense: the same shape with one expert of 4x width (every token uses all FFN weights).
 train dense --preset grok-1b-moe --model.n_experts 1 --model.top_k 1 --model.moe_ffn_dim 8192 --model.aux_loss_weight 0
 
-echo "== peer: ours vs HF MixtralForCausalLM, grok-1b-moe shape"
-timeout 150 $PY benchmarks/train_cpu.py --device cuda --preset grok-1b-moe --dtype bf16 --batch 4 --seq 2048 --steps 5 \
-  2>&1 | tee "$LOGS/peer.log" | grep -v Warning | tail -6
+if want peer; then
+  echo "== peer: ours vs HF MixtralForCausalLM, grok-1b-moe shape"
+  timeout 150 $PY benchmarks/train_cpu.py --device cuda --preset grok-1b-moe --dtype bf16 --batch 4 --seq 2048 --steps 5 \
+    2>&1 | tee "$LOGS/peer.log" | grep -v Warning | tail -6
+fi

@@ -16,6 +16,7 @@ import torch
 from gigafactory.inference.generate import generate_tokens
 from gigafactory.inference.sampling import SamplingParams
 from gigafactory.models import GrokModel, get_preset
+from gigafactory.models.grok.head_loss import head_cross_entropy
 from gigafactory.models.grok.moe import Experts, _grouped_mm_ok
 
 
@@ -121,6 +122,48 @@ def attention_check() -> None:
         torch.cuda.empty_cache()
 
 
+def head_loss_check() -> None:
+    """Grok-1's head (vocab 131072, d_model 6144), one 8192-token sequence, bf16: fused chunked loss vs F.cross_entropy
+    on whole logits, against a float64 reference; then time and peak memory of each (forward + backward)."""
+    T, D, V, mult = 8192, 6144, 131072, 0.5773502691896257
+    h = (torch.randn(T, D, device="cuda") * 0.5).requires_grad_()
+    w = (torch.randn(V, D, device="cuda") * 0.02).requires_grad_()
+    targets = torch.randint(0, V, (T,), device="cuda")
+
+    def plain():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = torch.nn.functional.linear(h * mult, w)
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+    def fused():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return head_cross_entropy(h, w, targets, mult)
+
+    n = 1024  # float64 reference on a slice (whole would not fit)
+    h64, w64 = h[:n].detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((h64 * mult) @ w64.t(), targets[:n])
+    ref.backward()
+    h_n = h[:n].detach().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = head_cross_entropy(h_n, w, targets[:n], mult)
+    w.grad = None
+    loss.backward()
+    errs = (rel_err(loss, ref), rel_err(h_n.grad, h64.grad), rel_err(w.grad, w64.grad))
+    print(f"fused head loss bf16 vs float64 (1024 tokens): loss {errs[0]:.1e}, dh {errs[1]:.1e}, dW {errs[2]:.1e} "
+          f"({'OK' if max(errs) < 2e-2 else 'FAIL'})")
+    for name, fn in (("whole logits", plain), ("fused chunked", fused)):
+        h.grad = w.grad = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            ms = cuda_ms(lambda: fn().backward(), repeats=5, warmup=1)
+            print(f"head + loss, {T} tokens x vocab {V}, {name}: {ms:.1f} ms, "
+                  f"peak {(torch.cuda.max_memory_allocated() - base) / 2**30:.1f} GiB above inputs")
+        except torch.OutOfMemoryError:
+            print(f"head + loss, {name}: out of memory")
+
+
 def cached_decoding_check() -> None:
     cfg = get_preset("grok-tiny")
     model = GrokModel(cfg).cuda().eval()
@@ -136,7 +179,7 @@ def cached_decoding_check() -> None:
 def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"{torch.cuda.get_device_name(0)}, {props.multi_processor_count} SMs, torch {torch.__version__}")
-    for check in (matmul_peak, experts_check, attention_check, cached_decoding_check):
+    for check in (matmul_peak, experts_check, attention_check, head_loss_check, cached_decoding_check):
         try:
             check()
         except Exception as error:  # report and go on: one failed check must not hide the others

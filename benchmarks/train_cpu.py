@@ -15,7 +15,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from gigafactory.models import GrokModel, get_preset
 
@@ -70,9 +69,9 @@ def main() -> None:
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)
 
     def step_ours():
-        with autocast:
-            logits = ours(inputs)
-        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        with autocast:  # the trainer's loss: cross-entropy fused with the head (models/grok/head_loss.py)
+            loss = ours(inputs, targets_BS=targets)
+        loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from gigafactory.config.job import JobConfig
 from gigafactory.config.loader import config_to_toml, load_config
@@ -169,8 +168,7 @@ class Trainer:
         if self.sequence_parallel:  # the head sees this TP rank's slice of the sequence
             targets = slice_sequence(targets, self.mesh["tp"].get_local_rank(), self.dims.tp)
         with self.autocast():
-            logits = self.pmodel.parts[0](inputs, positions)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            return self.pmodel.parts[0](inputs, positions, targets_BS=targets)
 
     def pipeline_loss(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> float:
         """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0)."""

@@ -202,3 +202,28 @@ def test_compiled_blocks_match_eager_in_fp32():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("final_softcap", [0.0, 5.0])
+def test_fused_head_loss_equals_cross_entropy_on_logits(final_softcap):
+    """model(tokens, targets_BS=...) (chunked, gradients made in forward) = F.cross_entropy(model(tokens)), grads too."""
+    from gigafactory.models.grok.head_loss import head_cross_entropy
+
+    cfg = dataclasses.replace(CFG, final_logit_softcap=final_softcap)
+    ref, fused = build(cfg), build(cfg)
+    tokens, targets = torch.randint(0, cfg.vocab_size, (2, 2, 13)).unbind(0)
+    ref_loss = F.cross_entropy(ref(tokens).flatten(0, 1), targets.flatten())
+    ref_loss.backward()
+    fused_loss = fused(tokens, targets_BS=targets)
+    (fused_loss * 3.0).backward()  # the incoming gradient scales what backward returns
+    torch.testing.assert_close(fused_loss, ref_loss)
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, 3.0 * p_ref.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+    h = torch.randn(26, cfg.d_model, requires_grad=True)
+    w = ref.embed.weight.detach().requires_grad_()
+    chunked = head_cross_entropy(h, w, targets.flatten(), 0.5, final_softcap, chunk_tokens=5)  # 6 chunks, last short
+    whole = head_cross_entropy(h, w, targets.flatten(), 0.5, final_softcap, chunk_tokens=26)
+    torch.testing.assert_close(chunked, whole)
+    with torch.no_grad():  # evaluation: no gradients are made
+        torch.testing.assert_close(fused(tokens, targets_BS=targets), ref_loss)

@@ -19,6 +19,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from gigafactory.models.config import ModelConfig
+from gigafactory.models.grok.head_loss import head_cross_entropy
 from gigafactory.models.grok.moe import MoE, gated_activation
 
 
@@ -194,8 +195,10 @@ class GrokModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+    def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                targets_BS: torch.Tensor | None = None):
         """Logits [B, S, V]. Without a cache, positions default to 0..S-1; with one, pass each row's positions.
+        With targets, the mean cross-entropy instead, fused with the head so whole logits are never made.
 
         A pipeline stage (gigafactory/parallel/pipeline.py) holds some of the layers: after the first stage the input
         is hidden states [B, S, D] (floating point), and before the last stage (norm is None) it returns them."""
@@ -212,6 +215,9 @@ class GrokModel(nn.Module):
             return h
         h = self.norm(h)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if targets_BS is not None:
+            return head_cross_entropy(h.flatten(0, 1), head, targets_BS.flatten(), self.cfg.output_multiplier,
+                                      self.cfg.final_logit_softcap)
         # (h * m) W^T == (h W^T) * m: scaling the [B, S, D] input is a V/D-times smaller pass than scaling the logits.
         logits = F.linear(h * self.cfg.output_multiplier, head.to(h.dtype))
         if self.cfg.final_logit_softcap:
