@@ -3,6 +3,8 @@
 The [tokens, vocab] logits never exist whole: Grok-1's 131,072-entry vocabulary makes them 4.3 GB in fp32 for one
 8,192-token sequence, plus as much again for their gradient. Each chunk's logits are made, reduced to the loss, and
 turned into the head's gradients at once (while they are still in cache), so backward only scales stored gradients.
+The model uses it on CPUs, where it is faster; on an H100 (docs/benchmarks.md) 128-token chunks of a 131,072 vocabulary
+ran 6x slower than whole logits and saved only a quarter of the memory, so CUDA keeps whole logits.
 Shapes: T tokens, D d_model, V vocab, C tokens per chunk.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-_LOGITS_PER_CHUNK = 1 << 22  # 16 MiB of fp32 logits per chunk: cache-sized on CPUs, large enough for GPU matmuls
+_LOGITS_PER_CHUNK = 1 << 22  # 16 MiB of fp32 logits per chunk: about what a CPU core's caches hold
 
 
 def head_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: torch.Tensor, multiplier: float,

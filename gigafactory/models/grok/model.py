@@ -198,7 +198,7 @@ class GrokModel(nn.Module):
     def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 targets_BS: torch.Tensor | None = None):
         """Logits [B, S, V]. Without a cache, positions default to 0..S-1; with one, pass each row's positions.
-        With targets, the mean cross-entropy instead, fused with the head so whole logits are never made.
+        With targets, the mean cross-entropy instead: on CPUs fused with the head, chunk by chunk (head_loss.py).
 
         A pipeline stage (gigafactory/parallel/pipeline.py) holds some of the layers: after the first stage the input
         is hidden states [B, S, D] (floating point), and before the last stage (norm is None) it returns them."""
@@ -215,7 +215,7 @@ class GrokModel(nn.Module):
             return h
         h = self.norm(h)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        if targets_BS is not None:
+        if targets_BS is not None and not h.is_cuda:
             return head_cross_entropy(h.flatten(0, 1), head, targets_BS.flatten(), self.cfg.output_multiplier,
                                       self.cfg.final_logit_softcap)
         # (h * m) W^T == (h W^T) * m: scaling the [B, S, D] input is a V/D-times smaller pass than scaling the logits.
@@ -223,6 +223,8 @@ class GrokModel(nn.Module):
         if self.cfg.final_logit_softcap:
             cap = self.cfg.final_logit_softcap
             logits = cap * torch.tanh(logits / cap)
+        if targets_BS is not None:  # CUDA: whole logits (measured 6x faster there than 128-token chunks)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
         return logits
 
     @torch.no_grad()
