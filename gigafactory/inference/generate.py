@@ -15,7 +15,8 @@ from gigafactory.data.tokenizer import EOS_ID, load_tokenizer
 from gigafactory.errors import UserError
 from gigafactory.inference.sampling import SamplingParams, sample_next
 from gigafactory.models import GrokModel, KVCache
-from gigafactory.train.checkpoint import load_checkpoint, resolve_checkpoint
+from gigafactory.train.checkpoint import load_checkpoint
+from gigafactory.train.checkpoint_files import resolve_checkpoint
 
 
 @dataclass

@@ -26,7 +26,8 @@ from gigafactory.config.job import JobConfig
 from gigafactory.config.loader import config_to_toml, load_config
 from gigafactory.errors import UserError
 from gigafactory.models.config import ModelConfig
-from gigafactory.train.checkpoint import LATEST, checkpoint_name, resolve_checkpoint, write_manifest
+from gigafactory.train.checkpoint import LATEST
+from gigafactory.train.checkpoint_files import checkpoint_name, resolve_checkpoint, write_manifest
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from gigafactory.resilience.config import FaultConfig
 from gigafactory.resilience.events import EventLog
-from gigafactory.train.checkpoint import MANIFEST, disk_full_error
+from gigafactory.train.checkpoint import disk_full_error
+from gigafactory.train.checkpoint_files import MANIFEST
 
 
 class FaultInjector:

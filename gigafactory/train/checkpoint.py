@@ -15,15 +15,13 @@ go on (or stop cleanly). Loading verifies the manifest; `latest_good_checkpoint`
 
 Saves are synchronous (`save_checkpoint`) or asynchronous (`Checkpointer(async_save=True)`, built on
 `dcp.async_save`): the step is blocked only while the state is copied to host memory; the write, hashing and the
-rename finish later in `Checkpointer.finalize()`.
+rename finish later in `Checkpointer.finalize()`. Naming, manifests, verification and listing: checkpoint_files.py.
 """
 
 from __future__ import annotations
 
 import copy
 import errno
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -39,16 +37,18 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gigafactory.errors import UserError
+from gigafactory.parallel.distributed import (
+    all_gather_objects, barrier, broadcast_from_rank0, get_rank, is_rank0,
+)
+from gigafactory.train.checkpoint_files import (
+    MANIFEST, LogEvent, checkpoint_name, file_digest, fsync_dir, latest_checkpoint, latest_good_checkpoint,
+    list_checkpoints, own_shard_files, remove_stale, resolve_checkpoint, verify_checkpoint, write_manifest,
+)
 
 LATEST = "latest"
-MANIFEST = "manifest.json"
-_HASH_CHUNK = 8 << 20
 
 # DCP warns on every single-process save/load; that is a supported mode here, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-LogEvent = Callable[..., None]  # log_event(event: str, **fields), e.g. EventLog.record
-
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank (disk full, I/O error, ...). The partial `.tmp` directory was removed and every
@@ -63,188 +63,12 @@ class CorruptCheckpointError(UserError):
     """A checkpoint's files do not match its manifest (truncated, bit-flipped, missing)."""
 
 
-# ---- small distributed helpers (all work without a process group) ---------------------------------------------
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _is_rank0() -> bool:
-    return _rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _from_rank0(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-# ---- manifest ----------------------------------------------------------------------------------------------------
-def file_digest(path: Path) -> dict:
-    """{"size": bytes, "sha256": hex} of one file."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
-
-
-def _own_files(ckpt_dir: Path, rank: int) -> list[Path]:
-    """The shard files DCP's FileSystemWriter wrote for `rank` (named `__{rank}_{i}.distcp`)."""
-    return sorted(ckpt_dir.glob(f"__{rank}_*.distcp"))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_manifest(ckpt_dir: Path, known: dict[str, dict] | None = None) -> dict:
-    """Hash every file in `ckpt_dir` (reusing digests in `known`) and write manifest.json; return the manifest."""
-    known = dict(known or {})
-    files = {}
-    for p in sorted(ckpt_dir.iterdir()):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.name] = known.get(p.name) or file_digest(p)
-    manifest = {"format": 1, "created": time.time(), "files": files}
-    tmp = ckpt_dir / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(ckpt_dir / MANIFEST)
-    return manifest
-
-
-def verify_checkpoint(ckpt_dir: Path, full: bool = True) -> list[str]:
-    """Problems found in `ckpt_dir` against its manifest ([] = good). full=False checks sizes only.
-
-    Under torch.distributed every rank must call it: the files are hashed in parallel (rank r hashes every
-    world_size-th file) and the problems are shared, so all ranks return the same list."""
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        return _gather_problems([f"{MANIFEST} missing"] if _is_rank0() else [])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return _gather_problems([f"{MANIFEST} unreadable ({type(err).__name__})"] if _is_rank0() else [])
-    problems = []
-    for i, (name, want) in enumerate(sorted(files.items())):
-        if i % _world() != _rank():
-            continue
-        path = ckpt_dir / name
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        size = path.stat().st_size
-        if size != want["size"]:
-            problems.append(f"{name}: {size} bytes, manifest says {want['size']} (truncated?)")
-        elif full and file_digest(path)["sha256"] != want["sha256"]:
-            problems.append(f"{name}: sha256 mismatch (corrupt)")
-    return _gather_problems(problems)
-
-
-def _gather_problems(mine: list[str]) -> list[str]:
-    return sorted(p for part in _gather(mine) for p in part)
-
-
-# ---- listing -----------------------------------------------------------------------------------------------------
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (unfinished `.tmp` and set-aside `.old` directories are ignored)."""
-    ckpt_root = Path(ckpt_root)
-    if not ckpt_root.is_dir():
-        return []
-    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and "." not in p.name and (p / ".metadata").is_file())
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint, unverified (see `latest_good_checkpoint`)."""
-    found = list_checkpoints(ckpt_root)
-    return found[-1] if found else None
-
-
-def latest_good_checkpoint(ckpt_root: Path, log_event: LogEvent | None = None, full: bool = True) -> Path | None:
-    """The newest checkpoint whose files match its manifest; each bad one skipped is reported through
-    `log_event("checkpoint_corrupt", path=..., problems=[...])`. A checkpoint without a manifest (written before
-    integrity checks existed) is used but reported as `checkpoint_unverified`. Collective under torch.distributed."""
-    for path in reversed(list_checkpoints(ckpt_root)):
-        problems = verify_checkpoint(path, full=full)
-        if not problems:
-            return path
-        if problems == [f"{MANIFEST} missing"]:
-            if log_event:
-                log_event("checkpoint_unverified", path=str(path), once=True)
-            return path
-        if log_event:
-            log_event("checkpoint_corrupt", path=str(path), problems=problems[:10], once=True)
-        else:
-            warnings.warn(f"skipping corrupt checkpoint {path}: {'; '.join(problems[:3])}")
-    return None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, a checkpoints/ directory or a run directory; return one checkpoint."""
-    p = Path(path).expanduser()
-    if (p / ".metadata").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise UserError(f"no checkpoint found at '{p}'; pass a run directory or a checkpoints/step-N directory written by `gigafactory train`")
-
-
-def remove_stale(ckpt_root: Path) -> list[Path]:
-    """Delete `.tmp`/`.old` leftovers of a crashed save (rank 0; call at start-up, before any save)."""
-    removed = []
-    if _is_rank0() and Path(ckpt_root).is_dir():
-        for p in Path(ckpt_root).glob("step-*.*"):
-            if p.is_dir() and p.suffix in (".tmp", ".old"):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    _barrier()
-    return removed
-
-
 # ---- saving ------------------------------------------------------------------------------------------------------
 def _write_shards(tmp: Path, state: dict, step: int) -> tuple[bool, str, dict]:
     """(ok, reason, {file: digest}) for this rank's part of a synchronous save."""
     try:
         dcp.save(state, checkpoint_id=str(tmp))
-        return True, "", {p.name: file_digest(p) for p in _own_files(tmp, _rank())}
+        return True, "", {p.name: file_digest(p) for p in own_shard_files(tmp, get_rank())}
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure must reach the agreement step (DCP's is a BaseException)
         return False, _reason(err), {}
 
@@ -261,10 +85,10 @@ def _reason(err: BaseException) -> str:
 def _finish(ckpt_root: Path, step: int, tmp: Path, final: Path, local: tuple[bool, str, dict], side_files: dict[str, str], keep: int,
             before_commit: Callable[[int], None] | None = None) -> Path:
     """Agree on success, then (rank 0) side files, manifest, rename, `latest`, pruning. Collective."""
-    parts = _gather(local)
+    parts = all_gather_objects(local)
     failed = list(dict.fromkeys(reason if reason.startswith("rank ") else f"rank {r}: {reason}" for r, (ok, reason, _) in enumerate(parts) if not ok))
     outcome = ""
-    if not failed and _is_rank0():
+    if not failed and is_rank0():
         try:
             if before_commit is not None:
                 before_commit(step)
@@ -272,14 +96,14 @@ def _finish(ckpt_root: Path, step: int, tmp: Path, final: Path, local: tuple[boo
             for name, text in side_files.items():
                 (tmp / name).write_text(text)
             write_manifest(tmp, known)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             aside = None
             if final.exists():  # re-saving a step (after a rollback): keep the old one until the new one is in place
                 aside = final.with_name(final.name + ".old")
                 shutil.rmtree(aside, ignore_errors=True)
                 final.rename(aside)
             tmp.rename(final)
-            _fsync_dir(ckpt_root)
+            fsync_dir(ckpt_root)
             pointer = ckpt_root / (LATEST + ".tmp")
             pointer.write_text(final.name + "\n")
             pointer.replace(ckpt_root / LATEST)
@@ -290,14 +114,14 @@ def _finish(ckpt_root: Path, step: int, tmp: Path, final: Path, local: tuple[boo
         except Exception as err:  # noqa: BLE001
             outcome = f"rank 0: {_reason(err)}"
     if not failed:
-        outcome = _from_rank0(outcome)
+        outcome = broadcast_from_rank0(outcome)
         failed = [outcome] if outcome else []
     if failed:
-        if _is_rank0():
+        if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             if not final.exists() and final.with_name(final.name + ".old").exists():
                 final.with_name(final.name + ".old").rename(final)
-        _barrier()
+        barrier()
         raise CheckpointSaveError(step, final, "; ".join(failed))
     return final
 
@@ -307,13 +131,13 @@ def _prepare_tmp(ckpt_root: Path, step: int) -> tuple[Path, Path, str]:
     final = Path(ckpt_root) / checkpoint_name(step)
     tmp = final.with_name(final.name + ".tmp")
     error = ""
-    if _is_rank0():
+    if is_rank0():
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         except OSError as err:
             error = f"rank 0: {_reason(err)}"
-    return tmp, final, _from_rank0(error)
+    return tmp, final, broadcast_from_rank0(error)
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: dict, side_files: dict[str, str], keep: int,
@@ -372,12 +196,12 @@ class Checkpointer:
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - staging failed: report through finalize like any other failure
             upload = Future()
             upload.set_exception(err)
-        rank = _rank()
+        rank = get_rank()
 
         def write_and_hash() -> tuple[bool, str, dict]:
             try:
                 upload.result()
-                return True, "", {p.name: file_digest(p) for p in _own_files(tmp, rank)}
+                return True, "", {p.name: file_digest(p) for p in own_shard_files(tmp, rank)}
             except (Exception, CheckpointException) as err:  # noqa: BLE001
                 return False, _reason(err), {}
 

@@ -25,6 +25,7 @@ from gigafactory.parallel.dims import resolve_dims
 from gigafactory.parallel.distributed import all_reduce_mean, init_distributed
 from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, StragglerMonitor, Watchdog, record_start
 from gigafactory.train import checkpoint as ckpt
+from gigafactory.train.checkpoint_files import latest_checkpoint, latest_good_checkpoint, remove_stale
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
 
@@ -107,12 +108,12 @@ class Trainer:
     def maybe_resume(self) -> None:
         if self.cfg.checkpoint.resume == "never":
             return
-        ckpt.remove_stale(self.ckpt_root)
+        remove_stale(self.ckpt_root)
         verify = self.cfg.resilience.verify
         if verify == "none":
-            latest = ckpt.latest_checkpoint(self.ckpt_root)
+            latest = latest_checkpoint(self.ckpt_root)
         else:  # skips (and logs) checkpoints whose files do not match their manifest
-            latest = ckpt.latest_good_checkpoint(self.ckpt_root, self.events, full=verify == "sha256")
+            latest = latest_good_checkpoint(self.ckpt_root, self.events, full=verify == "sha256")
         if latest is None:
             return
         saved = load_config(config_path=str(latest / "config.toml"))
@@ -221,7 +222,7 @@ class Trainer:
     def rollback(self, step: int) -> dict:
         """Reload the newest good checkpoint (model, optimizer, data position) and carry on from there."""
         self.checkpointer.finalize()
-        latest = ckpt.latest_good_checkpoint(self.ckpt_root, self.events, full=self.cfg.resilience.verify == "sha256")
+        latest = latest_good_checkpoint(self.ckpt_root, self.events, full=self.cfg.resilience.verify == "sha256")
         if latest is None:
             raise UserError(f"step {step} asked for a rollback but there is no checkpoint yet; use resilience.on_nan=skip")
         with self.watchdog.paused():

@@ -12,6 +12,7 @@ from torch import nn
 from gigafactory.resilience import EventLog, FaultConfig, FaultInjector, read_events
 from gigafactory.resilience.faults import corrupt_checkpoint
 from gigafactory.train import checkpoint as ckpt
+from gigafactory.train import checkpoint_files as ckpt_files
 
 
 def make(seed=0):
@@ -48,11 +49,11 @@ def test_manifest_written_and_verifies(tmp_path):
     model, opt = make()
     train_steps(model, opt, 2)
     path = save(tmp_path, 2, model, opt)
-    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest = json.loads((path / ckpt_files.MANIFEST).read_text())
     assert ".metadata" in manifest["files"] and "config.toml" in manifest["files"]
     assert any(name.endswith(".distcp") for name in manifest["files"])
     assert (tmp_path / ckpt.LATEST).read_text().strip() == path.name
-    assert ckpt.verify_checkpoint(path) == []
+    assert ckpt_files.verify_checkpoint(path) == []
     loaded, state = load_into_fresh(path)
     assert state["step"] == 2 and state["loader"]["consumed"] == 16
     assert all(torch.equal(a, b) for a, b in zip(params(model), params(loaded)))
@@ -67,11 +68,11 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, mode):
     train_steps(model, opt, 1)
     bad = save(tmp_path, 2, model, opt)
     corrupt_checkpoint(bad, mode)
-    problems = ckpt.verify_checkpoint(bad)
+    problems = ckpt_files.verify_checkpoint(bad)
     assert problems and ("truncated" in problems[0] if mode == "truncate" else "sha256" in problems[0])
-    assert ckpt.verify_checkpoint(bad, full=False) == ([] if mode == "flip" else problems)
+    assert ckpt_files.verify_checkpoint(bad, full=False) == ([] if mode == "flip" else problems)
     events = EventLog(tmp_path / "events.jsonl")
-    assert ckpt.latest_good_checkpoint(tmp_path, events) == good
+    assert ckpt_files.latest_good_checkpoint(tmp_path, events) == good
     recs = read_events(tmp_path / "events.jsonl")
     assert [r["event"] for r in recs] == ["checkpoint_corrupt"] and recs[0]["path"] == str(bad)
     with pytest.raises(ckpt.CorruptCheckpointError):
@@ -99,7 +100,7 @@ def test_enospc_during_save_keeps_previous(tmp_path, monkeypatch):
     assert "ENOSPC" in str(info.value) and info.value.step == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]  # tmp removed
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
-    assert ckpt.latest_good_checkpoint(tmp_path) == good
+    assert ckpt_files.latest_good_checkpoint(tmp_path) == good
     _, state = load_into_fresh(good)
     assert state["step"] == 1
     monkeypatch.setattr(ckpt.dcp, "save", real_save)
@@ -120,8 +121,8 @@ def test_injected_fail_save_and_corrupt_fire_once(tmp_path):
             inj.after_save(step, path)
         except ckpt.CheckpointSaveError as err:
             events.record("checkpoint_failed", step=err.step, reason=err.reason)
-    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000001", "step-00000003"]
-    assert ckpt.latest_good_checkpoint(root, events).name == "step-00000001"
+    assert [p.name for p in ckpt_files.list_checkpoints(root)] == ["step-00000001", "step-00000003"]
+    assert ckpt_files.latest_good_checkpoint(root, events).name == "step-00000001"
     kinds = [(r["event"], r.get("kind")) for r in read_events(tmp_path / "events.jsonl")]
     assert ("fault_injected", "fail_save") in kinds and ("fault_injected", "corrupt") in kinds and ("checkpoint_corrupt", None) in kinds
     inj2 = FaultInjector(FaultConfig(fail_save_step=2), rank=0, run_dir=tmp_path)
@@ -138,7 +139,7 @@ def test_async_save_then_finalize(tmp_path):
     train_steps(model, opt, 1)  # the step may change weights while the write is in flight
     assert not (tmp_path / "step-00000002").exists() or saver.done_locally()
     path = saver.finalize()
-    assert path == tmp_path / "step-00000002" and ckpt.verify_checkpoint(path) == []
+    assert path == tmp_path / "step-00000002" and ckpt_files.verify_checkpoint(path) == []
     assert (tmp_path / "latest").read_text().strip() == "step-00000002"
     fresh, fopt = make(seed=5)
     state = ckpt.load_checkpoint(path, fresh, fopt, {"step": 0}, verify=True)
@@ -146,7 +147,7 @@ def test_async_save_then_finalize(tmp_path):
     for step in (3, 4):  # keep=2 prunes; save() finalises the previous save itself
         saver.save(step, model, opt, {"step": step}, {})
     assert saver.close() == tmp_path / "step-00000004"
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    assert [p.name for p in ckpt_files.list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
 
 
 def test_async_failure_surfaces_at_finalize(tmp_path):
@@ -163,8 +164,8 @@ def test_stale_tmp_removed_and_ignored(tmp_path):
     save(tmp_path, 1, model, opt)
     (tmp_path / "step-00000002.tmp").mkdir()
     (tmp_path / "step-00000002.tmp" / ".metadata").write_text("partial")
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
-    assert [p.name for p in ckpt.remove_stale(tmp_path)] == ["step-00000002.tmp"]
+    assert ckpt_files.latest_checkpoint(tmp_path).name == "step-00000001"
+    assert [p.name for p in ckpt_files.remove_stale(tmp_path)] == ["step-00000002.tmp"]
 
 
 def test_async_reused_buffers_carry_new_values(tmp_path):

@@ -25,6 +25,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
     from gigafactory.train import checkpoint as ckpt
+    from gigafactory.train import checkpoint_files as ckpt_files
 
     torch.manual_seed(0)
     model = nn.Linear(64, 64)
@@ -50,7 +51,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     saver = ckpt.Checkpointer(root, keep=3, async_save=True)
     saver.save(3, model, opt, {"step": 3}, {})
     results.append(saver.close().name)
-    good = ckpt.latest_good_checkpoint(root)
+    good = ckpt_files.latest_good_checkpoint(root)
     state = ckpt.load_checkpoint(good, model, opt, {"step": 0}, verify=True)
     results.append(int(state["step"]))
     with open(f"{out}.{rank}", "w") as f:

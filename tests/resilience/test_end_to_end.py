@@ -115,7 +115,7 @@ def test_enospc_keeps_previous_and_training_continues(tmp_path, data_cache_modul
     proc = train(tmp_path / "run", data_cache_module, "--faults.fail_save_step=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any(e["event"] == "checkpoint_failed" and e["step"] == 4 for e in events(tmp_path / "run"))
-    from gigafactory.train.checkpoint import verify_checkpoint
+    from gigafactory.train.checkpoint_files import verify_checkpoint
 
     assert verify_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002") == []
     assert losses(tmp_path / "run") == baseline
