@@ -10,19 +10,21 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-# Dense bf16 peaks (TFLOP/s) from vendor datasheets; CPUs vary too much to know, so the CPU figure is a rough guess.
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "B200": 2250.0, "GB200": 2500.0, "A100": 312.0, "L40S": 362.0}
-_CPU_GUESS_TFLOPS = 0.5
+from gigafactory.plan.hardware import load_catalog
+
+_CPU_GUESS_TFLOPS = 0.5  # CPUs vary too much to know; set logging.peak_tflops for a real MFU
 
 
 def peak_tflops(device: torch.device, configured: float) -> float:
+    """logging.peak_tflops if set; else a GPU's dense bf16 peak from the planner's cited catalog (plan/hardware.toml)."""
     if configured > 0:
         return configured
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in _PEAK_TFLOPS.items():
-            if key in name:
-                return value
+        name = torch.cuda.get_device_name(device).lower()  # e.g. "nvidia h100 80gb hbm3"
+        gpus = load_catalog().gpus
+        for key in sorted(gpus, key=len, reverse=True):  # "gb200" before "b200"
+            if key.split("-")[0] in name:
+                return gpus[key].bf16_tflops
     return _CPU_GUESS_TFLOPS
 
 

@@ -87,3 +87,17 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_job, tmp_path, data_ca
     saved = sorted((run_dir / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and "interrupted" in out
     assert int(saved[0].name.split("-")[1]) == max(step_losses(run_dir))
+
+
+@pytest.mark.parametrize("device_name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                               ("NVIDIA GB200", None), ("Some Future GPU", 0.5)])
+def test_mfu_peak_comes_from_the_planner_catalog(device_name, peak, monkeypatch):
+    import torch
+
+    from gigafactory.plan.hardware import load_catalog
+    from gigafactory.train.metrics import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    expected = load_catalog().gpus["gb200"].bf16_tflops if peak is None else peak  # gb200, not b200
+    assert peak_tflops(torch.device("cuda"), 0.0) == expected
+    assert peak_tflops(torch.device("cuda"), 123.0) == 123.0  # logging.peak_tflops wins
