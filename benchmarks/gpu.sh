@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 6 minutes on one H100), run from the repository root:
 #   bash benchmarks/gpu.sh [SECTION ...]     sections: checks moe moe-compiled dense peer (default: all)
-# 1. benchmarks/gpu_checks.py: bf16 matmul peak; grouped-GEMM experts and fused capped attention against float64 /
-#    materialised references, their speed and memory; KV-cached = uncached decoding on CUDA.
+# 1. benchmarks/gpu_checks.py: bf16 matmul peak; grouped-GEMM experts, fused capped attention and the chunked head
+#    loss against float64 / materialised references, their speed and memory; KV-cached = uncached decoding on CUDA.
+# Exits 1 if any section failed (each section still runs).
 # 2. `gigafactory train` on grok-1b-moe (MoE, eager and torch.compile) and a dense twin: tokens/s, MFU, peak memory.
 # 3. benchmarks/train_cpu.py --device cuda: ours vs HF transformers' Mixtral of the same shape, same process.
 # Uses the venv's python when there is one, else python3 (the GPU image has torch, tokenizers, rich, transformers).
@@ -15,12 +16,14 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOGS=${OUT:-runs/gpu-bench}
 SECTIONS=" ${*:-checks moe moe-compiled dense peer} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
+FAILED=()
 mkdir -p "$LOGS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 if want checks; then
   echo "== checks"
   timeout 170 $PY benchmarks/gpu_checks.py 2>&1 | tee "$LOGS/checks.log" | grep -v Warning
+  grep -q "FAIL" "$LOGS/checks.log" && FAILED+=(checks)
 fi
 
 COMMON=(--training.device cuda --training.dtype bf16 --training.steps 20 --training.eval_every 0 --optimizer.warmup_steps 5
@@ -33,7 +36,7 @@ train() {
   rm -rf "$dir"
   echo "== $name: gigafactory train $* (+ common flags in benchmarks/gpu.sh)"
   timeout 150 $PY -m gigafactory.cli.main train "$@" "${COMMON[@]}" --logging.run_dir "$dir" > "$LOGS/$name.log" 2>&1 \
-    || { echo "  FAILED:"; tail -5 "$LOGS/$name.log"; return 0; }
+    || { echo "  FAILED:"; tail -5 "$LOGS/$name.log"; FAILED+=("$name"); return 0; }
   $PY - "$dir" <<'PYEOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"tokens_per_s"' in l][8:]  # skip warm-up
@@ -51,4 +54,6 @@ if want peer; then
   echo "== peer: ours vs HF MixtralForCausalLM, grok-1b-moe shape"
   timeout 150 $PY benchmarks/train_cpu.py --device cuda --preset grok-1b-moe --dtype bf16 --batch 4 --seq 2048 --steps 5 \
     2>&1 | tee "$LOGS/peer.log" | grep -v Warning | tail -6
+  grep -q "ratio ours/HF" "$LOGS/peer.log" || FAILED+=(peer)
 fi
+if (( ${#FAILED[@]} )); then echo "FAILED sections: ${FAILED[*]}"; exit 1; fi

@@ -1,4 +1,5 @@
-"""What only a CUDA GPU can check: grouped-GEMM experts, fused capped attention, cached decoding, the bf16 peak.
+"""What only a CUDA GPU can check: grouped-GEMM experts, fused capped attention, the chunked head loss (an experiment:
+the model uses it on CPUs only), cached decoding, the bf16 peak.
 
 Each check compares the CUDA path against a float64 reference by ||out - ref|| / ||ref|| on fresh random inputs, and
 times with CUDA events (median of repeats after warm-up). Called by benchmarks/gpu.sh; prints one line per result.

@@ -34,5 +34,6 @@ class KVGather:
 
 def apply_cp(model: GrokModel, cp_mesh) -> None:
     gather = KVGather(cp_mesh.get_group())
+    model.context_parallel = True
     for block in model.layers.values():
         block.attn.kv_gather = gather

@@ -37,12 +37,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gigafactory.errors import UserError
-from gigafactory.parallel.distributed import (
-    all_gather_objects, barrier, broadcast_from_rank0, get_rank, is_rank0,
-)
+from gigafactory.parallel.distributed import all_gather_objects, barrier, broadcast_from_rank0, get_rank, is_rank0
 from gigafactory.train.checkpoint_files import (
-    MANIFEST, LogEvent, checkpoint_name, file_digest, fsync_dir, latest_checkpoint, latest_good_checkpoint,
-    list_checkpoints, own_shard_files, remove_stale, resolve_checkpoint, verify_checkpoint, write_manifest,
+    MANIFEST, LogEvent, checkpoint_name, file_digest, fsync_dir, list_checkpoints, own_shard_files, verify_checkpoint,
+    write_manifest,
 )
 
 LATEST = "latest"
@@ -303,8 +301,5 @@ def disk_full_error(path: Path | str = "") -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-__all__ = [
-    "Checkpointer", "CheckpointSaveError", "CorruptCheckpointError", "LATEST", "MANIFEST", "checkpoint_name", "disk_full_error",
-    "file_digest", "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints", "load_checkpoint", "remove_stale",
-    "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "write_manifest",
-]
+__all__ = ["Checkpointer", "CheckpointSaveError", "CorruptCheckpointError", "LATEST", "disk_full_error", "load_checkpoint",
+           "save_checkpoint"]

@@ -16,16 +16,22 @@ _CPU_GUESS_TFLOPS = 0.5  # CPUs vary too much to know; set logging.peak_tflops f
 
 
 def peak_tflops(device: torch.device, configured: float) -> float:
-    """logging.peak_tflops if set; else a GPU's dense bf16 peak from the planner's cited catalog (plan/hardware.toml)."""
+    """logging.peak_tflops if set; else a GPU's dense bf16 peak from the planner's cited catalog (plan/hardware.toml);
+    0 for a GPU the catalog lacks (no MFU is logged then: set logging.peak_tflops)."""
     if configured > 0:
         return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()  # e.g. "nvidia h100 80gb hbm3"
-        gpus = load_catalog().gpus
-        for key in sorted(gpus, key=len, reverse=True):  # "gb200" before "b200"
-            if key.split("-")[0] in name:
-                return gpus[key].bf16_tflops
-    return _CPU_GUESS_TFLOPS
+    if device.type != "cuda":
+        return _CPU_GUESS_TFLOPS
+    name = torch.cuda.get_device_name(device).lower()  # e.g. "nvidia h100 80gb hbm3"
+    gpus = load_catalog().gpus
+    keys = sorted(gpus, key=len, reverse=True)  # "gb200" before "b200"
+    for key in keys:  # a variant named in full ("a100 80gb") first, then the family ("a100")
+        if key.replace("-", " ") in name:
+            return gpus[key].bf16_tflops
+    for key in keys:
+        if key.split("-")[0] in name:
+            return gpus[key].bf16_tflops
+    return 0.0
 
 
 class MetricsLogger:

@@ -57,6 +57,9 @@ class Trainer:
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         self.device = pick_device(cfg.training.device)
+        if cfg.model.attn_impl == "flex" and self.device.type == "cpu":
+            raise UserError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward); "
+                            "use model.attn_impl=auto or eager")
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = resolve_dims(cfg, world_size)  # fails on a bad layout before any process group exists
         check_supported(cfg, self.dims)
@@ -294,7 +297,8 @@ class Trainer:
                     continue
                 self.stragglers.step_done(self.step, elapsed)
                 values.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed)
-                values["mfu"] = values["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
+                if self.peak:  # 0 for a GPU the catalog lacks
+                    values["mfu"] = values["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
                 if self.device.type == "cuda":
                     values["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 log_now = self.step % cfg.logging.log_every == 0 or self.step == t.steps

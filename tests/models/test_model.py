@@ -227,3 +227,7 @@ def test_fused_head_loss_equals_cross_entropy_on_logits(final_softcap):
     torch.testing.assert_close(chunked, whole)
     with torch.no_grad():  # evaluation: no gradients are made
         torch.testing.assert_close(fused(tokens, targets_BS=targets), ref_loss)
+    whole.backward()  # a frozen head: only dh is made, and it matches the chunked path's
+    h_only = h.detach().requires_grad_()
+    head_cross_entropy(h_only, w.detach(), targets.flatten(), 0.5, final_softcap, chunk_tokens=5).backward()
+    torch.testing.assert_close(h_only.grad, h.grad)

@@ -3,8 +3,9 @@
 The [tokens, vocab] logits never exist whole: Grok-1's 131,072-entry vocabulary makes them 4.3 GB in fp32 for one
 8,192-token sequence, plus as much again for their gradient. Each chunk's logits are made, reduced to the loss, and
 turned into the head's gradients at once (while they are still in cache), so backward only scales stored gradients.
-The model uses it on CPUs, where it is faster; on an H100 (docs/benchmarks.md) 128-token chunks of a 131,072 vocabulary
-ran 6x slower than whole logits and saved only a quarter of the memory, so CUDA keeps whole logits.
+The model uses it on CPUs, where it is faster. On an H100 (docs/benchmarks.md), 128-token chunks of a 131,072 vocabulary
+ran 6x slower than whole logits (that version also rewrote a bf16 copy of dW per chunk) and saved a quarter of the
+memory, so CUDA keeps whole logits until GPU-sized chunks are measured.
 Shapes: T tokens, D d_model, V vocab, C tokens per chunk.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-_LOGITS_PER_CHUNK = 1 << 22  # 16 MiB of fp32 logits per chunk: about what a CPU core's caches hold
+_LOGITS_PER_CHUNK = 1 << 22  # 16 MiB of fp32 logits per chunk (about a CPU's cache), but at least 128 tokens
 
 
 def head_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: torch.Tensor, multiplier: float,
@@ -22,19 +23,21 @@ def head_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: t
     Equal to F.cross_entropy on the model's logits; matmuls run in the autocast dtype when autocast is on."""
     device = h_TD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_TD.dtype
-    want_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
+    grads = torch.is_grad_enabled()
+    want = (grads and h_TD.requires_grad, grads and weight_VD.requires_grad)  # (dh, dW): make only what is needed
     chunk = chunk_tokens or max(128, _LOGITS_PER_CHUNK // weight_VD.shape[0])
-    return _HeadCrossEntropy.apply(h_TD, weight_VD, targets_T, multiplier, softcap, dtype, chunk, want_grad)
+    return _HeadCrossEntropy.apply(h_TD, weight_VD, targets_T, multiplier, softcap, dtype, chunk, want)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_TD, weight_VD, targets_T, multiplier, softcap, dtype, chunk, want_grad):
+    def forward(ctx, h_TD, weight_VD, targets_T, multiplier, softcap, dtype, chunk, want):
         T = h_TD.shape[0]
         w_VD = weight_VD.to(dtype)
         loss = torch.zeros((), device=h_TD.device, dtype=torch.float32)
-        grad_h_TD = torch.empty_like(h_TD) if want_grad else None
-        grad_w_VD = torch.zeros(weight_VD.shape, device=weight_VD.device, dtype=torch.float32) if want_grad else None
+        want_h, want_w = want
+        grad_h_TD = torch.empty_like(h_TD) if want_h else None
+        grad_w_VD = torch.zeros(weight_VD.shape, device=weight_VD.device, dtype=torch.float32) if want_w else None
         for start in range(0, T, chunk):
             h_CD = (h_TD[start:start + chunk] * multiplier).to(dtype)
             targets_C = targets_T[start:start + chunk]
@@ -44,24 +47,25 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 logits_CV = tanh_CV * softcap
             lse_C = torch.logsumexp(logits_CV, dim=-1)
             loss += (lse_C - logits_CV.gather(1, targets_C[:, None]).squeeze(1)).sum()
-            if not want_grad:
+            if not (want_h or want_w):
                 continue
             grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
             grad_CV[torch.arange(len(targets_C), device=grad_CV.device), targets_C] -= 1.0
             if softcap:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
                 grad_CV.mul_(1.0 - tanh_CV.square_())
-            grad_CV = grad_CV.to(dtype)
-            grad_h_TD[start:start + chunk] = (grad_CV @ w_VD).to(h_TD.dtype) * multiplier
-            if dtype == torch.float32:
-                grad_w_VD.addmm_(grad_CV.t(), h_CD)
-            else:  # accumulate the chunks in fp32
-                grad_w_VD += (grad_CV.t() @ h_CD).float()
+            grad_CV = grad_CV.to(dtype)  # the dtype the forward matmul ran in
+            if want_h:
+                grad_h_TD[start:start + chunk] = (grad_CV @ w_VD).to(h_TD.dtype) * multiplier
+            if want_w:  # accumulated in fp32 in place
+                grad_w_VD.addmm_(grad_CV.t().float(), h_CD.float())
         ctx.save_for_backward(grad_h_TD, grad_w_VD)
-        ctx.weight_dtype = weight_VD.dtype
+        ctx.weight_dtype, ctx.n_tokens = weight_VD.dtype, T
         return loss / T
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h_TD, grad_w_VD = ctx.saved_tensors
-        scale = grad_loss / grad_h_TD.shape[0]
-        return grad_h_TD * scale.to(grad_h_TD.dtype), (grad_w_VD * scale).to(ctx.weight_dtype), None, None, None, None, None, None
+        scale = grad_loss / ctx.n_tokens
+        grad_h = None if grad_h_TD is None else grad_h_TD * scale.to(grad_h_TD.dtype)
+        grad_w = None if grad_w_VD is None else (grad_w_VD * scale).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None

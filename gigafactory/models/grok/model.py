@@ -116,12 +116,22 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if block_mask is not None and cache_kv is None and self.kv_gather is None:
-            cap = self.softcap
-            out = _compiled_flex_attention()(
-                q, k, v, score_mod=lambda score, b, h, q_idx, k_idx: cap * torch.tanh(score / cap),
-                block_mask=block_mask, scale=self.scale, enable_gqa=n_heads != n_kv,
-            )
-            return self.wo(out.transpose(1, 2).reshape(B, S, n_heads * self.head_dim))
+            out = self._attend_flex(q, k, v, block_mask)
+        else:
+            out = self._attend(q, k, v, positions_BS, cache_kv)
+        return self.wo(out.transpose(1, 2).reshape(B, S, n_heads * self.head_dim))
+
+    def _attend_flex(self, q_BHSD, k_BGSD, v_BGSD, block_mask: BlockMask) -> torch.Tensor:
+        """Capped attention fused by FlexAttention: the [S, K] logits never reach memory."""
+        cap = self.softcap
+        flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()  # inside compile()
+        return flex(q_BHSD, k_BGSD, v_BGSD, score_mod=lambda score, b, h, q_idx, k_idx: cap * torch.tanh(score / cap),
+                    block_mask=block_mask, scale=self.scale, enable_gqa=q_BHSD.shape[1] != k_BGSD.shape[1])
+
+    def _attend(self, q, k, v, positions_BS, cache_kv) -> torch.Tensor:
+        """Attention with an explicit mask on absolute positions (KV cache, context parallel, CPU): [B, H, S, Dh]."""
+        B, n_heads, S, _ = q.shape
+        n_kv = k.shape[1]
         if cache_kv is None:
             key_pos_BK = positions_BS
             if self.kv_gather is not None:  # context parallel: keys/values of the whole sequence
@@ -136,17 +146,16 @@ class Attention(nn.Module):
         mask_BSK = key_pos_BK[:, None, :] <= positions_BS[:, :, None]  # causal on absolute positions
 
         if not self.softcap:  # no cap: the fused kernel is exact and faster
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask_BSK[:, None], scale=self.scale, enable_gqa=n_heads != n_kv
             )
-        else:  # Grok: logits = cap * tanh(scale * q.k / cap), masked, softmax in fp32
-            group = n_heads // n_kv  # query head h uses kv head h // group
-            qg = q.view(B, n_kv, group, S, self.head_dim) * (self.scale / self.softcap)  # fold scale and 1/cap into q
-            logits = self.softcap * torch.tanh((qg @ k.unsqueeze(2).transpose(-1, -2)).float())  # [B, G, group, S, K]
-            logits = logits.masked_fill(~mask_BSK[:, None, None], float("-inf"))
-            probs = logits.softmax(dim=-1).to(v.dtype)
-            out = (probs @ v.unsqueeze(2)).view(B, n_heads, S, self.head_dim)
-        return self.wo(out.transpose(1, 2).reshape(B, S, n_heads * self.head_dim))
+        # Grok: logits = cap * tanh(scale * q.k / cap), masked, softmax in fp32
+        group = n_heads // n_kv  # query head h uses kv head h // group
+        qg = q.view(B, n_kv, group, S, self.head_dim) * (self.scale / self.softcap)  # fold scale and 1/cap into q
+        logits = self.softcap * torch.tanh((qg @ k.unsqueeze(2).transpose(-1, -2)).float())  # [B, G, group, S, K]
+        logits = logits.masked_fill(~mask_BSK[:, None, None], float("-inf"))
+        probs = logits.softmax(dim=-1).to(v.dtype)
+        return (probs @ v.unsqueeze(2)).view(B, n_heads, S, self.head_dim)
 
 
 class DenseFFN(nn.Module):
@@ -194,6 +203,7 @@ class GrokModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})  # PP deletes some
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.context_parallel = False  # set by gigafactory/parallel/context_parallel.py (attention then runs eager)
 
     def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 targets_BS: torch.Tensor | None = None):
@@ -207,7 +217,8 @@ class GrokModel(nn.Module):
         if positions_BS is None:
             positions_BS = torch.arange(S, device=h.device).expand(B, S)
         cos, sin = rope_cos_sin(positions_BS, self.cfg.resolved_head_dim, self.cfg.rope_theta)
-        block_mask = causal_block_mask(positions_BS) if kv_cache is None and use_flex(self.cfg, h.device) else None
+        flex = kv_cache is None and not self.context_parallel and use_flex(self.cfg, h.device)
+        block_mask = causal_block_mask(positions_BS) if flex else None
         for i, layer in self.layers.items():
             cache_kv = None if kv_cache is None else (kv_cache.k[int(i)], kv_cache.v[int(i)])
             h = layer(h, cos, sin, positions_BS, cache_kv, block_mask)
