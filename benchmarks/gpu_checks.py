@@ -18,7 +18,7 @@ from gigafactory.inference.generate import generate_tokens
 from gigafactory.inference.sampling import SamplingParams
 from gigafactory.models import GrokModel, get_preset
 from gigafactory.models.grok.head_loss import head_cross_entropy
-from gigafactory.models.grok.moe import Experts, _grouped_mm_ok
+from gigafactory.models.grok.moe import Experts, _grouped_mm_ok, per_expert_ffn
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -80,13 +80,9 @@ def experts_check() -> None:
 
 
 def _per_expert(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    outputs, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        xs = x[start:start + n]
-        w_gate, w_up, w_down = (w[e].to(xs.dtype) for w in (experts.w_gate, experts.w_up, experts.w_down))
-        outputs.append((experts.act(xs @ w_gate) * (xs @ w_up)) @ w_down)
-        start += n
-    return torch.cat(outputs)
+    """The per-expert loop (the grouped GEMMs' fallback), weights in x's dtype."""
+    weights = (w.to(x.dtype) for w in (experts.w_gate, experts.w_up, experts.w_down))
+    return per_expert_ffn(x, counts, *weights, experts.act)
 
 
 def attention_check() -> None:

@@ -115,7 +115,7 @@ class Attention(nn.Module):
         v = v.view(B, S, n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if block_mask is not None and cache_kv is None and self.kv_gather is None:
+        if block_mask is not None:  # GrokModel passes one only without a KV cache or context parallel
             out = self._attend_flex(q, k, v, block_mask)
         else:
             out = self._attend(q, k, v, positions_BS, cache_kv)

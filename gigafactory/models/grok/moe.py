@@ -84,13 +84,18 @@ class Experts(nn.Module):
             offsets = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
             h_NF = self.act(F.grouped_mm(x_ND, w_gate, offs=offsets)) * F.grouped_mm(x_ND, w_up, offs=offsets)
             return F.grouped_mm(h_NF, w_down, offs=offsets)
-        # Fallback: one matmul per expert over its contiguous slice (a loop over experts, never over tokens).
-        outputs, start = [], 0
-        for e, count in enumerate(tokens_per_expert_E.tolist()):
-            x = x_ND[start : start + count]
-            outputs.append((self.act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e])
-            start += count
-        return torch.cat(outputs)
+        return per_expert_ffn(x_ND, tokens_per_expert_E, w_gate, w_up, w_down, self.act)
+
+
+def per_expert_ffn(x_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, act) -> torch.Tensor:
+    """The grouped GEMMs' fallback: one matmul chain per expert over its contiguous rows (a loop over experts, never
+    over tokens)."""
+    outputs, start = [], 0
+    for e, count in enumerate(tokens_per_expert_E.tolist()):
+        x = x_ND[start : start + count]
+        outputs.append((act(x @ w_gate_EDF[e]) * (x @ w_up_EDF[e])) @ w_down_EFD[e])
+        start += count
+    return torch.cat(outputs)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
