@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+EXIT_SIGPIPE = 128 + 13  # what a shell reports for a tool stopped by SIGPIPE (`report RUN | head -1`)
 
 
 def register(subparsers) -> None:
@@ -10,7 +14,7 @@ def register(subparsers) -> None:
         "report", help="Summarise a training run: steps, tokens, failures, time lost, ETTR; plots loss and throughput.",
         description="Read RUN_DIR/metrics.jsonl and RUN_DIR/events.jsonl; print a summary and write PNG plots and an HTML page.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="The logging.run_dir of a `gigafactory train` run.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="The logging.run_dir of a `gigafactory train` run (a directory).")
     p.add_argument("--out", metavar="DIR", help="Where to write loss.png, throughput.png and report.html (default RUN_DIR/report).")
     p.add_argument("--no-plots", action="store_true", help="Print the summary only.")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
@@ -22,5 +26,13 @@ def run(args: argparse.Namespace) -> int:
     from gigafactory.resilience.report import build_report, format_summary, summary_json
 
     s = build_report(args.run_dir, args.out, plots=not args.no_plots, events_file=args.events_file)
-    print(summary_json(s) if args.json else format_summary(s))
+    try:
+        print(summary_json(s) if args.json else format_summary(s))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the Python docs recommend
+        try:  # point stdout at devnull so the flush at interpreter exit does not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_SIGPIPE
     return 0

@@ -1,19 +1,30 @@
 """Summarise a run directory: steps, tokens, failures, time lost, ETTR, and loss/throughput plots (PNG + HTML).
 
-Inputs: RUN_DIR/metrics.jsonl (train lines {"step","time","loss","grad_norm","lr","aux_loss","tokens_per_s","mfu"}
-and eval lines {"step","time","eval_loss"}; an optional "step_time" key is used when present) and
-RUN_DIR/events.jsonl (see gigafactory.resilience.events).
+Inputs: RUN_DIR/metrics.jsonl (train lines {"step","time","loss","grad_norm","lr","aux_loss","tokens_per_s","mfu",
+"skipped"} and eval lines {"step","time","eval_loss"}; an optional "step_time" key is used when present) and
+RUN_DIR/events.jsonl (see gigafactory.resilience.events). A torn line (a crash mid-write) is skipped; a file with no
+readable record, a record without a numeric "time"/"step", or a file path instead of a run directory is a UserError.
+
+After a restart or rollback the same step numbers are logged again: the attempt that counts is the last one logged for
+each step. Only that one is summarised and drawn; the superseded log lines are counted in `rerun_records` and the steps
+re-run in `steps_lost` (from the restart/rollback events, or from the rewinds in metrics.jsonl when they say more).
+
+A skipped step (NaN/Inf or loss spike with on_nan / on_spike = skip) applied no optimizer update: it is counted in
+`skipped_steps` (metrics "skipped" flags and skip events, minus steps later re-run) and when every step was skipped
+the summary says so first.
 
 ETTR (effective training time ratio) = productive step time / wall time. Productive time counts each step that
-survives in the final model once: steps re-run after a restart or rollback count only for their last run. Step time
-is "step_time" if logged, else tokens_per_step / tokens_per_s (tokens_per_step from the `start` event, else from the
-config.toml with data parallel 1). Wall time runs from the first record to the last. Time lost = wall - productive.
+survives in the final model once and applied an update: steps re-run after a restart or rollback count only for their
+last run; skipped steps do not count. Step time is "step_time" if logged, else tokens_per_step / tokens_per_s
+(tokens_per_step from the `start` event, else from the config.toml with data parallel 1). Wall time runs from the first
+record to the last. Time lost = wall - productive.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +32,10 @@ from gigafactory.errors import UserError
 from gigafactory.resilience.events import read_events
 
 FAILURE_EVENTS = ("restart",)
+ANOMALY_EVENTS = ("nan", "spike", "transient_fault", "hang", "rollback", "checkpoint_failed", "fault_injected", "signal")
+# Dashed vertical markers on the plots: event -> (colour, legend label).
+MARKS = {"restart": ("red", "restart"), "hang": ("darkred", "hang"), "rollback": ("orange", "rollback"),
+         "nan": ("purple", "nan / inf"), "spike": ("goldenrod", "loss spike")}
 
 
 @dataclass
@@ -38,6 +53,9 @@ class RunSummary:
     anomalies: list[dict] = field(default_factory=list)
     checkpoint_problems: list[dict] = field(default_factory=list)
     steps_lost: int = 0
+    rerun_records: int = 0
+    skipped_steps: int = 0
+    all_skipped: bool = False
     final_loss: float | None = None
     final_eval_loss: float | None = None
     stragglers: dict | None = None
@@ -45,25 +63,108 @@ class RunSummary:
     html: str = ""
 
 
+def _num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(value, default: int = 0) -> int:
+    return int(value) if _num(value) and math.isfinite(value) else default
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"'{path}' is not a text file (JSON lines expected); is it a log written by `gigafactory train`?") from None
+    except OSError as err:
+        raise UserError(f"cannot read '{path}': {err.strerror or err}") from None
+
+
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    train, evals = [], []
-    if not path.is_file():
-        return train, evals
-    for line in path.read_text().splitlines():
+    """(train records, eval records) of a metrics.jsonl in file order; step is made an int."""
+    train, evals, bad = [], [], 0
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
         except ValueError:
+            bad += 1  # a torn line
             continue
-        if "loss" in rec:
-            train.append(rec)
-        elif "eval_loss" in rec:
-            evals.append(rec)
+        if not isinstance(rec, dict):
+            bad += 1
+            continue
+        key = "loss" if "loss" in rec else "eval_loss" if "eval_loss" in rec else None
+        if key is None:
+            continue
+        for name, ok in (("time", _num(rec.get("time"))), ("step", _num(rec.get("step")) and float(rec["step"]).is_integer()),
+                         (key, _num(rec.get(key)))):
+            if not ok:
+                raise UserError(f"'{path}' line {n} has no numeric \"{name}\" field (expected {{\"step\", \"time\", \"{key}\", ...}}); "
+                                "was it written by `gigafactory train`?")
+        rec["step"] = int(rec["step"])
+        (train if key == "loss" else evals).append(rec)
+    if bad and not train and not evals:
+        raise UserError(f"'{path}' holds no metrics records ({bad} unreadable line(s)); is it a metrics.jsonl written by `gigafactory train`?")
     return train, evals
+
+
+def _events(path: Path) -> list[dict]:
+    if path.is_file():
+        _read_text(path)  # undecodable or unreadable: one clear line, not a traceback
+    return [e for e in read_events(path) if _num(e.get("time"))]
+
+
+def _run_dir(run_dir: Path | str) -> Path:
+    path = Path(run_dir).expanduser()
+    what = "; pass the logging.run_dir of a `gigafactory train` run"
+    if path.is_file():
+        hint = f", e.g. its directory '{path.parent}'" if path.suffix == ".jsonl" else what
+        raise UserError(f"'{path}' is a file; `gigafactory report` expects a run directory{hint}")
+    if not path.exists():
+        raise UserError(f"run directory '{path}' does not exist{what}")
+    if not path.is_dir():
+        raise UserError(f"'{path}' is not a directory{what}")
+    return path
+
+
+def _last_per_step(records: list[dict]) -> list[dict]:
+    """The attempt that counts: the last record logged (by time) for each step, in step order."""
+    last: dict[int, dict] = {}
+    for rec in sorted(records, key=lambda r: r["time"]):
+        last[rec["step"]] = rec
+    return [last[k] for k in sorted(last)]
+
+
+def _rewound_steps(train: list[dict]) -> int:
+    """Steps logged again after a rewind (restart or rollback), from metrics.jsonl alone (a lower bound)."""
+    lost, prev = 0, 0
+    for rec in sorted(train, key=lambda r: r["time"]):
+        if rec["step"] <= prev:
+            lost += prev - rec["step"] + 1
+        prev = rec["step"]
+    return lost
+
+
+def _skipped(train: list[dict], events: list[dict]) -> set[int]:
+    """Steps whose update was skipped and that were not re-run since (a rewind forgets the steps after it)."""
+    items = [(r["time"], 1, r, None) for r in train] + [(e["time"], 0, None, e) for e in events]
+    skipped: set[int] = set()
+    for _, _, rec, e in sorted(items, key=lambda i: (i[0], i[1])):
+        if rec is not None:
+            (skipped.add if rec.get("skipped") else skipped.discard)(rec["step"])
+            continue
+        back = e.get("to_step") if e["event"] == "rollback" else e.get("resumed_step") if e["event"] in ("start", "restart") else None
+        if _num(back):
+            skipped = {k for k in skipped if k <= back}
+        elif e["event"] in ("nan", "spike") and e.get("action") == "skip" and _num(e.get("step")):
+            skipped.add(int(e["step"]))
+    return skipped
 
 
 def _tokens_per_step(run_dir: Path, events: list[dict]) -> int:
     for e in reversed(events):
-        if e["event"] == "start" and e.get("tokens_per_step"):
+        if e["event"] == "start" and _num(e.get("tokens_per_step")) and e["tokens_per_step"] > 0:
             return int(e["tokens_per_step"])
     try:
         import tomllib
@@ -71,75 +172,116 @@ def _tokens_per_step(run_dir: Path, events: list[dict]) -> int:
         cfg = tomllib.loads((run_dir / "config.toml").read_text())
         t, d = cfg.get("training", {}), cfg.get("data", {})
         return int(t.get("batch_size", 0)) * int(t.get("grad_accum_steps", 1)) * int(d.get("seq_len", 0))
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return 0
 
 
-def summarise(run_dir: Path | str, events_file: str = "events.jsonl") -> RunSummary:
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise UserError(f"run directory '{run_dir}' does not exist; pass the logging.run_dir of a `gigafactory train` run")
+def _step_time(rec: dict, tokens_per_step: int) -> float:
+    if _num(rec.get("step_time")):
+        return float(rec["step_time"])
+    if _num(rec.get("tokens_per_s")) and rec["tokens_per_s"] > 0 and tokens_per_step:
+        return tokens_per_step / rec["tokens_per_s"]
+    return 0.0
+
+
+def load(run_dir: Path | str, events_file: str = "events.jsonl") -> tuple[Path, list[dict], list[dict], list[dict]]:
+    """(run dir, train records, eval records, events), or a UserError naming what is missing or unreadable."""
+    run_dir = _run_dir(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"'{run_dir}' has no metrics.jsonl; is it the logging.run_dir of a `gigafactory train` run?")
     train, evals = read_metrics(run_dir / "metrics.jsonl")
-    events = read_events(run_dir / events_file)
-    if not train and not events:
-        raise UserError(f"'{run_dir}' has no metrics.jsonl or {events_file} records; is it the logging.run_dir of a training run?")
+    events = _events(run_dir / events_file)
+    if not train and not evals and not events:
+        raise UserError(f"'{run_dir}' has no metrics.jsonl or {events_file} records yet; is it the logging.run_dir of a training run?")
+    return run_dir, train, evals, events
+
+
+def summarise(run_dir: Path | str, events_file: str = "events.jsonl") -> RunSummary:
+    run_dir, train, evals, events = load(run_dir, events_file)
     s = RunSummary(run_dir=str(run_dir))
     s.tokens_per_step = _tokens_per_step(run_dir, events)
-    last: dict[int, dict] = {}
-    for rec in sorted(train, key=lambda r: r["time"]):
-        last[int(rec["step"])] = rec  # a step re-run after a restart or rollback counts once, its last run
-    survivors = [last[k] for k in sorted(last)]
+    survivors = _last_per_step(train)
+    s.rerun_records = len(train) - len(survivors)
+    s.steps = survivors[-1]["step"] if survivors else 0
+    skipped = {k for k in _skipped(train, events) if 0 < k <= s.steps}
+    s.skipped_steps = len(skipped)
+    s.all_skipped = s.steps > 0 and (s.skipped_steps >= s.steps or all(r.get("skipped") for r in survivors))
     prev_step = 0
-    for rec in survivors:
-        dt = rec.get("step_time")
-        if dt is None and rec.get("tokens_per_s") and s.tokens_per_step:
-            dt = s.tokens_per_step / rec["tokens_per_s"]
-        s.productive_s += float(dt or 0.0) * (int(rec["step"]) - prev_step)  # unlogged steps between log lines
-        prev_step = int(rec["step"])
-    s.steps = prev_step
+    for rec in survivors:  # unlogged steps between log lines take the step time of the next logged one
+        updates = rec["step"] - prev_step - sum(1 for k in skipped if prev_step < k <= rec["step"])
+        s.productive_s += _step_time(rec, s.tokens_per_step) * max(0, updates)
+        prev_step = rec["step"]
     s.tokens = s.steps * s.tokens_per_step
     times = [r["time"] for r in train + evals] + [e["time"] for e in events]
     starts = [e["time"] for e in events if e["event"] == "start"]
     if starts:
         begin = min(starts)
-    else:  # no events: the first metrics line is written at the end of its step(s)
-        first = min(train, key=lambda r: r["time"]) if train else None
-        dt = (first.get("step_time") or (s.tokens_per_step / first["tokens_per_s"] if first.get("tokens_per_s") and s.tokens_per_step else 0.0)) if first else 0.0
-        begin = min(times) - float(dt) * (int(first["step"]) if first else 0)
+    elif train:  # no events: the first metrics line is written at the end of its step(s)
+        first = min(train, key=lambda r: r["time"])
+        begin = min(times) - _step_time(first, s.tokens_per_step) * first["step"]
+    else:
+        begin = min(times, default=0.0)
     s.wall_s = max(max(times) - begin, s.productive_s) if times else 0.0
     s.lost_s = max(0.0, s.wall_s - s.productive_s)
     s.ettr = s.productive_s / s.wall_s if s.wall_s > 0 else 0.0
     s.attempts = 1 + len({e.get("attempt") for e in events} - {0, None})
     s.failures = [e for e in events if e["event"] in FAILURE_EVENTS]
-    s.steps_lost = sum(int(e.get("steps_lost", 0)) for e in events if e["event"] in ("restart", "rollback"))
-    s.anomalies = [e for e in events if e["event"] in ("nan", "spike", "hang", "rollback", "checkpoint_failed", "fault_injected")]
+    logged_lost = sum(_int(e.get("steps_lost")) for e in events if e["event"] in ("restart", "rollback"))
+    s.steps_lost = max(logged_lost, _rewound_steps(train))
+    s.anomalies = [e for e in events if e["event"] in ANOMALY_EVENTS]
     s.checkpoint_problems = [e for e in events if e["event"] in ("checkpoint_corrupt", "checkpoint_unverified", "checkpoint_failed")]
     strag = [e for e in events if e["event"] == "stragglers"]
     s.stragglers = strag[-1] if strag else None
     if survivors:
         s.final_loss = survivors[-1]["loss"]
     if evals:
-        s.final_eval_loss = max(evals, key=lambda r: (r["step"], r["time"]))["eval_loss"]
+        s.final_eval_loss = _last_per_step(evals)[-1]["eval_loss"]
     return s
 
 
+def event_step(e: dict):
+    """The step an event is about: `step`, else a rollback's `from_step`, else a restart's `resumed_step` (or None)."""
+    for key in ("step", "from_step", "resumed_step"):
+        if _num(e.get(key)):
+            return int(e[key])
+    return None
+
+
+def _describe(e: dict) -> str:
+    if e["event"] == "rollback":
+        frm, to = event_step(e), e.get("to_step")
+        text = "rollback:" + (f" from step {frm}" if frm is not None else "") + (f" to step {to}" if _num(to) else "")
+        return text + (f" ({_int(e.get('steps_lost'))} steps lost)" if _num(e.get("steps_lost")) else "")
+    step = event_step(e)
+    detail = e.get("kind") or e.get("action") or e.get("signal") or ""
+    if e["event"] == "transient_fault":
+        detail = f"{e.get('reason', 'anomaly')} gone on a re-run"
+    return f"{e['event']}:" + (f" step {step}" if step is not None else "") + f" rank {e.get('rank')} {detail}".rstrip()
+
+
 def format_summary(s: RunSummary) -> str:
-    lines = [
-        f"run: {s.run_dir}",
+    lines = [f"run: {s.run_dir}"]
+    if s.all_skipped:
+        n = f"all {s.steps} steps were skipped" if s.skipped_steps >= s.steps else f"every logged step was skipped ({s.skipped_steps} known of {s.steps})"
+        lines.append(f"no optimizer update was applied: {n} (NaN/Inf or loss spikes; see the nan/spike events and resilience.on_nan / on_spike)")
+    lines += [
         f"steps: {s.steps}   tokens: {s.tokens:,}" + (f" ({s.tokens_per_step:,}/step)" if s.tokens_per_step else ""),
         f"wall: {_dur(s.wall_s)}   productive: {_dur(s.productive_s)}   lost: {_dur(s.lost_s)}   ETTR: {s.ettr:.1%}",
-        f"attempts: {s.attempts}   failures: {len(s.failures)}   steps lost: {s.steps_lost}",
+        f"attempts: {s.attempts}   failures: {len(s.failures)}   steps lost: {s.steps_lost}"
+        + (f" ({s.rerun_records} re-run log lines superseded)" if s.rerun_records else "")
+        + (f"   skipped updates: {s.skipped_steps}" if s.skipped_steps else ""),
     ]
     if s.final_loss is not None:
         lines.append(f"final loss: {s.final_loss:.4f}" + (f"   final eval loss: {s.final_eval_loss:.4f}" if s.final_eval_loss is not None else ""))
     for e in s.failures:
+        down = e.get("downtime_s")
         lines.append(f"  failure: {e.get('what')} (rank {e.get('failed_rank')}) after step {e.get('last_step')}; "
-                     f"resumed at {e.get('resumed_step')}, {e.get('steps_lost', 0)} steps and {e.get('downtime_s', 0):.1f} s lost")
+                     f"resumed at {e.get('resumed_step')}, {_int(e.get('steps_lost'))} steps and {float(down) if _num(down) else 0.0:.1f} s lost")
     for e in s.anomalies:
-        detail = e.get("kind") or e.get("action") or ""
-        lines.append(f"  {e['event']}: step {e.get('step', '?')} rank {e.get('rank')} {detail}".rstrip())
+        lines.append("  " + _describe(e))
     for e in s.checkpoint_problems:
-        lines.append(f"  {e['event']}: {e.get('path', '')} {'; '.join(e.get('problems', [])[:2]) or e.get('reason', '')}".rstrip())
+        problems = e.get("problems") if isinstance(e.get("problems"), list) else []
+        lines.append(f"  {e['event']}: {e.get('path', '')} {'; '.join(map(str, problems[:2])) or e.get('reason', '')}".rstrip())
     if s.stragglers:
         slow = ", ".join(f"rank {r} {t:.3f}s ({x:.2f}x)" for r, t, x in s.stragglers.get("slowest", []))
         lines.append(f"slowest ranks (step {s.stragglers.get('step')}): {slow}")
@@ -156,45 +298,54 @@ def _dur(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
+def _mark(ax, events: list[dict], x_of) -> None:
+    """Dashed vertical lines for restarts, rollbacks and anomalies, one legend entry per kind."""
+    seen = set()
+    for e in events:
+        x = x_of(e)
+        if e["event"] not in MARKS or x is None:
+            continue
+        colour, label = MARKS[e["event"]]
+        ax.axvline(x, color=colour, lw=0.8, ls="--", label="_nolegend_" if e["event"] in seen else label)
+        seen.add(e["event"])
+
+
 def write_plots(s: RunSummary, out_dir: Path, events_file: str = "events.jsonl") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(s.run_dir)
-    train, evals = read_metrics(run_dir / "metrics.jsonl")
-    events = read_events(run_dir / events_file)
+    run_dir, train, evals, events = load(s.run_dir, events_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = min([r["time"] for r in train + evals] + [e["time"] for e in events if e["event"] == "start"], default=0.0)
-    marks = [e for e in events if e["event"] in ("restart", "rollback", "hang", "nan", "spike")]
     paths = []
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], ".-", ms=3, lw=0.8, label="train loss")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=4, label="eval loss")
-    for e in marks:
-        step = e.get("resumed_step", e.get("to_step", e.get("step")))
-        if step is not None:
-            ax.axvline(step, color="red" if e["event"] in ("restart", "hang") else "orange", lw=0.8, ls="--")
-    ax.set_xlabel("step (dashed: restarts / rollbacks / anomalies)")
+    survivors, eval_survivors = _last_per_step(train), _last_per_step(evals)  # the attempt that counts: no zig-zag
+    if survivors:
+        ax.plot([r["step"] for r in survivors], [r["loss"] for r in survivors], ".-", ms=3, lw=0.8, label="train loss")
+    if eval_survivors:
+        ax.plot([r["step"] for r in eval_survivors], [r["eval_loss"] for r in eval_survivors], "o-", ms=4, label="eval loss")
+    _mark(ax, events, lambda e: next((e[k] for k in ("resumed_step", "to_step", "step") if _num(e.get(k))), None))
+    ax.set_xlabel("step (restart / rollback marks: the step resumed from)"
+                  + (f"; {s.steps_lost} lost steps were re-run, each drawn from its last run" if s.steps_lost else ""))
     ax.set_ylabel("loss")
-    ax.legend()
-    ax.set_title(f"loss — {run_dir.name}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.set_title(f"loss — {run_dir.name}" + (" — no optimizer update was applied" if s.all_skipped else ""))
     fig.tight_layout()
     paths.append(out_dir / "loss.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    rows = [r for r in train if r.get("tokens_per_s")]
-    ax.plot([(r["time"] - t0) / 60 for r in rows], [r["tokens_per_s"] for r in rows], ".", ms=3)
-    for e in marks:
-        ax.axvline((e["time"] - t0) / 60, color="red" if e["event"] in ("restart", "hang") else "orange", lw=0.8, ls="--")
+    rows = [r for r in train if _num(r.get("tokens_per_s"))]  # every attempt: wall time does not rewind
+    ax.plot([(r["time"] - t0) / 60 for r in rows], [r["tokens_per_s"] for r in rows], ".", ms=3, label="tokens/s")
+    _mark(ax, events, lambda e: (e["time"] - t0) / 60)
     ax.set_xlabel("wall time (min)")
     ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=8)
     ax.set_title(f"throughput — ETTR {s.ettr:.1%}, {len(s.failures)} failure(s)")
     fig.tight_layout()
     paths.append(out_dir / "throughput.png")
@@ -204,18 +355,21 @@ def write_plots(s: RunSummary, out_dir: Path, events_file: str = "events.jsonl")
 
 
 def write_html(s: RunSummary, out_dir: Path, plots: list[Path], events_file: str = "events.jsonl") -> Path:
-    events = read_events(Path(s.run_dir) / events_file)
+    events = _events(Path(s.run_dir) / events_file)
+    t0 = events[0]["time"] if events else 0
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (round(e["time"] - (events[0]["time"] if events else 0), 2), e["event"], e.get("rank"), e.get("attempt"), e.get("step", e.get("resumed_step", "")),
-                                                                   json.dumps({k: v for k, v in e.items() if k not in ("time", "event", "rank", "attempt", "step")})[:300])) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            round(e["time"] - t0, 2), e["event"], e.get("rank"), e.get("attempt"), "" if event_step(e) is None else event_step(e),
+            json.dumps({k: v for k, v in e.items() if k not in ("time", "event", "rank", "attempt", "step")})[:300])) + "</tr>"
         for e in events
     )
     summary = html.escape(format_summary(s))
     imgs = "".join(f'<img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">' for p in plots)
+    warn = "<p><b>No optimizer update was applied: every step was skipped.</b></p>" if s.all_skipped else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gigafactory report — {html.escape(Path(s.run_dir).name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}pre{{background:#f5f5f5;padding:1em}}img{{max-width:100%}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head><body>
-<h1>Run report: {html.escape(s.run_dir)}</h1>
+<h1>Run report: {html.escape(s.run_dir)}</h1>{warn}
 <p><b>ETTR {s.ettr:.1%}</b> — {s.steps} steps, {s.tokens:,} tokens, {len(s.failures)} failure(s), {_dur(s.lost_s)} lost of {_dur(s.wall_s)}.</p>
 <pre>{summary}</pre>{imgs}
 <h2>Events</h2><table><tr><th>t (s)</th><th>event</th><th>rank</th><th>attempt</th><th>step</th><th>details</th></tr>{rows}</table>
@@ -228,10 +382,16 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 def build_report(run_dir: Path | str, out_dir: Path | str | None = None, plots: bool = True, events_file: str = "events.jsonl") -> RunSummary:
     s = summarise(run_dir, events_file)
     if plots:
-        out = Path(out_dir) if out_dir else Path(s.run_dir) / "report"
-        pngs = write_plots(s, out, events_file)
-        s.plots = [str(p) for p in pngs]
-        s.html = str(write_html(s, out, pngs, events_file))
+        out = Path(out_dir).expanduser() if out_dir else Path(s.run_dir) / "report"
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{'--out' if out_dir else 'the report directory'} '{out}' is a file; give a directory "
+                            "(created if missing) for loss.png, throughput.png and report.html")
+        try:
+            pngs = write_plots(s, out, events_file)
+            s.plots = [str(p) for p in pngs]
+            s.html = str(write_html(s, out, pngs, events_file))
+        except OSError as err:
+            raise UserError(f"cannot write the report to '{out}': {err.strerror or err}; choose another directory with --out") from None
     return s
 
 
