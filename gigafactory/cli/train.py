@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
 
+from gigafactory.cli.local_launch import ERROR_FILE_FLAG
 from gigafactory.config.loader import add_config_arguments, config_to_toml, load_config
 from gigafactory.errors import UserError
 
@@ -24,24 +25,22 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as TOML and exit.")
     parser.add_argument("--nproc", type=int, default=1, help="Processes on this machine: > 1 starts the job under torchrun (one per GPU, or gloo on CPU).")
+    parser.add_argument(ERROR_FILE_FLAG, dest="user_error_file", default="", help=argparse.SUPPRESS)  # set by --nproc for its workers
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def launch_local(nproc: int, max_restarts: int) -> int:
-    """Re-run this same command under torchrun's elastic agent with `nproc` workers on this machine; after a
-    failure the agent restarts all workers (up to max_restarts times) and they resume from the newest checkpoint."""
+def _worker_argv() -> list[str]:
+    """This command's arguments without --nproc (the workers are the processes)."""
     argv = sys.argv[sys.argv.index("train") + 1 :]
-    for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N: the workers are the processes
+    for i, arg in enumerate(argv):
         if arg == "--nproc":
             del argv[i : i + 2]
             break
         if arg.startswith("--nproc="):
             del argv[i]
             break
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-           "-m", "gigafactory.cli.main", "train", *argv]
-    return subprocess.call(cmd)
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,21 +50,30 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.nproc < 1:
         raise UserError(f"--nproc={args.nproc} must be >= 1")
-    if "WORLD_SIZE" not in os.environ:  # check the layout before starting any process
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if not under_torchrun:  # check the layout, run dir and data before starting any process
         from gigafactory.parallel.build import check_supported
         from gigafactory.parallel.dims import resolve_dims
+        from gigafactory.train.preflight import preflight
 
         check_supported(cfg, resolve_dims(cfg, args.nproc))
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_local(args.nproc, cfg.resilience.max_restarts)
+        preflight(cfg)
+    if args.nproc > 1 and not under_torchrun:
+        from gigafactory.cli.local_launch import run_local
+
+        return run_local(_worker_argv(), args.nproc, cfg.resilience.max_restarts)
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
-    summary = Trainer(cfg).train()
-    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 speaks for the job
-        return 0
-    if summary["interrupted"]:
-        print(f"interrupted at step {summary['end_step']}; checkpoint saved to {summary['checkpoint']} (run again to resume)")
-    if summary["eval"]:
-        (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
-        print(f"eval loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
-    return 0
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    trainer.close()
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 speaks for the job
+        if summary["interrupted"]:
+            print(f"{summary['interrupted']}: stopped after step {summary['end_step']}; checkpoint saved to {summary['checkpoint']} "
+                  "(run the same command again to resume)")
+        if summary["eval"]:
+            (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
+            print(f"eval loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+    if summary["interrupted"] and not under_torchrun:  # unfinished: a non-zero exit tells schedulers to requeue
+        return 128 + int(getattr(signal, summary["interrupted"]))
+    return 0  # a torchrun worker exits 0 after a clean stop, or its agent would restart it

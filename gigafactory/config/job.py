@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from gigafactory.config.fields import knob
 from gigafactory.models.config import ConfigError, ModelConfig
-from gigafactory.resilience.config import FaultConfig, ResilienceConfig
 
 
 @dataclass
@@ -87,6 +86,78 @@ class LoggingConfig:
     tensorboard: bool = knob(True, "Also write TensorBoard events under run_dir/tb.")
     progress: bool = knob(True, "Show a progress bar with ETA.")
     peak_tflops: float = knob(0.0, "Device peak TFLOP/s for MFU; 0 = a built-in guess for the device.")
+
+
+ANOMALY_ACTIONS = ("skip", "rollback", "stop")
+
+
+@dataclass
+class ResilienceConfig:
+    """Failure detection and recovery: watchdog, NaN/spike handling, restarts, async checkpoints, stragglers, signals."""
+
+    watchdog_timeout_s: float = knob(600.0, "A rank that completes no step for this long is declared hung and exits non-zero, so torchrun restarts the job; 0 = off.")
+    rerun_anomalies: bool = knob(True, "Re-run a step whose loss or gradient norm is NaN/Inf or spiked, on the same batch, before acting: a different result is a transient fault (the re-run's update is kept); the same result is a real anomaly and on_nan/on_spike act.")
+    on_nan: str = knob("skip", "A real NaN/Inf loss or gradient norm: skip the update, roll back to the last good checkpoint and go on past the offending batches, or stop.", choices=ANOMALY_ACTIONS)
+    spike_zscore: float = knob(6.0, "A loss more than this many standard deviations above the recent mean is a spike; 0 = off.")
+    spike_window: int = knob(50, "Number of recent losses the spike detector's mean and deviation are computed over.")
+    on_spike: str = knob("skip", "A real loss spike: skip the update, roll back to the last good checkpoint and go on past the offending batches, or stop.", choices=ANOMALY_ACTIONS)
+    max_rollbacks: int = knob(3, "Rollbacks allowed for anomalies at the same step; one more stops training with a non-zero exit.")
+    max_restarts: int = knob(3, "Restart budget of torchrun's elastic agent (--max-restarts) for `gigafactory train --nproc N`.")
+    async_checkpoint: bool = knob(False, "Save checkpoints with DCP async_save: the step waits only for the copy to host memory; the save commits in the background as soon as it is written.")
+    verify: str = knob("sha256", "How a checkpoint is checked against its manifest before loading: sha256, size (fast), or none.", choices=("sha256", "size", "none"))
+    term_grace_s: float = knob(120.0, "On SIGTERM or Ctrl-C: finish the step, save and exit; past this many seconds exit anyway (the previous checkpoint stays intact).")
+    straggler_every: int = knob(100, "Gather per-rank step times every N steps and name the slowest ranks; 0 = off.")
+    straggler_ratio: float = knob(1.2, "A rank whose mean step time exceeds the median by this factor is reported as a straggler.")
+    events_file: str = knob("events.jsonl", "Recovery events log, relative to logging.run_dir (read by `gigafactory report`).")
+
+    def validate(self) -> None:
+        _check("resilience", self, [
+            ("watchdog_timeout_s", self.watchdog_timeout_s >= 0, "must be >= 0 (0 = off)"),
+            ("spike_zscore", self.spike_zscore >= 0, "must be >= 0 (0 = off)"),
+            ("spike_window", self.spike_window >= 2, "must be >= 2"),
+            ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
+            ("max_restarts", self.max_restarts >= 0, "must be >= 0"),
+            ("term_grace_s", self.term_grace_s > 0, "must be > 0"),
+            ("straggler_every", self.straggler_every >= 0, "must be >= 0 (0 = off)"),
+            ("straggler_ratio", self.straggler_ratio >= 1, "must be >= 1"),
+            ("events_file", bool(self.events_file.strip()), "must name a file"),
+        ])
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate failures for tests and drills. Steps count from 1; 0 = off. Each fault fires once per run directory."""
+
+    kill_rank: int = knob(0, "Rank that SIGKILLs itself at kill_step (after its backward pass, mid-step).")
+    kill_step: int = knob(0, "Step at which kill_rank is killed; 0 = never.")
+    hang_rank: int = knob(0, "Rank that stops making progress at hang_step (sleeps forever before the step).")
+    hang_step: int = knob(0, "Step at which hang_rank hangs; 0 = never.")
+    nan_rank: int = knob(0, "Rank whose gradient gets a NaN at nan_step.")
+    nan_step: int = knob(0, "Step whose gradients get a NaN (after backward, before clipping); 0 = never.")
+    spike_rank: int = knob(0, "Rank whose loss and gradients are multiplied by spike_scale at spike_step.")
+    spike_step: int = knob(0, "Step whose loss spikes (loss and gradients scaled by spike_scale); 0 = never.")
+    spike_scale: float = knob(20.0, "Factor the spiked step's loss and gradients are multiplied by.")
+    anomaly_repeats: int = knob(1, "Runs of the step that show the injected NaN/spike: 1 = a transient fault (a re-run is clean), 2 or more = a real one (the re-run shows it too).")
+    corrupt_latest: str = knob("none", "Damage the checkpoint saved at corrupt_step right after it is written.", choices=("none", "truncate", "flip"))
+    corrupt_step: int = knob(0, "Step whose checkpoint is damaged; 0 = the first checkpoint saved.")
+    fail_save_step: int = knob(0, "The save at this step fails with OSError(ENOSPC) before it is committed; 0 = never.")
+
+    @property
+    def any(self) -> bool:
+        return bool(self.kill_step or self.hang_step or self.nan_step or self.spike_step or self.corrupt_latest != "none" or self.fail_save_step)
+
+    def validate(self) -> None:
+        ints = ("kill_rank", "kill_step", "hang_rank", "hang_step", "nan_rank", "nan_step", "spike_rank", "spike_step", "corrupt_step", "fail_save_step")
+        _check("faults", self, [(key, getattr(self, key) >= 0, "must be >= 0") for key in ints] + [
+            ("spike_scale", self.spike_scale > 1, "must be > 1"),
+            ("anomaly_repeats", self.anomaly_repeats >= 1, "must be >= 1"),
+        ])
+
+
+def _check(section: str, cfg, checks: list[tuple[str, bool, str]]) -> None:
+    for key, ok, fix in checks:
+        if not ok:
+            raise ConfigError(f"{section}.{key}={getattr(cfg, key)!r} {fix}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -128,6 +129,8 @@ def _coerce(key: str, value: Any, kind: Any, choices) -> Any:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError
             value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         elif kind is str:
             if not isinstance(value, str):
                 raise ValueError

@@ -60,24 +60,32 @@ def is_rank0() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def all_gather_objects(obj) -> list:
-    """Every rank's obj, in rank order."""
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's obj, in rank order (`group`: a process group spanning all ranks, default the world)."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def broadcast_from_rank0(obj):
+def broadcast_from_rank0(obj, group=None):
     """Rank 0's obj on every rank."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def destroy_distributed() -> None:
+    """Leave the job's process groups in order (every rank, after its last collective), so no communicator thread
+    outlives the interpreter (seen as 'terminate called without an active exception' at exit otherwise)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

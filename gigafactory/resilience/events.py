@@ -13,7 +13,9 @@ Event kinds written by the resilience modules (`gigafactory report` reads them):
   hang                  the watchdog found no step completed for timeout_s (the rank then exits)
   fault_injected        a FaultInjector fired (kind, step)
   nan / spike           an anomaly and the action taken (skip | rollback | stop)
-  rollback              state reloaded from a checkpoint (from_step, to_step, steps_lost)
+  transient_fault       an anomaly gone on a re-run of the same batch (step, reason, first_loss, loss)
+  rollback              state reloaded from a checkpoint (from_step, to_step, steps_lost, batches_skipped)
+  signal                SIGTERM/SIGINT received (signal, step, grace_s); the run saves and exits
   checkpoint_saved / checkpoint_failed / checkpoint_corrupt / checkpoint_unverified
   stragglers            per-rank mean step times and the slowest ranks
 """
@@ -22,27 +24,30 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-
-def attempt() -> int:
-    """torchrun's restart counter (0 outside torchrun or on the first attempt)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+from gigafactory.resilience.heartbeat import attempt, read_heartbeat
 
 
 class EventLog:
-    """Append-only JSONL writer shared by all ranks. `record(event, once=False, **fields)` returns the record."""
+    """Append-only JSONL writer shared by all ranks. `record(event, once=False, **fields)` returns the record.
 
-    def __init__(self, path: Path | str | None, rank: int = 0, enabled: bool = True):
+    With `echo`, events an operator must see (a skipped checkpoint, a rollback, a failed save, ...) are also printed
+    as one line on stderr by the rank that writes them."""
+
+    def __init__(self, path: Path | str | None, rank: int = 0, enabled: bool = True, echo: bool = False):
         self.path = Path(path) if path else None
-        self.rank = rank
+        self.rank, self.echo = rank, echo
         self.enabled = enabled and self.path is not None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(self, event: str, once: bool = False, **fields) -> dict:
         rec = {"time": time.time(), "event": event, "rank": self.rank, "attempt": attempt(), **fields}
+        if self.echo and not (once and self.rank != 0) and (line := describe(rec)):
+            print(f"gigafactory: {line}", file=sys.stderr, flush=True)
         if self.enabled and not (once and self.rank != 0):
             line = (json.dumps(rec, default=_jsonable) + "\n").encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -54,6 +59,31 @@ class EventLog:
         return rec
 
     __call__ = record  # an EventLog can be passed wherever a log_event callable is expected
+
+
+_DESCRIBE = {
+    "checkpoint_corrupt": "checkpoint {path} is unusable ({problems}); falling back to an older one",
+    "checkpoint_unverified": "checkpoint {path} has no manifest; loading it unverified",
+    "checkpoint_failed": "checkpoint save at step {step} failed ({reason}); the previous checkpoint is intact",
+    "rollback": "rolled back from step {from_step} to step {to_step} ({steps_lost} steps lost, {batches_skipped} batches skipped)",
+    "transient_fault": "step {step}: {reason} on the first run, clean on a re-run of the same batch (transient fault); kept the re-run",
+    "nan": "step {step}: NaN/Inf loss or gradient norm -> {action}",
+    "spike": "step {step}: loss spike {loss:.4g} (z={zscore:.1f}) -> {action}",
+    "restart": "restarted after a failure at step {last_step} ({what}); resuming at step {resumed_step}",
+    "signal": "{signal} received: finishing step {step}, saving and exiting (at most {grace_s:g} s)",
+}
+
+
+def describe(rec: dict) -> str | None:
+    """One human line for an event worth printing on the console, or None."""
+    template = _DESCRIBE.get(rec.get("event", ""))
+    if template is None:
+        return None
+    fields = {k: ("; ".join(map(str, v[:3])) if isinstance(v, list) else v) for k, v in rec.items()}
+    try:
+        return template.format(**fields)
+    except (KeyError, ValueError, TypeError):
+        return f"{rec['event']}: " + ", ".join(f"{k}={v}" for k, v in rec.items() if k not in ("time", "event", "attempt"))
 
 
 def _jsonable(value):
@@ -84,8 +114,6 @@ def record_start(log: EventLog, heartbeat_path: Path | str | None, resumed_step:
     attempt died before finishing (its heartbeat shows a step beyond the checkpoint, or torchrun restarted us),
     a `restart` record with the steps and time lost. Returns the restart record, or None."""
     log.record("start", once=True, resumed_step=resumed_step, world_size=world_size, tokens_per_step=tokens_per_step)
-    from gigafactory.resilience.watchdog import read_heartbeat
-
     beat = read_heartbeat(heartbeat_path) if heartbeat_path else None
     if beat is None or beat.get("finished"):
         return None

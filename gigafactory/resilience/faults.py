@@ -4,43 +4,49 @@ The trainer calls the injector at four fixed points; each fault fires at most on
 file under RUN_DIR/faults/ is written before it fires), so a restarted job does not hit the same fault again:
 
     before_step(step)          hang_rank sleeps forever at hang_step (the watchdog must catch it)
-    after_backward(step, model) nan_rank writes NaN into a gradient at nan_step; kill_rank SIGKILLs itself at kill_step
+    after_backward(step, model) nan_rank writes NaN into a gradient at nan_step; spike_rank scales its gradients (and,
+                               through the returned factor, its loss) at spike_step; kill_rank SIGKILLs itself at kill_step
     before_save(step)          the save at fail_save_step raises OSError(ENOSPC) before it is committed
     after_save(step, path)     the checkpoint of corrupt_step is truncated or has one byte flipped
 
 `step` is the number of the step being run (1 for the first), the same number the checkpoint is saved under.
+NaN and spike faults fire on `anomaly_repeats` runs of their step: 1 stands for a transient hardware fault (a re-run
+of the step is clean), 2 or more for a fault in the data (the re-run shows it again).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
 from pathlib import Path
 
-from gigafactory.resilience.config import FaultConfig
+from gigafactory.config.job import FaultConfig
 from gigafactory.resilience.events import EventLog
-from gigafactory.train.checkpoint import disk_full_error
-from gigafactory.train.checkpoint_files import MANIFEST
 
 
 class FaultInjector:
     def __init__(self, cfg: FaultConfig, rank: int, run_dir: Path | str | None = None, events: EventLog | None = None):
         self.cfg, self.rank, self.events = cfg, rank, events
         self.marker_dir = Path(run_dir) / "faults" if run_dir else None
-        self._fired: set[str] = set()
+        self._fired: dict[str, int] = {}
         self._first_save_seen = False
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
-    def _arm(self, kind: str, step: int, **fields) -> bool:
-        """True (and the fault recorded as fired) if `kind` has not fired yet for this run directory."""
+    def _arm(self, kind: str, step: int, times: int = 1, **fields) -> bool:
+        """True (and the firing recorded) if `kind` has fired fewer than `times` times for this run directory."""
         marker = self.marker_dir / kind if self.marker_dir else None
-        if kind in self._fired or (marker is not None and marker.exists()):
+        fired = self._fired.get(kind, 0)
+        if marker is not None and marker.exists():
+            fired = max(fired, len(marker.read_text().splitlines()))
+        if fired >= times:
             return False
-        self._fired.add(kind)
+        self._fired[kind] = fired + 1
         if marker is not None:
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"step {step} rank {self.rank}\n")
+            with open(marker, "a") as f:
+                f.write(f"step {step} rank {self.rank}\n")
         if self.events is not None:
             self.events.record("fault_injected", kind=kind, step=step, **fields)
         return True
@@ -52,17 +58,20 @@ class FaultInjector:
             while True:  # a hung rank: alive, never progressing
                 time.sleep(3600)
 
-    def after_backward(self, step: int, model) -> None:
-        c = self.cfg
-        if c.nan_step and step == c.nan_step and self.rank == c.nan_rank and self._arm("nan", step):
-            for p in model.parameters():
-                if p.grad is not None:
-                    g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                    if g.numel():
-                        g.view(-1)[0] = float("nan")
-                        break
+    def after_backward(self, step: int, model) -> float:
+        """Inject this step's gradient faults; returns the factor this rank's loss is to be multiplied by."""
+        c, factor = self.cfg, 1.0
+        if c.nan_step and step == c.nan_step and self.rank == c.nan_rank and self._arm("nan", step, c.anomaly_repeats):
+            for g in _local_grads(model):
+                g.view(-1)[0] = float("nan")
+                break
+        if c.spike_step and step == c.spike_step and self.rank == c.spike_rank and self._arm("spike", step, c.anomaly_repeats, scale=c.spike_scale):
+            for g in _local_grads(model):
+                g.mul_(c.spike_scale)
+            factor = c.spike_scale
         if c.kill_step and step == c.kill_step and self.rank == c.kill_rank and self._arm("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        return factor
 
     def before_save(self, step: int) -> None:
         c = self.cfg
@@ -81,9 +90,23 @@ class FaultInjector:
                 corrupt_checkpoint(Path(path), c.corrupt_latest)
 
 
+def _local_grads(model):
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            if g.numel():
+                yield g
+
+
+def disk_full_error(path: Path | str = "") -> OSError:
+    """The OSError a full disk raises."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
 def corrupt_checkpoint(ckpt_dir: Path, mode: str) -> Path:
-    """Damage the largest data file of a checkpoint: 'truncate' drops its second half, 'flip' inverts one byte."""
-    files = [p for p in Path(ckpt_dir).iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+    """Damage the largest DCP shard (`*.distcp`) of a checkpoint: 'truncate' drops its second half, 'flip' inverts
+    one byte."""
+    files = [p for p in Path(ckpt_dir).glob("*.distcp") if p.is_file()]
     target = max(files, key=lambda p: p.stat().st_size)
     size = target.stat().st_size
     if mode == "truncate":

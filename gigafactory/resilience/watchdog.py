@@ -13,7 +13,6 @@ restarts the group (up to --max-restarts), and the job resumes from the newest g
 from __future__ import annotations
 
 import faulthandler
-import json
 import os
 import sys
 import threading
@@ -22,24 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from gigafactory.resilience.events import EventLog, attempt
+from gigafactory.resilience.events import EventLog
+from gigafactory.resilience.heartbeat import write_heartbeat
 
 EXIT_HANG = 75  # distinct from crashes (1), SIGKILL (-9) and user errors (2)
-
-
-def write_heartbeat(path: Path | str, step: int, finished: bool = False) -> None:
-    """Atomically replace the heartbeat file with {step, time, attempt, pid, finished}."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"step": step, "time": time.time(), "attempt": attempt(), "pid": os.getpid(), "finished": finished}))
-    tmp.replace(path)
-
-
-def read_heartbeat(path: Path | str) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class Watchdog:

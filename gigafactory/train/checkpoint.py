@@ -15,18 +15,18 @@ go on (or stop cleanly). Loading verifies the manifest; `latest_good_checkpoint`
 
 Saves are synchronous (`save_checkpoint`) or asynchronous (`Checkpointer(async_save=True)`, built on
 `dcp.async_save`): the step is blocked only while the state is copied to host memory; the write, hashing and the
-rename finish later in `Checkpointer.finalize()`. Naming, manifests, verification and listing: checkpoint_files.py.
+commit finish in a background thread as soon as the write is done. A failure is described by its cause (disk full,
+read-only, permission, I/O, ...), found through DCP's wrapping or by a probe write (`describe_save_error`). Naming, manifests, verification and listing: checkpoint_files.py.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
-import os
 import shutil
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +42,7 @@ from gigafactory.train.checkpoint_files import (
     MANIFEST, LogEvent, checkpoint_name, file_digest, fsync_dir, list_checkpoints, own_shard_files, verify_checkpoint,
     write_manifest,
 )
+from gigafactory.train.save_errors import describe_save_error
 
 LATEST = "latest"
 
@@ -68,28 +69,19 @@ def _write_shards(tmp: Path, state: dict, step: int) -> tuple[bool, str, dict]:
         dcp.save(state, checkpoint_id=str(tmp))
         return True, "", {p.name: file_digest(p) for p in own_shard_files(tmp, get_rank())}
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure must reach the agreement step (DCP's is a BaseException)
-        return False, _reason(err), {}
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, CheckpointException) and getattr(err, "failures", None):
-        return "; ".join(f"rank {r}: {_reason(e[0] if isinstance(e, tuple) else e)}" for r, e in sorted(err.failures.items()))
-    if isinstance(err, OSError) and err.errno is not None:
-        return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}"
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+        return False, describe_save_error(err, tmp), {}
 
 
 def _finish(ckpt_root: Path, step: int, tmp: Path, final: Path, local: tuple[bool, str, dict], side_files: dict[str, str], keep: int,
-            before_commit: Callable[[int], None] | None = None) -> Path:
-    """Agree on success, then (rank 0) side files, manifest, rename, `latest`, pruning. Collective."""
-    parts = all_gather_objects(local)
+            hooks: "CommitHooks", group=None) -> Path:
+    """Agree on success, then (rank 0) side files, manifest, rename, `latest`, pruning. Collective over `group`."""
+    parts = all_gather_objects(local, group)
     failed = list(dict.fromkeys(reason if reason.startswith("rank ") else f"rank {r}: {reason}" for r, (ok, reason, _) in enumerate(parts) if not ok))
     outcome = ""
     if not failed and is_rank0():
         try:
-            if before_commit is not None:
-                before_commit(step)
+            if hooks.before_commit is not None:
+                hooks.before_commit(step)
             known = {name: d for _, _, digests in parts for name, d in digests.items()}
             for name, text in side_files.items():
                 (tmp / name).write_text(text)
@@ -110,17 +102,19 @@ def _finish(ckpt_root: Path, step: int, tmp: Path, final: Path, local: tuple[boo
             for old in list_checkpoints(ckpt_root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         except Exception as err:  # noqa: BLE001
-            outcome = f"rank 0: {_reason(err)}"
+            outcome = f"rank 0: {describe_save_error(err, tmp)}"
     if not failed:
-        outcome = broadcast_from_rank0(outcome)
+        outcome = broadcast_from_rank0(outcome, group)
         failed = [outcome] if outcome else []
     if failed:
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             if not final.exists() and final.with_name(final.name + ".old").exists():
                 final.with_name(final.name + ".old").rename(final)
-        barrier()
+        barrier(group)
         raise CheckpointSaveError(step, final, "; ".join(failed))
+    if is_rank0() and hooks.after_commit is not None:
+        hooks.after_commit(step, final)
     return final
 
 
@@ -134,39 +128,47 @@ def _prepare_tmp(ckpt_root: Path, step: int) -> tuple[Path, Path, str]:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         except OSError as err:
-            error = f"rank 0: {_reason(err)}"
+            error = f"rank 0: {describe_save_error(err, tmp)}"
     return tmp, final, broadcast_from_rank0(error)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: dict, side_files: dict[str, str], keep: int,
-                    before_commit: Callable[[int], None] | None = None) -> Path:
-    """Write checkpoint `step` synchronously; raises CheckpointSaveError (on every rank) if any part fails.
+@dataclass
+class CommitHooks:
+    """Calls around the commit, on rank 0 (fault injection): before the rename, and once the checkpoint is final."""
 
-    `before_commit(step)` runs on rank 0 after the shards are written and before the rename (fault injection)."""
+    before_commit: Callable[[int], None] | None = None
+    after_commit: Callable[[int, Path], None] | None = None
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: dict, side_files: dict[str, str], keep: int,
+                    hooks: CommitHooks | None = None) -> Path:
+    """Write checkpoint `step` synchronously; raises CheckpointSaveError (on every rank) if any part fails."""
     ckpt_root = Path(ckpt_root)
     tmp, final, error = _prepare_tmp(ckpt_root, step)
     if error:
         raise CheckpointSaveError(step, final, error)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     local = _write_shards(tmp, {"model": model_sd, "optim": optim_sd, "train_state": train_state}, step)
-    return _finish(ckpt_root, step, tmp, final, local, side_files, keep, before_commit)
+    return _finish(ckpt_root, step, tmp, final, local, side_files, keep, hooks or CommitHooks())
 
 
 class Checkpointer:
     """Saves checkpoints synchronously or asynchronously (`dcp.async_save`); at most one save in flight.
 
-    save(): sync -> returns the checkpoint Path when complete; async -> returns None as soon as the state is staged
-    in host memory (the step may then change the weights). finalize(): waits for the save in flight and commits it
-    (manifest, rename, `latest`); it is collective, so every rank must call it at the same step. It is called by
-    save() before starting the next one; call it before a rollback/load and at the end of training.
-    Errors raise CheckpointSaveError from save() (sync) or finalize() (async)."""
+    save(): sync -> returns the checkpoint Path when committed; async -> returns None as soon as the state is staged
+    in host memory (the step may then change the weights). An async save then writes, hashes and commits itself
+    (manifest, rename, `latest`) in a background thread as soon as every rank's write is done, agreeing over a
+    dedicated gloo group, so it is never worth less than a sync save. finalize() waits for it and returns its Path;
+    save() calls it before starting the next one; call it before a rollback/load and at the end of training.
+    A failed save is logged (`checkpoint_failed`) when it happens and raises CheckpointSaveError from save() (sync)
+    or finalize() (async)."""
 
     def __init__(self, ckpt_root: Path, keep: int, async_save: bool = False, log_event: LogEvent | None = None,
-                 before_commit: Callable[[int], None] | None = None):
+                 hooks: CommitHooks | None = None):
         self.root, self.keep, self.async_save = Path(ckpt_root), keep, async_save
-        self.log_event, self.before_commit = log_event, before_commit
-        self._pending: tuple | None = None  # (step, tmp, final, side_files, future, started)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if async_save else None
+        self.log_event, self.hooks = log_event, hooks or CommitHooks()
+        self._pending: tuple[int, Future] | None = None  # (step, future of the committed Path)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit") if async_save else None
         self._pg = None
         # Host buffers allocated once and reused by every save (page-faulting a fresh copy each time costs ~2x).
         self._stager = _CachedHostStager() if async_save else None
@@ -180,48 +182,59 @@ class Checkpointer:
         started = time.perf_counter()
         self.finalize()
         if not self.async_save:
-            path = save_checkpoint(self.root, step, model, optimizer, train_state, side_files, self.keep, self.before_commit)
+            try:
+                path = save_checkpoint(self.root, step, model, optimizer, train_state, side_files, self.keep, self.hooks)
+            except CheckpointSaveError as err:
+                self._log("checkpoint_failed", step=step, reason=err.reason)
+                raise
             self.last_blocked_s = time.perf_counter() - started
             self._log("checkpoint_saved", step=step, path=str(path), blocked_s=round(self.last_blocked_s, 4))
             return path
         tmp, final, error = _prepare_tmp(self.root, step)
         if error:
+            self._log("checkpoint_failed", step=step, reason=error)
             raise CheckpointSaveError(step, final, error)
+        group = self._save_group()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "train_state": copy.deepcopy(train_state)}
         try:
-            upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._save_group(), async_stager=self._stager)
-        except (Exception, CheckpointException) as err:  # noqa: BLE001 - staging failed: report through finalize like any other failure
+            upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group, async_stager=self._stager)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - staging failed: agree on it like any other failure
             upload = Future()
             upload.set_exception(err)
-        rank = get_rank()
+        rank, side_files, blocked = get_rank(), dict(side_files), time.perf_counter() - started
 
-        def write_and_hash() -> tuple[bool, str, dict]:
+        def write_and_commit() -> Path:
             try:
                 upload.result()
-                return True, "", {p.name: file_digest(p) for p in own_shard_files(tmp, rank)}
+                local = (True, "", {p.name: file_digest(p) for p in own_shard_files(tmp, rank)})
             except (Exception, CheckpointException) as err:  # noqa: BLE001
-                return False, _reason(err), {}
+                local = (False, describe_save_error(err, tmp), {})
+            try:
+                path = _finish(self.root, step, tmp, final, local, side_files, self.keep, self.hooks, group)
+            except CheckpointSaveError as err:
+                self._log("checkpoint_failed", step=step, reason=err.reason)
+                raise
+            self._log("checkpoint_saved", step=step, path=str(path), blocked_s=round(blocked, 4),
+                      write_s=round(time.perf_counter() - started, 4))
+            return path
 
-        self._pending = (step, tmp, final, dict(side_files), self._pool.submit(write_and_hash), time.perf_counter())
-        self.last_blocked_s = time.perf_counter() - started
+        self._pending = (step, self._pool.submit(write_and_commit))
+        self.last_blocked_s = blocked
         return None
 
     def done_locally(self) -> bool:
         """True when no save is in flight on this rank (not collective; do not branch collectives on it)."""
-        return self._pending is None or self._pending[4].done()
+        return self._pending is None or self._pending[1].done()
 
     def finalize(self) -> Path | None:
-        """Wait for the save in flight (if any) and commit it; returns its Path. Collective."""
+        """Wait for the save in flight (if any); its Path, or CheckpointSaveError. Not a collective of the training
+        process group (the commit's collectives run on the writer's own group)."""
         if self._pending is None:
             return None
-        step, tmp, final, side_files, future, started = self._pending
+        _, future = self._pending
         self._pending = None
-        local = future.result()
-        path = _finish(self.root, step, tmp, final, local, side_files, self.keep, self.before_commit)
-        self._log("checkpoint_saved", step=step, path=str(path), blocked_s=round(self.last_blocked_s, 4),
-                  write_s=round(time.perf_counter() - started, 4))
-        return path
+        return future.result()
 
     def close(self) -> Path | None:
         """Finalize and release the background thread; returns the last committed path (or None)."""
@@ -296,10 +309,5 @@ def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None 
     return state.get("train_state", {})
 
 
-def disk_full_error(path: Path | str = "") -> OSError:
-    """The OSError a full disk raises (used by fault injection and tests)."""
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
-__all__ = ["Checkpointer", "CheckpointSaveError", "CorruptCheckpointError", "LATEST", "disk_full_error", "load_checkpoint",
+__all__ = ["Checkpointer", "CheckpointSaveError", "CorruptCheckpointError", "LATEST", "load_checkpoint",
            "save_checkpoint"]

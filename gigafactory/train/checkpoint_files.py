@@ -106,36 +106,43 @@ def _gather_problems(mine: list[str]) -> list[str]:
 
 # ---- listing -----------------------------------------------------------------------------------------------------
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (unfinished `.tmp` and set-aside `.old` directories are ignored)."""
+    """Checkpoint directories `step-N`, oldest first (unfinished `.tmp` and set-aside `.old` ones are ignored; a
+    damaged one, e.g. missing DCP's `.metadata`, is listed so that verification can report it)."""
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and "." not in p.name and (p / ".metadata").is_file())
+    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and "." not in p.name)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint, unverified (see `latest_good_checkpoint`)."""
-    found = list_checkpoints(ckpt_root)
+    """The newest checkpoint that has DCP metadata, unverified (see `usable_checkpoints`)."""
+    found = [p for p in list_checkpoints(ckpt_root) if (p / ".metadata").is_file()]
     return found[-1] if found else None
 
 
-def latest_good_checkpoint(ckpt_root: Path, log_event: LogEvent | None = None, full: bool = True) -> Path | None:
-    """The newest checkpoint whose files match its manifest; each bad one skipped is reported through
-    `log_event("checkpoint_corrupt", path=..., problems=[...])`. A checkpoint without a manifest (written before
-    integrity checks existed) is used but reported as `checkpoint_unverified`. Collective under torch.distributed."""
+def usable_checkpoints(ckpt_root: Path, log_event: LogEvent | None = None, full: bool = True, verify: bool = True):
+    """Yield, newest first, the checkpoints whose files match their manifest. Each one skipped is reported through
+    `log_event("checkpoint_corrupt", path=..., problems=[...])`; one without a manifest is yielded but reported as
+    `checkpoint_unverified` (the caller falls back further if it then fails to load). Collective under
+    torch.distributed: every rank must iterate alike."""
     for path in reversed(list_checkpoints(ckpt_root)):
-        problems = verify_checkpoint(path, full=full)
-        if not problems:
-            return path
+        problems = verify_checkpoint(path, full=full) if verify else []
         if problems == [f"{MANIFEST} missing"]:
             if log_event:
                 log_event("checkpoint_unverified", path=str(path), once=True)
-            return path
+            problems = []
+        if not problems:
+            yield path
+            continue
         if log_event:
             log_event("checkpoint_corrupt", path=str(path), problems=problems[:10], once=True)
         else:
             warnings.warn(f"skipping corrupt checkpoint {path}: {'; '.join(problems[:3])}")
-    return None
+
+
+def latest_good_checkpoint(ckpt_root: Path, log_event: LogEvent | None = None, full: bool = True) -> Path | None:
+    """The newest checkpoint that verifies (see `usable_checkpoints`), or None."""
+    return next(usable_checkpoints(ckpt_root, log_event, full), None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

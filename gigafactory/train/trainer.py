@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,12 +22,14 @@ from gigafactory.parallel.build import build_parallel_model, check_supported, se
 from gigafactory.parallel.context_parallel import shard_sequence
 from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.parallel.dims import resolve_dims
-from gigafactory.parallel.distributed import all_reduce_mean, init_distributed
+from gigafactory.parallel.distributed import all_reduce_mean, destroy_distributed, init_distributed
 from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, StragglerMonitor, Watchdog, record_start
 from gigafactory.train import checkpoint as ckpt
-from gigafactory.train.checkpoint_files import latest_checkpoint, latest_good_checkpoint, remove_stale
+from gigafactory.train.checkpoint_files import latest_good_checkpoint, list_checkpoints, remove_stale, usable_checkpoints
+from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
+from gigafactory.train.preflight import check_run_dir
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,6 +56,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        if cfg.training.threads < 0:
+            raise UserError(f"training.threads={cfg.training.threads} must be >= 0 (0 = torch's default)")
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         self.device = pick_device(cfg.training.device)
@@ -71,7 +75,7 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
         self.dp_rank = self._dp_rank()
         self.dtype = pick_dtype(cfg.training.dtype, self.device)
-        self.run_dir = Path(cfg.logging.run_dir).expanduser()
+        self.run_dir = check_run_dir(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
 
         d = cfg.data
@@ -96,12 +100,13 @@ class Trainer:
         self.step = 0
         self.flops_per_token = training_flops_per_token(cfg.model, d.seq_len)
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops) * 1e12
-        self._stop_requested = False
+        self.save_failure: ckpt.CheckpointSaveError | None = None
 
-        self.events = EventLog(self.run_dir / r.events_file, rank=self.rank)
+        self.events = EventLog(self.run_dir / r.events_file, rank=self.rank, echo=True)
         self.faults = FaultInjector(cfg.faults, self.rank, self.run_dir, self.events)
-        self.checkpointer = ckpt.Checkpointer(self.ckpt_root, cfg.checkpoint.keep, async_save=r.async_checkpoint,
-                                              log_event=self.events, before_commit=self.faults.before_save)
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_root, cfg.checkpoint.keep, async_save=r.async_checkpoint, log_event=self.events,
+                                              hooks=ckpt.CommitHooks(self.faults.before_save, self.faults.after_save))
+        self.signals = StopSignals(r.term_grace_s, self.events)
         self.guard = AnomalyGuard(r, self.events)
         self.stragglers = StragglerMonitor(r.straggler_every, r.straggler_ratio, self.events, device=self.device)
         self.watchdog = Watchdog(r.watchdog_timeout_s, self.rank, self.events,
@@ -109,51 +114,61 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
+        """Load the newest checkpoint that verifies and loads, falling back past damaged ones (each reported). A run
+        that has checkpoints but none usable stops: starting over must be asked for (checkpoint.resume=never)."""
         if self.cfg.checkpoint.resume == "never":
             return
         remove_stale(self.ckpt_root)
         verify = self.cfg.resilience.verify
-        if verify == "none":
-            latest = latest_checkpoint(self.ckpt_root)
-        else:  # skips (and logs) checkpoints whose files do not match their manifest
-            latest = latest_good_checkpoint(self.ckpt_root, self.events, full=verify == "sha256")
-        if latest is None:
+        for path in usable_checkpoints(self.ckpt_root, self.events, full=verify == "sha256", verify=verify != "none"):
+            self._check_same_model(path)
+            try:
+                self.load(path)
+                return
+            except UserError as err:  # files present and verified (or no manifest) but unloadable: damaged
+                self.events.record("checkpoint_corrupt", once=True, path=str(path), problems=[f"load failed: {err}"])
+        found = list_checkpoints(self.ckpt_root)
+        if found:
+            raise UserError(f"none of the {len(found)} checkpoint(s) in '{self.ckpt_root}' is usable (see the lines above); "
+                            "repair or remove them, or pass --checkpoint.resume never to start over")
+
+    def _check_same_model(self, path: Path) -> None:
+        try:
+            saved = load_config(config_path=str(path / "config.toml"))
+        except Exception:  # noqa: BLE001 - a damaged side file: the load decides whether the checkpoint is usable
             return
-        saved = load_config(config_path=str(latest / "config.toml"))
         training_only = ("name", "init_std", "aux_loss_weight", "router_z_loss_weight")  # may change between runs
         diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items()
                 if k not in training_only and getattr(self.cfg.model, k) != v]
         if diff:
-            raise UserError(f"checkpoint '{latest}' was saved with a different model shape ({'; '.join(diff[:3])}); use a new logging.run_dir or checkpoint.resume=never")
-        self.load(latest)
+            raise UserError(f"checkpoint '{path}' was saved with a different model shape ({'; '.join(diff[:3])}); use a new logging.run_dir or checkpoint.resume=never")
 
-    def load(self, path: Path) -> None:
-        template = {"step": 0, "loader": self.train_loader.state_dict()}
+    def load(self, path: Path, keep_data_position: bool = False) -> None:
+        template = {"step": 0, "loader": self.train_loader.state_dict(), "guard": ""}
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, template)
         self.step = int(state["step"])
-        self.train_loader.load_state_dict(state["loader"])
+        if not keep_data_position:
+            self.train_loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(json.loads(state["guard"] or "{}"), keep_rollback_counts=keep_data_position)
 
     def save(self) -> Path | None:
-        """Checkpoint now (async: started now, committed at the next save or the end). A failed save is logged and
-        training goes on: the previous checkpoint is intact."""
-        train_state = {"step": self.step, "loader": self.train_loader.state_dict()}
+        """Checkpoint now (async: committed in the background as soon as written). A failed save is logged and
+        remembered, and training goes on: the previous checkpoint is intact."""
+        train_state = {"step": self.step, "loader": self.train_loader.state_dict(), "guard": json.dumps(self.guard.state_dict())}
         side = {"config.toml": config_to_toml(self.cfg), "tokenizer.json": self.tokenizer_json}
         return self._guarded(lambda: self.checkpointer.save(self.step, self.model, self.optimizer, train_state, side))
 
     def finish_saves(self) -> Path | None:
-        """Commit an async save still in flight."""
+        """Wait for an async save still in flight."""
         return self._guarded(self.checkpointer.close)
 
     def _guarded(self, commit) -> Path | None:
-        """Run a checkpoint commit with the watchdog paused; log a failure instead of raising it."""
+        """Run a checkpoint save with the watchdog paused; remember a failure (logged by the checkpointer)."""
         try:
             with self.watchdog.paused():
-                path = commit()
-            if path is not None:
-                self.faults.after_save(int(path.name.split("-")[1]), path)
-            return path
+                return commit()
         except ckpt.CheckpointSaveError as err:
-            self.events.record("checkpoint_failed", once=True, step=err.step, reason=err.reason)
+            self.save_failure = err
             return None
 
     # ---- steps -------------------------------------------------------------------------------------------------
@@ -187,14 +202,9 @@ class Trainer:
         """Average over the ranks holding losses (under pipeline parallel, only the last stage does)."""
         return all_reduce_mean(local, self.device) * (self.dims.pp if self.dims.pp > 1 else 1)
 
-    def train_step(self) -> dict:
-        """One optimizer step, guarded: NaN/Inf or a loss spike skips the update, rolls back, or stops (config)."""
+    def forward_backward(self, step: int) -> tuple[float, float]:
+        """Gradients of one step's batch; (global mean loss, global gradient norm after clipping)."""
         t, o = self.cfg.training, self.cfg.optimizer
-        step = self.step + 1
-        self.faults.before_step(step)
-        lr = lr_at(self.step, t.steps, o)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         total_loss = 0.0
         for _ in range(t.grad_accum_steps):
             if self.pmodel.schedule is not None:
@@ -204,33 +214,56 @@ class Trainer:
             # Under sequence parallel each TP rank's loss covers 1/tp of the tokens: the objective is their mean.
             (loss / (t.grad_accum_steps * (self.dims.tp if self.sequence_parallel else 1))).backward()
             total_loss += loss.item() / t.grad_accum_steps
-        self.faults.after_backward(step, self.model)
+        total_loss *= self.faults.after_backward(step, self.model)
         for hook in self.pmodel.after_backward:
             hook()
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         grad_norm = float(clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies()))
-        loss = self.reduce_loss(total_loss)  # the same numbers on every rank, so every rank takes the same decision
+        return self.reduce_loss(total_loss), grad_norm  # the same numbers on every rank: every rank decides alike
+
+    def train_step(self) -> dict:
+        """One optimizer step, guarded: a NaN/Inf or spiking step is re-run on the same batch; a transient fault keeps
+        the re-run, a real anomaly skips the update, rolls back or stops (config)."""
+        t, o = self.cfg.training, self.cfg.optimizer
+        step = self.step + 1
+        self.faults.before_step(step)
+        lr = lr_at(self.step, t.steps, o)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        data_position = self.train_loader.state_dict()
+        loss, grad_norm = self.forward_backward(step)
         verdict = self.guard.check(step, loss, grad_norm)
+        if verdict.action == "rerun":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.train_loader.load_state_dict(data_position)
+            first_loss = loss
+            loss, grad_norm = self.forward_backward(step)
+            verdict = self.guard.judge_rerun(step, verdict, first_loss, loss, grad_norm)
         if verdict.action == "ok":
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if verdict.action == "rollback":
             return self.rollback(step)
         if verdict.action == "stop":
-            raise UserError(f"training stopped at step {step}: {verdict.reason} (resilience.on_nan / on_spike = stop)")
+            raise UserError(f"training stopped at step {step}: {verdict.note or f'{verdict.reason} (resilience.on_{verdict.reason}=stop)'}; "
+                            "the newest checkpoint is intact")
         self.step = step
         aux = sum(float(m.last_aux_loss) for m in self.pmodel.moe_layers())
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": aux, "skipped": verdict.action == "skip"}
 
     def rollback(self, step: int) -> dict:
-        """Reload the newest good checkpoint (model, optimizer, data position) and carry on from there."""
-        self.checkpointer.finalize()
+        """Reload the newest good checkpoint (model, optimizer, detector) and go on from there on fresh data: the
+        batches consumed since that checkpoint are skipped, since replaying them would reproduce the anomaly."""
+        self.finish_saves()
         latest = latest_good_checkpoint(self.ckpt_root, self.events, full=self.cfg.resilience.verify == "sha256")
         if latest is None:
-            raise UserError(f"step {step} asked for a rollback but there is no checkpoint yet; use resilience.on_nan=skip")
+            raise UserError(f"step {step} asked for a rollback but there is no good checkpoint yet; use resilience.on_nan/on_spike=skip")
+        consumed = self.train_loader.consumed
         with self.watchdog.paused():
-            self.load(latest)
-        self.events.record("rollback", once=True, from_step=step, to_step=self.step, steps_lost=step - 1 - self.step)
+            self.load(latest, keep_data_position=True)
+        batches = (step - 1 - self.step) + 1
+        self.events.record("rollback", once=True, step=step, from_step=step, to_step=self.step, steps_lost=step - 1 - self.step,
+                           batches_skipped=batches, data_position=consumed)
         return {"rolled_back": True}
 
     def tied_copies(self) -> set[int]:
@@ -260,11 +293,6 @@ class Trainer:
         return (coord["dp_replicate"] * self.dims.dp_shard + coord["dp_shard"]) * self.dims.ep + coord["ep"]
 
     # ---- loop --------------------------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame):
-        if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self._stop_requested = True
-
     def train(self, stop_at: int | None = None) -> dict:
         """Train to training.steps (or stop early at step `stop_at`, saving a checkpoint as an interruption would)."""
         cfg, t = self.cfg, self.cfg.training
@@ -276,7 +304,7 @@ class Trainer:
         self.maybe_resume()
         metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=is_rank0)
         progress = StepProgress(t.steps, self.step, enabled=is_rank0 and cfg.logging.progress)
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        self.signals.install()
         tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dims.dp
         summary: dict = {"start_step": self.step, "eval": []}
         record_start(self.events, self.run_dir / "heartbeat.json", self.step, self.world_size, tokens_per_step)
@@ -288,7 +316,8 @@ class Trainer:
                     summary["eval"].append((0, self.evaluate()))
                 metrics.log(0, {"eval_loss": summary["eval"][-1][1]})
                 progress.print(f"step 0: eval loss {summary['eval'][-1][1]:.4f}")
-            while self.step < min(t.steps, stop_at or t.steps) and not self._stop_requested:
+            while self.step < min(t.steps, stop_at or t.steps) and not self.signals.requested(self.device):
+                self.signals.step = self.step
                 started = time.perf_counter()
                 values = self.train_step()
                 elapsed = time.perf_counter() - started
@@ -312,15 +341,28 @@ class Trainer:
                     progress.print(f"step {self.step}: eval loss {summary['eval'][-1][1]:.4f}")
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.save()
+            self.save_failure = None  # earlier failed saves were superseded if this one commits
             path = self.save()
             path = self.finish_saves() or path
-            progress.print(("interrupted: " if self._stop_requested else "") + f"saved checkpoint {path}")
-            self.events.record("finish", once=True, step=self.step, interrupted=self._stop_requested)
+            if self.save_failure is not None:
+                raise UserError(f"the final checkpoint (step {self.step}) could not be saved: {self.save_failure.reason}; "
+                                f"{self._newest_hint()} — free space or fix the storage, then run again to resume")
+            progress.print(("interrupted: " if self.signals.signum else "") + f"saved checkpoint {path}")
+            self.events.record("finish", once=True, step=self.step, interrupted=self.signals.name)
         finally:
-            self.watchdog.stop(finished=self.step >= t.steps)
-            signal.signal(signal.SIGINT, previous_handler)
+            self.watchdog.stop(finished=self.step >= t.steps and self.save_failure is None)
+            self.signals.restore()
             progress.close()
             metrics.close()
-        summary.update(end_step=self.step, interrupted=self._stop_requested, checkpoint=str(path))
+        summary.update(end_step=self.step, interrupted=self.signals.name, checkpoint=str(path))
         return summary
+
+    def _newest_hint(self) -> str:
+        found = list_checkpoints(self.ckpt_root)
+        return f"the newest checkpoint is {found[-1].name}" if found else "no checkpoint was saved"
+
+    def close(self) -> None:
+        """Leave the process groups in order; call on every rank after train() returned."""
+        self.checkpointer.close()
+        destroy_distributed()
 

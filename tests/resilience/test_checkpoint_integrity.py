@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import errno
 import json
+import resource
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from gigafactory.resilience import EventLog, FaultConfig, FaultInjector, read_events
+from gigafactory.config.job import FaultConfig
+from gigafactory.resilience import EventLog, FaultInjector, read_events
 from gigafactory.resilience.faults import corrupt_checkpoint
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train import checkpoint_files as ckpt_files
@@ -113,14 +118,15 @@ def test_injected_fail_save_and_corrupt_fire_once(tmp_path):
     events = EventLog(tmp_path / "events.jsonl")
     inj = FaultInjector(FaultConfig(fail_save_step=2, corrupt_latest="flip", corrupt_step=3), rank=0, run_dir=tmp_path, events=events)
     root = tmp_path / "checkpoints"
-    saver = ckpt.Checkpointer(root, keep=3, log_event=events, before_commit=inj.before_save)
+    saver = ckpt.Checkpointer(root, keep=3, log_event=events, hooks=ckpt.CommitHooks(inj.before_save, inj.after_save))
     for step in (1, 2, 3):
         train_steps(model, opt, 1, seed=step)
         try:
-            path = saver.save(step, model, opt, {"step": step}, {})
-            inj.after_save(step, path)
-        except ckpt.CheckpointSaveError as err:
-            events.record("checkpoint_failed", step=err.step, reason=err.reason)
+            saver.save(step, model, opt, {"step": step}, {})
+        except ckpt.CheckpointSaveError:
+            pass
+    failed = [r for r in read_events(tmp_path / "events.jsonl") if r["event"] == "checkpoint_failed"]
+    assert [r["step"] for r in failed] == [2] and failed[0]["reason"].startswith("rank 0: disk full (ENOSPC")
     assert [p.name for p in ckpt_files.list_checkpoints(root)] == ["step-00000001", "step-00000003"]
     assert ckpt_files.latest_good_checkpoint(root, events).name == "step-00000001"
     kinds = [(r["event"], r.get("kind")) for r in read_events(tmp_path / "events.jsonl")]
@@ -152,11 +158,66 @@ def test_async_save_then_finalize(tmp_path):
 
 def test_async_failure_surfaces_at_finalize(tmp_path):
     model, opt = make()
-    saver = ckpt.Checkpointer(tmp_path, keep=2, async_save=True, before_commit=FaultInjector(FaultConfig(fail_save_step=1), 0).before_save)
+    saver = ckpt.Checkpointer(tmp_path, keep=2, async_save=True, hooks=ckpt.CommitHooks(FaultInjector(FaultConfig(fail_save_step=1), 0).before_save))
     saver.save(1, model, opt, {"step": 1}, {})
     with pytest.raises(ckpt.CheckpointSaveError):
         saver.finalize()
     assert not list(tmp_path.glob("step-*"))
+
+
+def test_async_save_commits_as_soon_as_written(tmp_path):
+    """A kill after an async save's write must find it committed, not waiting for the next save or the end."""
+    model, opt = make()
+    saver = ckpt.Checkpointer(tmp_path, keep=2, async_save=True)
+    assert saver.save(1, model, opt, {"step": 1}, {}) is None
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "latest").read_text().strip() == "step-00000001"  # finalize() was never called
+    assert ckpt_files.verify_checkpoint(tmp_path / "step-00000001") == []
+    assert saver.close() == tmp_path / "step-00000001"
+
+
+def _fill_limited(limit_bytes: int):
+    """Writes beyond `limit_bytes` fail (RLIMIT_FSIZE: a real short write deep inside DCP, like a full disk's)."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old_limit[1]))
+    return lambda: (resource.setrlimit(resource.RLIMIT_FSIZE, old_limit), signal.signal(signal.SIGXFSZ, old_handler))
+
+
+def test_real_write_failure_is_classified_and_previous_kept(tmp_path):
+    model, opt = make()
+    good = save(tmp_path, 1, model, opt)
+    restore = _fill_limited(2048)  # the shard is ~10 KiB
+    try:
+        with pytest.raises(ckpt.CheckpointSaveError) as err:
+            save(tmp_path, 2, model, opt)
+    finally:
+        restore()
+    assert "file too large" in err.value.reason and "MiB free" in err.value.reason  # the probe names what DCP hid
+    assert ckpt_files.list_checkpoints(tmp_path) == [good] and ckpt_files.verify_checkpoint(good) == []
+
+
+def test_full_tmpfs_is_reported_as_disk_full(tmp_path):
+    """A real full disk (a 256 KiB tmpfs): DCP's own error says 'unexpected pos'; the report must say 'disk full'."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); test_real_write_failure_is_classified covers the path")
+    try:
+        filler = mount / "filler"
+        with open(filler, "wb", buffering=0) as f:  # fill the disk, then free 8 KiB: enough to start a save, not to finish it
+            with pytest.raises(OSError):
+                while True:
+                    f.write(b"x" * 4096)
+        filler.write_bytes(b"x" * (filler.stat().st_size - 8192))
+        model, opt = make()
+        with pytest.raises(ckpt.CheckpointSaveError) as err:
+            save(mount / "checkpoints", 1, model, opt)
+        assert "disk full" in err.value.reason and not list((mount / "checkpoints").glob("step-*"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_stale_tmp_removed_and_ignored(tmp_path):
