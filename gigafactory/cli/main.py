@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as err:
         if getattr(args, "user_error_file", ""):  # a torchrun worker: the launching process prints it, once
-            _write_once(args.user_error_file, f"error: {err}")
+            _write_once(args.user_error_file, str(err))
         else:
             print(f"error: {err}", file=sys.stderr)
         return 2

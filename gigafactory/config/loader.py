@@ -129,8 +129,6 @@ def _coerce(key: str, value: Any, kind: Any, choices) -> Any:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError
             value = float(value)
-            if not math.isfinite(value):
-                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         elif kind is str:
             if not isinstance(value, str):
                 raise ValueError
@@ -141,6 +139,8 @@ def _coerce(key: str, value: Any, kind: Any, choices) -> Any:
                 raise ValueError
     except ValueError:
         raise ConfigError(f"config key '{key}' expects {expected}, got {value!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}'={value!r} is not one of: {', '.join(choices)}")
     return value

@@ -107,7 +107,7 @@ class AnomalyGuard:
         if action == "rollback":
             done = self.rollbacks_at.get(step, 0)
             if done >= self.cfg.max_rollbacks:
-                action, note = "stop", f"{done} rollbacks at step {step} already (resilience.max_rollbacks={self.cfg.max_rollbacks})"
+                action, note = "stop", f"already rolled back {done} time(s) at step {step} (resilience.max_rollbacks={self.cfg.max_rollbacks})"
             else:
                 self.rollbacks_at[step] = done + 1
         if reason == "spike" and action == "skip":

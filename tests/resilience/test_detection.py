@@ -82,7 +82,7 @@ def test_anomaly_guard_actions_without_rerun(tmp_path):
     assert guard.check(11, 2.01, 1.0).action == "ok"
     assert guard.check(12, float("nan"), 1.0).action == "rollback"
     stop = guard.check(12, 2.0, float("inf"))  # second NaN at the same step: rollbacks exhausted -> stop, as --help says
-    assert stop.action == "stop" and "1 rollbacks at step 12" in stop.note
+    assert stop.action == "stop" and "rolled back 1 time(s) at step 12" in stop.note
     recs = read_events(tmp_path / "events.jsonl")
     assert [(r["event"], r["action"]) for r in recs] == [("spike", "skip"), ("nan", "rollback"), ("nan", "stop")]
     assert recs[1]["loss"] == "nan" and recs[2]["loss"] == 2.0 and recs[2]["grad_norm"] == "inf"

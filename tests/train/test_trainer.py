@@ -72,7 +72,9 @@ def test_cli_bad_input_is_one_line_without_traceback(args, message, data_cache, 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_job, tmp_path, data_cache):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_saves_a_checkpoint_and_exits_cleanly(tiny_job, tmp_path, data_cache, sig):
+    """Ctrl-C (SIGINT) and what Slurm/Kubernetes send (SIGTERM): finish the step, save, exit 128+signal, one line."""
     run_dir = tmp_path / "interrupted"
     flags = ["--model.vocab_size", "512", "--model.d_model", "64", "--model.n_layers", "2", "--model.max_seq_len", "64",
              "--data.seq_len", "32", "--data.cache_dir", data_cache, "--training.batch_size", "4", "--training.steps", "100000",
@@ -82,11 +84,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_job, tmp_path, data_ca
     deadline = time.time() + 120
     while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and f"{sig.name} received" in err
     saved = sorted((run_dir / "checkpoints").glob("step-*"))
-    assert len(saved) == 1 and "interrupted" in out
+    assert len(saved) == 1 and f"{sig.name}: stopped after step" in out
     assert int(saved[0].name.split("-")[1]) == max(step_losses(run_dir))
 
 
