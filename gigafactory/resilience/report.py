@@ -56,6 +56,8 @@ class RunSummary:
     rerun_records: int = 0
     skipped_steps: int = 0
     all_skipped: bool = False
+    unsaved_steps: int = 0  # an unfinished run: steps after its newest committed checkpoint
+    last_checkpoint: int | None = None
     final_loss: float | None = None
     final_eval_loss: float | None = None
     stragglers: dict | None = None
@@ -204,7 +206,15 @@ def summarise(run_dir: Path | str, events_file: str = "events.jsonl") -> RunSumm
     s.rerun_records = len(train) - len(survivors)
     s.steps = survivors[-1]["step"] if survivors else 0
     skipped = {k for k in _skipped(train, events) if 0 < k <= s.steps}
-    s.skipped_steps = len(skipped)
+    saved = [_int(e.get("step")) for e in events if e["event"] == "checkpoint_saved" and _num(e.get("step"))]
+    s.last_checkpoint = saved[-1] if saved else None
+    last_start = max((e["time"] for e in events if e["event"] == "start"), default=None)
+    finished = any(e["event"] == "finish" and (last_start is None or e["time"] >= last_start) for e in events)
+    failed_later = any(e["event"] == "checkpoint_failed" and _int(e.get("step"), -1) > (s.last_checkpoint or 0) for e in events)
+    if failed_later and not finished:  # ended after a failed save: the work past the newest checkpoint is not durable
+        s.unsaved_steps = max(0, s.steps - (s.last_checkpoint or 0))
+        skipped |= set(range(s.steps - s.unsaved_steps + 1, s.steps + 1))
+    s.skipped_steps = len(skipped) - s.unsaved_steps
     s.all_skipped = s.steps > 0 and (s.skipped_steps >= s.steps or all(r.get("skipped") for r in survivors))
     prev_step = 0
     for rec in survivors:  # unlogged steps between log lines take the step time of the next logged one
@@ -271,6 +281,9 @@ def format_summary(s: RunSummary) -> str:
         + (f" ({s.rerun_records} re-run log lines superseded)" if s.rerun_records else "")
         + (f"   skipped updates: {s.skipped_steps}" if s.skipped_steps else ""),
     ]
+    if s.unsaved_steps:
+        lines.append(f"unfinished: {s.unsaved_steps} step(s) after the newest checkpoint (step {s.last_checkpoint or 0}) "
+                     "are not saved (the save failed, see below); they count as lost")
     if s.final_loss is not None:
         lines.append(f"final loss: {s.final_loss:.4f}" + (f"   final eval loss: {s.final_eval_loss:.4f}" if s.final_eval_loss is not None else ""))
     for e in s.failures:

@@ -203,3 +203,17 @@ def test_rerun_steps_lost_counted_from_metrics_without_events(tmp_path):
     (run / "events.jsonl").unlink()
     s = summarise(run)
     assert s.steps == 10 and s.rerun_records == 3 and s.steps_lost == 3
+
+
+def test_failed_final_save_counts_unsaved_steps_as_lost(tmp_path):
+    """The run ended with its final save failing: steps after the newest checkpoint are not durable (issue 17 item 4:
+    such a run used to show ETTR 92%)."""
+    lines = [_train_line(step, 100.0 + step, step_time=1.0) for step in range(1, 7)]
+    events = [{"time": 100.0, "event": "start", "rank": 0, "attempt": 0, "tokens_per_step": 256},
+              {"time": 104.5, "event": "checkpoint_saved", "rank": 0, "attempt": 0, "step": 4},
+              {"time": 106.5, "event": "checkpoint_failed", "rank": 0, "attempt": 0, "step": 6, "reason": "disk full"}]
+    _write(tmp_path, lines, events)
+    s = summarise(tmp_path)
+    assert s.unsaved_steps == 2 and s.last_checkpoint == 4 and s.skipped_steps == 0
+    assert abs(s.productive_s - 4.0) < 1e-9 and s.ettr < 0.7
+    assert "unfinished: 2 step(s) after the newest checkpoint (step 4)" in format_summary(s)
