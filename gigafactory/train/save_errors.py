@@ -15,7 +15,11 @@ _KINDS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.
 def describe_save_error(err: BaseException, directory: Path) -> str:
     """'<kind> (<detail>)' for a failed save. DCP often hides the OSError behind its own exception (a full disk shows
     as 'enforce fail ... unexpected pos'), so when the chain names no errno, a 1 MiB probe write in `directory`
-    finds the cause, and the free space is reported either way."""
+    finds the cause, and the free space is reported either way. DCP's gathered per-rank failures are described rank
+    by rank ("rank 1: disk full (...)")."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        return "; ".join(f"rank {r}: {describe_save_error(e[0] if isinstance(e, tuple) else e, directory)}" for r, e in sorted(failures.items()))
     found = _os_error(err)
     detail = _first_line(found or _innermost(err))
     if found is None or found.errno not in _KINDS:
