@@ -49,7 +49,11 @@ def register(subparsers) -> None:
     parser.add_argument("--time", default="24:00:00", help="slurm: wall-clock limit (#SBATCH --time).")
     parser.add_argument("--partition", help="slurm: partition (#SBATCH --partition).")
     parser.add_argument("--account", help="slurm: account (#SBATCH --account).")
+    parser.add_argument("--run-dir", metavar="DIR", help="The job's logging.run_dir (k8s: relative = under the volume); default: the config's, else runs/<name>.")
     parser.add_argument("--pvc", default="gigafactory-runs", help="k8s: ReadWriteMany PersistentVolumeClaim for run dir, checkpoints and data cache.")
+    parser.add_argument("--queue", help="k8s: gang-scheduler queue (runPolicy.schedulingPolicy.queue, e.g. a Volcano queue).")
+    parser.add_argument("--scheduler", help="k8s: pod schedulerName (e.g. volcano); default: set by the operator's gang scheduler.")
+    parser.add_argument("--kueue-queue", metavar="QUEUE", help="k8s: Kueue LocalQueue (label kueue.x-k8s.io/queue-name); Kueue admits all pods at once.")
     parser.set_defaults(func=run, train_args=[])
 
 
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from gigafactory.launch import build_spec, render_pytorchjob, render_sbatch
 
     argv = ["gigafactory", "launch", args.target, "--nodes", str(args.nodes), "--gpus-per-node", str(args.gpus_per_node)]
-    for flag in ("config", "out", "max_restarts", "name", "image", "partition", "account"):
+    for flag in ("config", "out", "max_restarts", "name", "image", "partition", "account", "run_dir", "queue", "scheduler", "kueue_queue"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for flag, default in (("time", "24:00:00"), ("port", 29400), ("pvc", "gigafactory-runs")):
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     spec = build_spec(
         args.target, nodes=args.nodes, gpus_per_node=args.gpus_per_node, config=args.config, train_args=args.train_args,
         max_restarts=args.max_restarts, name=args.name, image=args.image, time=args.time, partition=args.partition,
-        account=args.account, pvc=args.pvc, port=args.port, command_line=shlex.join(argv),
+        account=args.account, pvc=args.pvc, port=args.port, run_dir=args.run_dir, queue=args.queue,
+        scheduler=args.scheduler, kueue_queue=args.kueue_queue, command_line=shlex.join(argv),
     )
     for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)

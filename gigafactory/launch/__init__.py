@@ -1,8 +1,8 @@
 """`gigafactory launch`: write the files that start one training job on many nodes.
 
 `spec.build_spec` validates the request (node and GPU counts, the config, the parallel layout against
-nodes x GPUs) and returns a `LaunchSpec`; `slurm.render_sbatch` and `k8s.render_pytorchjob` turn it into text
-(standard library only). See docs/scale-out.md.
+nodes x GPUs, the time limit against the SIGTERM grace) and returns a `LaunchSpec`; `slurm.render_sbatch` and
+`k8s.render_pytorchjob` (PyYAML) turn it into text. See docs/scale-out.md.
 """
 
 from gigafactory.launch.k8s import render_pytorchjob

@@ -3,100 +3,67 @@
 Why PyTorchJob (Kubeflow Training Operator >= v1.7) rather than a JobSet: its `elasticPolicy` is torchrun's own
 model. The operator creates one pod and one DNS name per node (`<name>-worker-<i>`), points every agent at the c10d
 rendezvous on worker 0, and restarts a failed pod, whose agent rejoins the rendezvous so all agents restart their
-workers from the newest checkpoint. A JobSet would need that headless service, endpoint and restart wiring by hand.
+workers from the newest checkpoint (with torch 2.13 a rejoin can stall 60 s and fall back to restarting every
+container; docs/scale-out.md, section 5). A JobSet would need that service, endpoint and restart wiring by hand.
 
-The YAML is written by a small block-style emitter below (standard library only); strings are JSON-quoted, which
-is valid YAML, so no value can change meaning.
+Why these run-policy values (docs/scale-out.md, section 4):
+- `schedulingPolicy.minAvailable` = every pod: gang scheduling. With the operator's gang scheduler on (Volcano or
+  scheduler-plugins) it creates a PodGroup of that size, so no pod holds a GPU while the others cannot be placed.
+- `backoffLimit` counts container restarts summed over all pods, and one failure that spends every agent's
+  torchrun budget restarts every pod: nodes x max(1, restarts) lets the job survive `restarts` such rounds.
+- `cleanPodPolicy: Running`: when the job ends, pods still running (or pending) are deleted, freeing their GPUs;
+  finished pods stay for their logs.
+- `terminationGracePeriodSeconds`: an eviction's SIGTERM reaches torchrun (the container's PID 1), which forwards it
+  to the ranks; they save within resilience.term_grace_s before the kubelet's SIGKILL.
+
+Written with PyYAML's safe dumper (the config TOML as a literal block), so every value round-trips exactly.
 """
 
 from __future__ import annotations
 
-import json
+import yaml
 
-from gigafactory.launch.spec import NCCL_ENV, LaunchSpec
+from gigafactory.launch.spec import NCCL_ENV, LaunchSpec, shutdown_env
 
 CONFIG_DIR = "/etc/gigafactory"
 CONFIG_KEY = "job.toml"
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 class Literal(str):
-    """A multi-line string written as a YAML literal block (`|`)."""
+    """A multi-line string written as a YAML literal block (`|`) where YAML allows one."""
 
 
-def _scalar(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if value is None:
-        return "null"
-    return json.dumps(str(value))
+class _Dumper(yaml.SafeDumper):
+    pass
 
 
-def _key(key: str) -> str:
-    return key if key.replace("-", "").replace("_", "").replace(".", "").replace("/", "").isalnum() else json.dumps(key)
-
-
-def _is_leaf(value) -> bool:
-    return not isinstance(value, (dict, list)) or not value
-
-
-def _leaf(value) -> str:
-    if isinstance(value, dict):
-        return "{}"
-    if isinstance(value, list):
-        return "[]"
-    return _scalar(value)
-
-
-def _literal_ok(text: str) -> bool:
-    lines = text.split("\n")
-    return bool(text.strip()) and not lines[0][:1].isspace() and all(ch == "\t" or ch.isprintable() for line in lines for ch in line)
-
-
-def _block(value, indent: int) -> list[str]:
-    pad = " " * indent
-    out: list[str] = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, Literal) and _literal_ok(item):
-                out.append(f"{pad}{_key(key)}: |")
-                out += [f"{pad}  {line}" if line else "" for line in item.rstrip("\n").split("\n")]
-            elif _is_leaf(item):
-                out.append(f"{pad}{_key(key)}: {_leaf(item)}")
-            else:
-                out.append(f"{pad}{_key(key)}:")
-                out += _block(item, indent + 2)
-    else:
-        for item in value:
-            if _is_leaf(item):
-                out.append(f"{pad}- {_leaf(item)}")
-            else:
-                sub = _block(item, indent + 2)
-                sub[0] = f"{pad}- {sub[0][indent + 2:]}"
-                out += sub
-    return out
+_Dumper.add_representer(Literal, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", str(text), style="|"))
 
 
 def to_yaml(*documents: dict) -> str:
-    """Block-style YAML for one or more documents (separated by `---`)."""
-    return "".join("---\n" + "\n".join(_block(doc, 0)) + "\n" for doc in documents)
+    """Block-style YAML for one or more documents, each starting with `---`, keys in the order given."""
+    return yaml.dump_all(documents, Dumper=_Dumper, explicit_start=True, sort_keys=False, default_flow_style=False,
+                         allow_unicode=True, width=1 << 16)
+
+
+def _train_argv(spec: LaunchSpec) -> list[str]:
+    config = ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"] if spec.config_text is not None else []
+    shared = []  # the run directory and data cache live on the shared volume unless the extra flags say otherwise
+    if not spec.has_train_flag("logging.run_dir"):
+        shared += ["--logging.run_dir", spec.pod_run_dir]
+    if not spec.has_train_flag("data.cache_dir"):
+        shared += ["--data.cache_dir", f"{spec.mount}/.cache"]
+    return ["train", *config, *shared, *spec.train_args]
 
 
 def render_pytorchjob(spec: LaunchSpec) -> str:
-    run_dir = f"{spec.mount}/{spec.cfg.logging.run_dir.rstrip('/').rsplit('/', 1)[-1] or spec.name}"
-    config = [f"{CONFIG_DIR}/{CONFIG_KEY}"] if spec.config_text is not None else []
-    shared = []  # the run directory and data cache live on the shared volume unless the extra flags say otherwise
-    if not spec.has_train_flag("logging.run_dir"):
-        shared += ["--logging.run_dir", run_dir]
-    if not spec.has_train_flag("data.cache_dir"):
-        shared += ["--data.cache_dir", f"{spec.mount}/.cache"]
-    argv = ["train", *(["--config", *config] if config else []), *shared, *spec.train_args]
     command = [
         "torchrun", f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.gpus_per_node}", "--rdzv-backend=c10d",
         f"--rdzv-endpoint={spec.name}-worker-0:{spec.port}", f"--rdzv-id={spec.name}", f"--max-restarts={spec.max_restarts}",
-        "-m", "gigafactory.cli.main", *argv,
+        "-m", "gigafactory.cli.main", *_train_argv(spec),
     ]
+    labels = {"app.kubernetes.io/name": "gigafactory", "gigafactory/job": spec.name}
     mounts = [{"name": "runs", "mountPath": spec.mount}, {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes = [
         {"name": "runs", "persistentVolumeClaim": {"claimName": spec.pvc}},
@@ -107,7 +74,7 @@ def render_pytorchjob(spec: LaunchSpec) -> str:
         config_map = f"{spec.name}-config"
         documents.append({
             "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": config_map, "labels": {"app.kubernetes.io/name": "gigafactory", "gigafactory/job": spec.name}},
+            "metadata": {"name": config_map, "labels": dict(labels)},
             "data": {CONFIG_KEY: Literal(spec.config_text)},
         })
         mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
@@ -117,13 +84,21 @@ def render_pytorchjob(spec: LaunchSpec) -> str:
         "image": spec.image or "gigafactory:latest",
         "command": command,
         "ports": [{"name": "pytorchjob-port", "containerPort": spec.port}],
-        "env": [{"name": name, "value": default} for name, default, _ in NCCL_ENV],
+        "env": [{"name": name, "value": value} for name, value, _ in (*NCCL_ENV, shutdown_env(spec))],
         "resources": {"limits": {"nvidia.com/gpu": spec.gpus_per_node}},
         "volumeMounts": mounts,
     }
+    pod = {"terminationGracePeriodSeconds": spec.stop_lead_s}
+    if spec.scheduler:
+        pod["schedulerName"] = spec.scheduler
+    pod.update(containers=[container], volumes=volumes)
+    scheduling = {"minAvailable": spec.nodes}  # gang: all pods or none
+    if spec.queue:
+        scheduling["queue"] = spec.queue
+    job_labels = dict(labels, **({KUEUE_LABEL: spec.kueue_queue} if spec.kueue_queue else {}))
     documents.append({
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": {"name": spec.name, "labels": {"app.kubernetes.io/name": "gigafactory", "gigafactory/job": spec.name}},
+        "metadata": {"name": spec.name, "labels": job_labels},
         "spec": {
             "nprocPerNode": str(spec.gpus_per_node),
             "elasticPolicy": {
@@ -131,12 +106,16 @@ def render_pytorchjob(spec: LaunchSpec) -> str:
                 # min = max: the parallel layout is fixed to nodes x GPUs, so the job never runs on fewer nodes.
                 "minReplicas": spec.nodes, "maxReplicas": spec.nodes, "maxRestarts": spec.max_restarts,
             },
-            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": max(1, spec.max_restarts)},
+            "runPolicy": {
+                "cleanPodPolicy": "Running",
+                "backoffLimit": spec.nodes * max(1, spec.max_restarts),
+                "schedulingPolicy": scheduling,
+            },
             "pytorchReplicaSpecs": {
                 "Worker": {
                     "replicas": spec.nodes,
                     "restartPolicy": "OnFailure",
-                    "template": {"spec": {"containers": [container], "volumes": volumes}},
+                    "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
                 },
             },
         },
@@ -146,6 +125,7 @@ def render_pytorchjob(spec: LaunchSpec) -> str:
         f"# {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s) = {spec.world_size} ranks; parallel layout {spec.layout}; "
         f"torchrun restarts: {spec.max_restarts}.\n"
         f"# Needs the Kubeflow Training Operator (>= v1.7) and a ReadWriteMany PVC named {spec.pvc!r} (run dir, checkpoints,\n"
-        f"# data cache, mounted at {spec.mount}). Apply with: kubectl apply -f FILE. See docs/scale-out.md.\n"
+        f"# data cache, mounted at {spec.mount}). Gang scheduling needs the operator's gang scheduler (Volcano or\n"
+        f"# scheduler-plugins) or Kueue. Apply with: kubectl apply -f FILE. See docs/scale-out.md.\n"
     )
     return header + to_yaml(*documents)

@@ -1,10 +1,17 @@
-"""An sbatch script: one task per node, each running torchrun's elastic agent with c10d rendezvous on node 0."""
+"""An sbatch script: one task per node, each running torchrun's elastic agent with c10d rendezvous on node 0.
+
+Why the signal plumbing: a time limit, a preemption or a lost node would otherwise end the job and lose up to a
+checkpoint interval. `--signal=B:USR1@LEAD` warns the batch shell LEAD seconds before the limit; its trap forwards
+SIGTERM through srun to every rank (the trainer saves within resilience.term_grace_s and exits), then requeues the
+job, which resumes from that checkpoint. `--requeue` lets Slurm requeue it itself after a node failure or a
+preemption. USR1 rather than TERM so that scancel (which sends TERM) stops the job for good.
+"""
 
 from __future__ import annotations
 
 import shlex
 
-from gigafactory.launch.spec import NCCL_ENV, NCCL_SITE_ENV, LaunchSpec
+from gigafactory.launch.spec import NCCL_ENV, NCCL_SITE_ENV, LaunchSpec, shutdown_env
 
 _TEMPLATE = """\
 #!/bin/bash
@@ -21,22 +28,39 @@ _TEMPLATE = """\
 #SBATCH --exclusive
 #SBATCH --time={time}
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@{lead}
 {optional_sbatch}
 set -euo pipefail
 
-# NCCL and torch.distributed settings (docs/scale-out.md#nccl); a value already in the environment wins.
+# NCCL and torch.distributed settings (docs/scale-out.md, section 7); a value already in the environment wins.
 {nccl_env}
+
+# Stopping (docs/scale-out.md, section 5). {lead} s before the time limit Slurm sends USR1 to this script (--signal):
+# SIGTERM goes through srun to every rank, each saves within resilience.term_grace_s = {grace} s and exits
+# (torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT for it), and the job is requeued under the same job id to resume
+# from that checkpoint. scancel and preemption signal every task themselves: this script only waits for them.
+REQUEUE=0
+SRUN_PID=
+on_time_limit() {{
+  echo "job $SLURM_JOB_ID: time limit in {lead} s or less: SIGTERM to every rank, then requeue"
+  REQUEUE=1
+  if [[ -n "$SRUN_PID" ]]; then kill -TERM "$SRUN_PID" 2>/dev/null || true; fi
+}}
+trap on_time_limit USR1
+trap 'echo "job $SLURM_JOB_ID: SIGTERM (scancel or preemption): every rank saves and exits"' TERM
 
 # Rendezvous: torchrun's c10d store is hosted by the agent on the first node of the allocation.
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 RDZV_HOST="${{NODES[0]}}"
 RDZV_PORT={port}
 PYTHON="${{PYTHON:-python3}}"
-echo "job $SLURM_JOB_ID: ${{#NODES[@]}} node(s), rendezvous at $RDZV_HOST:$RDZV_PORT"
+echo "job $SLURM_JOB_ID (requeued ${{SLURM_RESTART_COUNT:-0}} times): ${{#NODES[@]}} node(s), rendezvous at $RDZV_HOST:$RDZV_PORT"
 
 # One torchrun agent per node starts {gpus} worker(s); a failed worker restarts the whole job from the newest
 # checkpoint (up to {restarts} times); when the budget is spent the agent exits non-zero and
-# --kill-on-bad-exit stops the other nodes.
+# --kill-on-bad-exit stops the other nodes. srun runs in the background so the traps above can run.
 srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 --cpu-bind=none{container} \\
   "$PYTHON" -m torch.distributed.run \\
     --nnodes={nodes} \\
@@ -45,15 +69,34 @@ srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 --cpu-bind=none{co
     --rdzv-endpoint="$RDZV_HOST:$RDZV_PORT" \\
     --rdzv-id="$SLURM_JOB_ID" \\
     --max-restarts={restarts} \\
-    -m gigafactory.cli.main {train}
+    -m gigafactory.cli.main {train} &
+SRUN_PID=$!
+# `wait` returns early whenever a trapped signal arrives: wait again until srun itself has exited.
+rc=0
+wait "$SRUN_PID" || rc=$?
+while kill -0 "$SRUN_PID" 2>/dev/null; do rc=0; wait "$SRUN_PID" || rc=$?; done
+if (( REQUEUE )); then
+  echo "job $SLURM_JOB_ID: requeued; it resumes from the newest checkpoint in the run directory"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$rc"
 """
 
 
 def train_argv(spec: LaunchSpec, config_path: str | None) -> list[str]:
-    """`train [--config FILE] [extra flags]`: the command every worker runs."""
+    """`train [--config FILE] [--logging.run_dir DIR] [extra flags]`: the command every worker runs.
+
+    The run directory is the job's own (relative to the submission directory unless absolute): --run-dir, else the
+    config file's, else runs/<job name>; never the default that every job shares."""
     argv = ["train"]
     if config_path:
         argv += ["--config", config_path]
+    if not spec.has_train_flag("logging.run_dir"):
+        if spec.run_dir is not None:
+            argv += ["--logging.run_dir", spec.run_dir]
+        elif spec.config_run_dir is None:
+            argv += ["--logging.run_dir", spec.default_run_dir]
     return argv + spec.train_args
 
 
@@ -64,7 +107,7 @@ def render_sbatch(spec: LaunchSpec, script_name: str = "job.sbatch") -> str:
     if spec.account:
         optional.append(f"#SBATCH --account={shlex.quote(spec.account)}")
     env_lines = []
-    for name, default, why in NCCL_ENV:
+    for name, default, why in (*NCCL_ENV, shutdown_env(spec)):
         env_lines.append(f"# {why}")
         env_lines.append(f'export {name}="${{{name}:-{default}}}"')
     for name, example, why in NCCL_SITE_ENV:
@@ -81,6 +124,6 @@ def render_sbatch(spec: LaunchSpec, script_name: str = "job.sbatch") -> str:
     return _TEMPLATE.format(
         command_line=spec.command_line or "gigafactory launch slurm", nodes=spec.nodes, gpus=spec.gpus_per_node,
         world=spec.world_size, layout=spec.layout, restarts=spec.max_restarts, script_name=shlex.quote(script_name),
-        name=spec.name, time=spec.time, optional_sbatch="".join(line + "\n" for line in optional),
+        name=spec.name, time=spec.time, lead=spec.stop_lead_s, grace=spec.grace_s, optional_sbatch="".join(line + "\n" for line in optional),
         nccl_env="\n".join(env_lines), port=spec.port, container=container, train=train,
     )

@@ -3,13 +3,19 @@
 Every check fails with a one-line `UserError` (exit code 2 from the CLI): node and GPU counts, the config file,
 the extra train flags, and the parallel layout, whose degrees must multiply to nodes x GPUs per node (at most one
 -1, inferred by `resolve_dims`, which also checks tp/ep/pp/cp against the model).
+
+The spec also fixes what both launchers must agree on: the run directory (one per job, so two jobs never resume
+from each other's checkpoints) and the stop budget (how long before a time limit or eviction the trainer gets
+SIGTERM, so its save of `resilience.term_grace_s` fits).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import posixpath
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +41,30 @@ NCCL_SITE_ENV: tuple[tuple[str, str, str], ...] = (
     ("NCCL_IB_HCA", "mlx5", "InfiniBand/RoCE adapters to use (prefix match)"),
 )
 
+# After the trainer's own grace: torchrun reaping its workers, process-group teardown, the requeue call.
+TEARDOWN_S = 30
+
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
-_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes, h:m:s, days-h, days-h:m:s, ...
 _DNS_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,251}[a-z0-9])?$")
+_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """Seconds in a Slurm time limit, None if `text` is not one; 0 = no limit.
+
+    Slurm's formats (sbatch(1) --time, parse_time.c): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; UNLIMITED/INFINITE.
+    """
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return 0
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        return None
+    days, a, b, c = m.groups()
+    if days is None:
+        h, mins, secs = (int(a), int(b), int(c)) if c is not None else (0, int(a), int(b or 0))
+    else:
+        h, mins, secs = int(a), int(b or 0), int(c or 0)
+    return ((int(days or 0) * 24 + h) * 60 + mins) * 60 + secs
 
 
 @dataclass
@@ -61,6 +88,11 @@ class LaunchSpec:
     pvc: str = "gigafactory-runs"
     mount: str = "/runs"
     port: int = DEFAULT_PORT
+    run_dir: str | None = None  # --run-dir
+    config_run_dir: str | None = None  # the config file's own [logging] run_dir
+    queue: str | None = None  # k8s: the gang scheduler's queue (runPolicy.schedulingPolicy.queue, e.g. Volcano)
+    scheduler: str | None = None  # k8s: pod schedulerName (e.g. volcano); default: the operator's gang scheduler
+    kueue_queue: str | None = None  # k8s: Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
     command_line: str = ""  # the `gigafactory launch ...` that generated the file
     warnings: list[str] = field(default_factory=list)
 
@@ -75,11 +107,60 @@ class LaunchSpec:
     def has_train_flag(self, key: str) -> bool:
         return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in self.train_args)
 
+    @property
+    def grace_s(self) -> int:
+        """The trainer's SIGTERM budget: finish the step, save, exit (resilience.term_grace_s, rounded up)."""
+        return math.ceil(self.cfg.resilience.term_grace_s)
+
+    @property
+    def shutdown_timeout_s(self) -> int:
+        """How long torchrun waits for its workers after forwarding SIGTERM before it SIGKILLs them
+        (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; torchrun's own default, 30 s, would cut a longer save short)."""
+        return self.grace_s + 10
+
+    @property
+    def stop_lead_s(self) -> int:
+        """Warning before a hard stop: Slurm's --signal lead and the pod's terminationGracePeriodSeconds."""
+        return self.grace_s + TEARDOWN_S
+
+    @property
+    def default_run_dir(self) -> str:
+        """Where the job writes when nothing sets logging.run_dir: named after the job, never a shared default."""
+        return f"runs/{self.name}"
+
+    @property
+    def pod_run_dir(self) -> str:
+        """k8s: the run directory on the shared volume: --run-dir or the config's run_dir (a relative one goes under
+        the mount, less a leading `runs/`, since the mount is the runs directory), else <mount>/<job name>."""
+        chosen = self.run_dir if self.run_dir is not None else self.config_run_dir
+        if chosen is None:
+            return f"{self.mount}/{self.name}"
+        if posixpath.isabs(chosen):
+            return posixpath.normpath(chosen)
+        rel = posixpath.normpath(chosen)
+        rel = rel[len("runs/"):] if rel.startswith("runs/") else rel
+        return f"{self.mount}/{rel}" if rel not in (".", "runs") else f"{self.mount}/{self.name}"
+
+
+def shutdown_env(spec: LaunchSpec) -> tuple[str, str, str]:
+    """(name, value, why) of the torchrun setting that lets a SIGTERM save finish. Read by torchrun versions that
+    have --shutdown-timeout (torch 2.13 has it); an older torchrun ignores it and SIGKILLs its workers after 30 s."""
+    return ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(spec.shutdown_timeout_s),
+            f"After forwarding SIGTERM, torchrun waits this long for the ranks' save (resilience.term_grace_s = {spec.grace_s} s) before SIGKILL; its default is 30 s.")
+
 
 def job_name(text: str) -> str:
     """A DNS-1123 label short enough for `<name>-worker-<index>` service names (Kubernetes) and Slurm."""
     name = _NAME_RE.sub("-", text.lower()).strip("-")[:40].strip("-")
     return name if name and name[0].isalpha() else f"gf-{name}".strip("-")
+
+
+def _config_run_dir(config_text: str | None) -> str | None:
+    """The config file's own [logging] run_dir, if it sets one (the defaults' run_dir is shared by every job)."""
+    if config_text is None:
+        return None
+    value = tomllib.loads(config_text).get("logging", {}).get("run_dir")  # already parsed once by load_config
+    return value if isinstance(value, str) else None
 
 
 def _train_flags_parser() -> argparse.ArgumentParser:
@@ -140,6 +221,10 @@ def build_spec(
     account: str | None = None,
     pvc: str = "gigafactory-runs",
     port: int = DEFAULT_PORT,
+    run_dir: str | None = None,
+    queue: str | None = None,
+    scheduler: str | None = None,
+    kueue_queue: str | None = None,
     command_line: str = "",
 ) -> LaunchSpec:
     """Validate a launch request; raise UserError (one line) on any bad input."""
@@ -153,12 +238,20 @@ def build_spec(
         raise UserError(f"--max-restarts {max_restarts} must be >= 0")
     if not 1 <= port <= 65535:
         raise UserError(f"--port {port} must be a TCP port (1-65535)")
-    if not _TIME_RE.match(time):
+    time_s = slurm_time_seconds(time)
+    if time_s is None:
         raise UserError(f"--time {time!r} is not a Slurm time limit; use e.g. 24:00:00, 90 (minutes) or 2-00:00:00")
     if not _DNS_RE.match(pvc):
         raise UserError(f"--pvc {pvc!r} must be a Kubernetes name (lowercase letters, digits and '-')")
+    for flag, value in (("--queue", queue), ("--scheduler", scheduler), ("--kueue-queue", kueue_queue)):
+        if value is not None and not _SUBDOMAIN_RE.match(value):
+            raise UserError(f"{flag} {value!r} must be a Kubernetes name (lowercase letters, digits, '-' and '.')")
+    if run_dir is not None and not run_dir.strip():
+        raise UserError("--run-dir must name a directory")
     train_args = list(train_args or [])
     overrides = _check_train_args(train_args)
+    if run_dir is not None and any(a.split("=", 1)[0] == "--logging.run_dir" for a in train_args):
+        raise UserError("--run-dir and --logging.run_dir after `--` both set the run directory; keep one")
 
     config_path = config_text = None
     if config is not None:
@@ -173,12 +266,22 @@ def build_spec(
     restarts = cfg.resilience.max_restarts if max_restarts is None else max_restarts
     spec = LaunchSpec(
         target=target, nodes=nodes, gpus_per_node=gpus_per_node, max_restarts=restarts,
-        name=job_name(name or (Path(config).stem if config else "gigafactory")),
+        # a job without a config is named after its model, so its run directory is too
+        name=job_name(name or (Path(config).stem if config else cfg.model.name)),
         config_path=config_path, config_text=config_text, cfg=cfg, dims=dims, train_args=train_args,
-        image=image, time=time, partition=partition, account=account, pvc=pvc, port=port, command_line=command_line,
+        image=image, time=time, partition=partition, account=account, pvc=pvc, port=port,
+        run_dir=run_dir, config_run_dir=_config_run_dir(config_text),
+        queue=queue, scheduler=scheduler, kueue_queue=kueue_queue, command_line=command_line,
     )
     if name is not None and spec.name != name:
         raise UserError(f"--name {name!r} must be a DNS label (lowercase letters, digits and '-', <= 40 characters), e.g. {spec.name!r}")
+    if target == "slurm" and spec.stop_lead_s > 0xFFFF:  # sbatch --signal's sig_time limit
+        raise UserError(f"resilience.term_grace_s={spec.cfg.resilience.term_grace_s:g} is too long for Slurm's --signal (at most {0xFFFF - TEARDOWN_S} s)")
+    if target == "slurm" and 0 < time_s <= spec.stop_lead_s:
+        raise UserError(f"--time {time} leaves no training time: the job is told to stop {spec.stop_lead_s} s before its limit "
+                        f"(resilience.term_grace_s={spec.cfg.resilience.term_grace_s:g} + {TEARDOWN_S} s); ask for more time")
+    if target == "k8s" and not spec.has_train_flag("logging.run_dir") and not (spec.pod_run_dir + "/").startswith(spec.mount + "/"):
+        spec.warnings.append(f"run directory {spec.pod_run_dir} is not on the shared volume ({spec.mount}): checkpoints would be lost with the pod")
     if dims.tp > gpus_per_node or gpus_per_node % dims.tp:
         spec.warnings.append(f"parallel.tp={dims.tp} does not fit in one node of {gpus_per_node} GPUs: tensor-parallel traffic will cross the network")
     return spec
