@@ -71,6 +71,34 @@ def check_supported(cfg: JobConfig, dims: ParallelDims) -> None:
             raise UserError("training.grad_accum_steps must be 1 with pipeline parallel: microbatches already accumulate")
 
 
+def balance_group(mesh, dims: ParallelDims):
+    """The ranks whose MoE layers route different tokens of the batch: dp_replicate, dp_shard, ep and cp (not tp:
+    under sequence parallel the MoE gathers the sequence, so the TP ranks route the same tokens); None if alone."""
+    live = tuple(axis for axis in ("dp_replicate", "dp_shard", "ep", "cp") if dims.degrees[axis] > 1)
+    if not live:
+        return None
+    if len(live) == 1:
+        return mesh[live[0]].get_group()
+    name = "_".join(live)
+    try:  # flatten once per mesh (parallelize may have made the same one for FSDP)
+        return mesh[name].get_group()
+    except KeyError:
+        return mesh[live]._flatten(name).get_group()
+
+
+def setup_balance_stats(model: ParallelModel, cfg: JobConfig, dims: ParallelDims, mesh) -> None:
+    """Router balance statistics over the global batch (models/grok/moe.py BalanceStats): all-reduced over the data
+    and context axes, and accumulated over the step's forwards when there are several (pipeline microbatches,
+    gradient accumulation), reset after each step's backward."""
+    group = balance_group(mesh, dims) if mesh is not None else None
+    accumulate = dims.pp > 1 or cfg.training.grad_accum_steps > 1
+    stats = [moe.balance for moe in model.moe_layers()]
+    for s in stats:
+        s.group, s.accumulate = group, accumulate
+    if accumulate:
+        model.after_backward.append(lambda: [s.reset() for s in stats])
+
+
 def build_parallel_model(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype) -> ParallelModel:
     check_supported(cfg, dims)
     p = cfg.parallel
@@ -89,6 +117,7 @@ def build_parallel_model(cfg: JobConfig, dims: ParallelDims, mesh, device: torch
         part.to_empty(device=device)
         part.init_weights(cfg.training.seed)
     model = ParallelModel(parts, _view(parts))
+    setup_balance_stats(model, cfg, dims, mesh)
     if sequence_parallel(cfg, dims):
         names = set(parts[0].sp_replicated_names)
         model.after_backward.append(ReplicatedGradSync([q for n, q in parts[0].named_parameters() if n in names], mesh["tp"].get_group()))

@@ -63,9 +63,34 @@ def stage_indices(pp_rank: int, pp: int, schedule: str) -> list[int]:
 
 def build_schedule(stage_models: list[GrokModel], indices: list[int], n_stages: int, pp_group, device, schedule: str, n_microbatches: int, loss_fn):
     stages = [PipelineStage(m, i, n_stages, device, group=pp_group) for m, i in zip(stage_models, indices)]
+    for stage, model in zip(stages, stage_models):
+        _pause_balance_stats_in_metadata_inference(stage, model)
     if schedule in SINGLE_STAGE:
         return SINGLE_STAGE[schedule](stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
     return MULTI_STAGE[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+
+def _pause_balance_stats_in_metadata_inference(stage: PipelineStage, model: GrokModel) -> None:
+    """On its first step a stage runs forward (and backward) once on the first microbatch or on empty tensors to
+    learn shapes; those are not training tokens, so the router balance statistics (models/grok/moe.py) skip them.
+    The method names are torch's (2.13: *_metadata_inference; earlier: _shape_inference); the layout tests'
+    pipeline parity with the balance loss on fails if a torch version renames them."""
+    stats = [moe.balance for moe in model.moe_layers()]
+    for name in ("_forward_metadata_inference", "_backward_metadata_inference", "_shape_inference"):
+        method = getattr(stage, name, None)
+        if method is None:
+            continue
+
+        def paused(*args, _method=method, **kwargs):
+            for s in stats:
+                s.paused = True
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                for s in stats:
+                    s.paused = False
+
+        setattr(stage, name, paused)
 
 
 class TiedEmbeddingSync:

@@ -231,3 +231,82 @@ def test_fused_head_loss_equals_cross_entropy_on_logits(final_softcap):
     h_only = h.detach().requires_grad_()
     head_cross_entropy(h_only, w.detach(), targets.flatten(), 0.5, final_softcap, chunk_tokens=5).backward()
     torch.testing.assert_close(h_only.grad, h.grad)
+
+
+# ---- router balance loss over the global batch ------------------------------------------------------------------
+def _explicit_router_loss_model(cfg):
+    """The model with the balance loss written out as autograd sees it on one process: aux_w * E * sum f_e P_e per
+    layer over the whole batch (f from the counts, no gradient), plus z-loss; the model's own attachment is off."""
+    model = build(cfg).train()
+    captured = []
+    for moe in model.moe_layers():
+        moe.aux_loss_weight = moe.z_loss_weight = 0.0
+        moe.router.register_forward_hook(lambda mod, args, out: captured.append(out))
+
+    def loss_fn(tokens):
+        captured.clear()
+        main = model(tokens).logsumexp(-1).mean()
+        aux = 0.0
+        for _, experts_TK, probs_TE, logits_TE in captured:
+            counts_E = torch.bincount(experts_TK.flatten(), minlength=cfg.n_experts)
+            fraction_E = counts_E.float() / counts_E.sum()
+            aux = aux + cfg.aux_loss_weight * cfg.n_experts * (fraction_E * probs_TE.mean(0)).sum()
+            aux = aux + cfg.router_z_loss_weight * torch.logsumexp(logits_TE, -1).square().mean()
+        return main + aux
+
+    return model, loss_fn
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_router_losses_equal_the_switch_formula_on_the_whole_batch(z_loss):
+    cfg = dataclasses.replace(CFG, aux_loss_weight=0.05, router_z_loss_weight=z_loss)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 12))
+    ref_model, ref_loss = _explicit_router_loss_model(cfg)
+    ref_loss(tokens).backward()
+    model = build(cfg).train()
+    model(tokens).logsumexp(-1).mean().backward()
+    ref = _grads(ref_model)
+    assert ref.keys() == _grads(model).keys()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    counts = model.layers["0"].moe.last_tokens_per_expert
+    assert int(counts.sum()) == 4 * 12 * cfg.top_k and float(model.layers["0"].moe.last_aux_loss) > 0
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_balance_statistics_of_chunks_combine_to_the_whole_batch(checkpointed):
+    """A batch run as chunks (pipeline microbatches, gradient accumulation) with `accumulate`: when every chunk's
+    forward precedes the backwards (as gpipe orders them), loss and gradients equal the whole batch's, including
+    under activation checkpointing, whose recomputed forwards must not count their tokens twice."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    cfg = dataclasses.replace(CFG, aux_loss_weight=0.05, router_z_loss_weight=1e-3)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 12))
+    whole = build(cfg).train()
+    whole(tokens).logsumexp(-1).mean().backward()
+    aux_whole = [float(m.last_aux_loss) for m in whole.moe_layers()]
+
+    chunked = build(cfg).train()
+    if checkpointed:
+        for name in list(chunked.layers):
+            chunked.layers[name] = checkpoint_wrapper(chunked.layers[name], preserve_rng_state=False)
+    n_chunks = 4
+    for moe in chunked.moe_layers():
+        moe.balance.accumulate, moe.aux_loss_scale = True, 1.0 / n_chunks
+    losses = [chunked(chunk).logsumexp(-1).mean() for chunk in tokens.chunk(n_chunks)]
+    for loss in reversed(losses):  # backward order does not matter once every forward has run
+        (loss / n_chunks).backward()
+    assert [int(m.balance.step_counts_E.sum()) for m in chunked.moe_layers()] == [4 * 12 * cfg.top_k] * cfg.n_layers
+    for moe in chunked.moe_layers():
+        moe.balance.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(float(sum(losses) / n_chunks), float(whole(tokens).logsumexp(-1).mean()))
+    ref = _grads(whole)
+    for name, grad in _grads(chunked).items():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        torch.testing.assert_close(grad, ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(float(m.last_aux_loss) > 0 for m in chunked.moe_layers()) and all(a > 0 for a in aux_whole)

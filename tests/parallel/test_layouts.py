@@ -1,5 +1,13 @@
 """Every parallel layout trains like the single-process model: same losses, same final weights, and checkpoints
-that resume under another layout. Layouts of one world size share one torchrun launch."""
+that resume under another layout. Layouts of one world size share one torchrun launch.
+
+The router balance loss is on at its default weight, with the global batch's statistics in every layout
+(models/grok/moe.py BalanceStats): exact wherever a step's forwards all run before its backwards. The pipeline
+schedules that interleave them (1f1b, interleaved_1f1b, zero_bubble) and gradient accumulation form an early
+microbatch's balance gradient before later microbatches are routed, so they are only close (docs/architecture.md,
+"Router balance loss"): 1f1b and accumulation are held to CLOSE with the default losses, and the three schedules
+are held exact with the z-loss alone (a token mean, exact in every schedule, through the same gradient path).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ GLOBAL_BATCH = 4
 BASE = {
     "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 2,
     "model.max_seq_len": 64, "model.n_experts": 4, "model.top_k": 2, "model.moe_ffn_dim": 64,
-    "model.embedding_multiplier": 8.0, "model.aux_loss_weight": 0.0,  # per-rank balance losses differ by design
+    "model.embedding_multiplier": 8.0,
     "data.seq_len": 32, "training.steps": 6, "training.eval_every": 6, "training.eval_batches": 1,
     "training.dtype": "fp32", "optimizer.warmup_steps": 2, "checkpoint.every": 3, "checkpoint.keep": 3,
     "logging.log_every": 1, "logging.tensorboard": False, "logging.progress": False,
@@ -33,23 +41,34 @@ WS2 = {
     "ep": {"parallel.ep": 2, "parallel.dp_shard": 1},
     "cp": {"parallel.cp": 2, "parallel.dp_shard": 1},
     "pp_gpipe": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "gpipe"},
-    "pp_1f1b": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "1f1b"},
-    "pp_interleaved": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "interleaved_1f1b"},
-    "pp_zero_bubble": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "zero_bubble"},
+    "pp_1f1b": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "1f1b"},  # close (the default schedule)
+    # close; evaluates the reference's 4 samples as 2 batches of 2
+    "fsdp_accum": {"parallel.dp_shard": 2, "training.grad_accum_steps": 2, "training.eval_batches": 2},
+}
+Z_ONLY = {"model.aux_loss_weight": 0.0, "model.router_z_loss_weight": 1e-3}
+WS2_Z_ONLY = {  # the schedules that interleave forwards and backwards, exact on the z-loss alone
+    "pp_1f1b_z": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "1f1b", **Z_ONLY},
+    "pp_interleaved_z": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "interleaved_1f1b", **Z_ONLY},
+    "pp_zero_bubble_z": {"parallel.pp": 2, "parallel.dp_shard": 1, "parallel.schedule": "zero_bubble", **Z_ONLY},
 }
 WS4 = {
     "hsdp": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2},
     "fsdp_tp": {"parallel.tp": 2, "parallel.dp_shard": 2},
-    "pp_dp": {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.microbatches": 2},
-    "pp_tp": {"parallel.pp": 2, "parallel.tp": 2, "parallel.dp_shard": 1, "parallel.sequence_parallel": False},
+    # gpipe: counts all-reduced over dp and accumulated over the microbatches of each stage, exact
+    "pp_dp": {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.microbatches": 2, "parallel.schedule": "gpipe"},
+    "pp_tp": {"parallel.pp": 2, "parallel.tp": 2, "parallel.dp_shard": 1, "parallel.sequence_parallel": False,
+              "parallel.schedule": "gpipe"},
     "ep_fsdp": {"parallel.ep": 2, "parallel.dp_shard": 2},
 }
+# Close, not exact: the bound on the relative loss difference (train steps and final eval). Measured max over the
+# 6 steps: pp_1f1b 2.3e-4 (eval 7e-5), fsdp_accum 3.7e-4 (eval 3.9e-4).
+CLOSE = {"pp_1f1b": 1e-3, "fsdp_accum": 1e-3}
 RESUMES = {2: [("tp_from_fsdp", {"parallel.tp": 2, "parallel.dp_shard": 1}, "fsdp")], 4: [("fsdp4_from_hsdp", {"parallel.dp_shard": 4}, "hsdp")]}
 
 
 def per_rank_batch(overrides: dict) -> int:
     dp = overrides.get("parallel.dp_replicate", 1) * overrides.get("parallel.dp_shard", 1) * overrides.get("parallel.ep", 1)
-    return GLOBAL_BATCH // dp
+    return GLOBAL_BATCH // (dp * overrides.get("training.grad_accum_steps", 1))
 
 
 def metrics(run_dir: Path) -> tuple[dict[int, float], list[float]]:
@@ -57,20 +76,26 @@ def metrics(run_dir: Path) -> tuple[dict[int, float], list[float]]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r["eval_loss"] for r in rows if "eval_loss" in r]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
-    run_dir = tmp_path_factory.mktemp("reference")
-    cfg = build_config({}, {**BASE, "data.cache_dir": data_cache, "training.batch_size": GLOBAL_BATCH, "logging.run_dir": str(run_dir)})
+def train_reference(run_dir: Path, data_cache: str, overrides: dict):
+    cfg = build_config({}, {**BASE, **overrides, "data.cache_dir": data_cache, "training.batch_size": GLOBAL_BATCH,
+                            "logging.run_dir": str(run_dir)})
     trainer = Trainer(cfg)
     trainer.train()
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     return metrics(run_dir), weights
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache):
+    """One process, one microbatch: the default config and the z-loss-only one."""
+    return {"default": train_reference(tmp_path_factory.mktemp("reference"), data_cache, {}),
+            "z_only": train_reference(tmp_path_factory.mktemp("reference_z"), data_cache, Z_ONLY)}
+
+
 @pytest.fixture(scope="module", params=[2, 4])
 def launch(request, tmp_path_factory, data_cache):
     world = request.param
-    layouts = WS2 if world == 2 else WS4
+    layouts = {**WS2, **WS2_Z_ONLY} if world == 2 else WS4
     spec_dir = tmp_path_factory.mktemp(f"ws{world}")
     runs = [{"name": name, "overrides": {**o, "training.batch_size": per_rank_batch(o)}} for name, o in layouts.items()]
     runs += [{"name": name, "overrides": {**o, "training.batch_size": per_rank_batch(o)}, "resume_from": src} for name, o, src in RESUMES[world]]
@@ -83,17 +108,26 @@ def launch(request, tmp_path_factory, data_cache):
 
 
 def test_every_layout_matches_single_process(launch, reference):
-    (ref_losses, ref_eval), ref_weights = reference
     spec_dir, names = launch
+    report = {}
     for name in names:
+        (ref_losses, ref_eval), ref_weights = reference["z_only" if name in WS2_Z_ONLY else "default"]
         losses, evals = metrics(spec_dir / name)
+        worst = max(abs(loss / ref_losses[step] - 1) for step, loss in losses.items())
+        report[name] = (worst, abs(evals[-1] / ref_eval[-1] - 1))
+        bound = CLOSE.get(name, 1e-5)
         for step, loss in losses.items():
-            assert loss == pytest.approx(ref_losses[step], rel=1e-5), (name, step, loss, ref_losses[step])
-        assert evals[-1] == pytest.approx(ref_eval[-1], rel=1e-5), name
+            assert loss == pytest.approx(ref_losses[step], rel=bound), (name, step, loss, ref_losses[step])
+        assert evals[-1] == pytest.approx(ref_eval[-1], rel=bound), name
+        if name in CLOSE:
+            continue
         # Weights: AdamW turns reduction-order rounding on near-zero gradients into updates of up to ~1e-5
         # (measured worst element 1.5e-5 of weights ~2e-2 after 6 steps), so the bound is absolute 3e-5.
         final = load_for_inference(spec_dir / name).model.state_dict()
         for key, ref in ref_weights.items():
             torch.testing.assert_close(final[key], ref, rtol=1e-5, atol=3e-5, msg=f"{name}: {key}")
+    print("\nmax relative loss / final eval loss difference vs one process:")
+    for name, (loss_diff, eval_diff) in report.items():
+        print(f"  {name:18s} {loss_diff:.1e} {eval_diff:.1e}")
     resumed = [n for n in names if "_from_" in n]
     assert resumed and all(sorted(metrics(spec_dir / n)[0]) == [4, 5, 6] for n in resumed)

@@ -6,6 +6,7 @@ Shapes in names: T tokens (batch*seq flattened), D d_model, E experts, K top-k, 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -20,23 +21,83 @@ def gated_activation(name: str):
     return F.silu
 
 
-class _AttachAuxLoss(torch.autograd.Function):
-    """Returns x unchanged; on backward also sends gradient `scale` into aux_loss.
+class _AttachBalanceLoss(torch.autograd.Function):
+    """Returns y unchanged; on backward also sends the router losses' gradient into probs_E and z.
 
-    This adds the load-balancing loss to the objective without threading it through the model's outputs, so it
-    survives pipeline stages, gradient accumulation and torch.compile unchanged (the Megatron/DeepSeek approach).
+    The losses are added to the objective without threading them through the model's outputs, so they survive
+    pipeline stages, gradient accumulation and torch.compile unchanged (the Megatron/DeepSeek approach). The balance
+    loss aux_w * E * sum_e f_e * P_e has f non-differentiable, so its gradient on P_e is aux_w * E * f_e: `fraction`
+    is called when the gradient is formed, which lets f cover forwards that ran after this one (see BalanceStats).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        ctx.save_for_backward(aux_loss)
-        return x.view_as(x)
+    def forward(ctx, y, probs_E, z, scale: float, aux_weight: float, z_weight: float, fraction):
+        ctx.scale, ctx.aux_weight, ctx.z_weight, ctx.fraction = scale, aux_weight, z_weight, fraction
+        return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad_x: torch.Tensor):
-        (aux_loss,) = ctx.saved_tensors
-        return grad_x, torch.full_like(aux_loss, ctx.scale), None
+    def backward(ctx, grad_y):
+        fraction_E = ctx.fraction()
+        grad_probs_E = ctx.scale * ctx.aux_weight * fraction_E.numel() * fraction_E
+        grad_z = torch.full((), ctx.scale * ctx.z_weight, dtype=fraction_E.dtype, device=fraction_E.device)
+        return grad_y, grad_probs_E, grad_z, None, None, None, None
+
+
+class BalanceStats:
+    """The Switch balance loss over the global batch, whatever the layout (Megatron-Core's global aux loss).
+
+    E * sum_e f_e * P_e is not a mean over tokens: computed per rank, per context-parallel chunk or per microbatch
+    it is a different loss. Here the expert counts behind f_e are all-reduced over `group` (the ranks holding
+    different tokens of the batch: dp_replicate, dp_shard, ep, cp; set by parallel/build.py), so f is the global
+    batch's. P_e is a mean over tokens, so each rank keeps its local mean and the gradient averaging over those ranks
+    (FSDP) makes it the global mean; the z-loss likewise. With `accumulate` (several forwards per optimizer step:
+    pipeline microbatches, gradient accumulation) the counts add up over the step's forwards and f is read when the
+    gradient is formed: exact when every forward of the step precedes every backward (gpipe), otherwise f covers the
+    forwards run so far (docs/architecture.md). `reset()` ends a step (parallel/build.py runs it after backward).
+    """
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+        self.group = None
+        self.accumulate = False
+        self.paused = False  # forwards that are not training tokens (pipeline metadata inference): local, uncounted
+        self.step_counts_E: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.step_counts_E = None
+
+    @torch.compiler.disable  # a collective and Python state; tiny tensors
+    def gather(self, counts_E: torch.Tensor, probs_sum_E: torch.Tensor, z_sum: torch.Tensor, n_tokens: int):
+        """This forward's global (counts, probability sums, z sum, token count): one all-reduce of 2E+2 float64
+        numbers (exact for counts below 2**53). None for a forward whose tokens were already counted or are not
+        training tokens (activation checkpointing's recomputation, pipeline metadata inference)."""
+        if self.paused or (self.accumulate and _recomputing()):
+            return None
+        packed = torch.cat([counts_E.double(), probs_sum_E.double(), z_sum.double().reshape(1),
+                            counts_E.new_tensor([n_tokens], dtype=torch.float64)])
+        if self.group is not None:
+            dist.all_reduce(packed, group=self.group)
+        E = self.n_experts
+        counts_E = packed[:E].round().long()
+        if self.accumulate:
+            self.step_counts_E = counts_E if self.step_counts_E is None else self.step_counts_E + counts_E
+        return counts_E, packed[E : 2 * E], packed[2 * E], packed[2 * E + 1]
+
+    def fraction_at_backward(self, counts_E: torch.Tensor):
+        """The f to use when the gradient is formed: the step's counts so far when accumulating, else counts_E's."""
+        if self.accumulate and not self.paused:
+            return lambda: fraction_of(counts_E if self.step_counts_E is None else self.step_counts_E)
+        fraction_E = fraction_of(counts_E)
+        return lambda: fraction_E
+
+
+def fraction_of(counts_E: torch.Tensor) -> torch.Tensor:
+    return counts_E.float() / counts_E.sum()
+
+
+def _recomputing() -> bool:
+    """True inside autograd's backward (where non-reentrant activation checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class Router(nn.Module):
@@ -123,6 +184,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.aux_loss_weight, self.z_loss_weight = cfg.aux_loss_weight, cfg.router_z_loss_weight
         self.aux_loss_scale = 1.0  # set by the trainer to 1/grad_accum_steps so aux grads match the main loss
+        self.balance = BalanceStats(cfg.n_experts)  # global-batch statistics; parallel/build.py sets group, accumulate
         self.last_aux_loss: torch.Tensor | float = 0.0  # detached, for logging
         self.last_tokens_per_expert: torch.Tensor | None = None  # for logging load balance
 
@@ -143,15 +205,29 @@ class MoE(nn.Module):
         y_TD = (out_TKD * gates_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
 
         if self.training and (self.aux_loss_weight or self.z_loss_weight):
-            aux = self.balance_loss(probs_TE, tokens_per_expert_E, logits_TE)
-            self.last_aux_loss = aux.detach()
-            y_TD = _AttachAuxLoss.apply(y_TD, aux, self.aux_loss_scale)
+            y_TD = self._attach_router_losses(y_TD, probs_TE, logits_TE, tokens_per_expert_E)
         self.last_tokens_per_expert = tokens_per_expert_E.detach()
         return y_TD.reshape(B, S, D)
 
-    def balance_loss(self, probs_TE, tokens_per_expert_E, logits_TE) -> torch.Tensor:
-        """Switch-Transformer load balancing E * sum_e f_e * P_e (1.0 when perfectly balanced), plus z-loss."""
-        fraction_E = tokens_per_expert_E.float() / tokens_per_expert_E.sum()
-        balance = self.n_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
-        return self.aux_loss_weight * balance + self.z_loss_weight * z_loss
+    @torch.compiler.disable  # a collective, Python state and a Python callable in the autograd graph; tiny tensors
+    def _attach_router_losses(self, y_TD, probs_TE, logits_TE, tokens_per_expert_E) -> torch.Tensor:
+        """Attach the balance and z losses' gradients to y; log their global-batch value (see BalanceStats)."""
+        probs_E = probs_TE.mean(dim=0)  # this rank's mean; the gradient averaging over data ranks makes it global
+        if self.z_loss_weight:
+            lse_sq_T = torch.logsumexp(logits_TE, dim=-1).square()
+            z, z_sum = lse_sq_T.mean(), lse_sq_T.detach().sum()
+        else:
+            z = z_sum = probs_E.new_zeros(())
+        stats = self.balance.gather(tokens_per_expert_E, probs_TE.detach().sum(dim=0), z_sum, probs_TE.shape[0])
+        if stats is not None:
+            counts_E, probs_sum_E, z_sum, n_tokens = stats
+            self.last_aux_loss = self.router_losses(fraction_of(counts_E), (probs_sum_E / n_tokens).float(),
+                                                    (z_sum / n_tokens).float())
+        fraction = self.balance.fraction_at_backward(tokens_per_expert_E if stats is None else stats[0])
+        return _AttachBalanceLoss.apply(y_TD, probs_E, z, self.aux_loss_scale, self.aux_loss_weight,
+                                        self.z_loss_weight, fraction)
+
+    def router_losses(self, fraction_E: torch.Tensor, probs_E: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Switch-Transformer load balancing E * sum_e f_e * P_e (1.0 when perfectly balanced), plus the z-loss
+        (mean squared logsumexp of the router logits), weighted."""
+        return self.aux_loss_weight * self.n_experts * (fraction_E * probs_E).sum() + self.z_loss_weight * z
