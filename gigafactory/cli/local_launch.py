@@ -94,7 +94,8 @@ def run_local(argv: list[str], nproc: int, max_restarts: int) -> int:
     try:
         return job.wait()
     finally:
-        _kill(job.proc.pid, signal.SIGKILL, group=True) if job.proc.poll() is None else None
+        if job.proc.poll() is None:
+            _kill(job.proc.pid, signal.SIGKILL, group=True)
         try:
             job.error_file.unlink(missing_ok=True)
             job.error_file.parent.rmdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from gigafactory.config.fields import knob
@@ -111,7 +112,7 @@ class ResilienceConfig:
     events_file: str = knob("events.jsonl", "Recovery events log, relative to logging.run_dir (read by `gigafactory report`).")
 
     def validate(self) -> None:
-        _check("resilience", self, [
+        _check(self, "resilience.", [
             ("watchdog_timeout_s", self.watchdog_timeout_s >= 0, "must be >= 0 (0 = off)"),
             ("spike_zscore", self.spike_zscore >= 0, "must be >= 0 (0 = off)"),
             ("spike_window", self.spike_window >= 2, "must be >= 2"),
@@ -148,16 +149,17 @@ class FaultConfig:
 
     def validate(self) -> None:
         ints = ("kill_rank", "kill_step", "hang_rank", "hang_step", "nan_rank", "nan_step", "spike_rank", "spike_step", "corrupt_step", "fail_save_step")
-        _check("faults", self, [(key, getattr(self, key) >= 0, "must be >= 0") for key in ints] + [
+        _check(self, "faults.", [(key, getattr(self, key) >= 0, "must be >= 0") for key in ints] + [
             ("spike_scale", self.spike_scale > 1, "must be > 1"),
             ("anomaly_repeats", self.anomaly_repeats >= 1, "must be >= 1"),
         ])
 
 
-def _check(section: str, cfg, checks: list[tuple[str, bool, str]]) -> None:
+def _check(cfg, prefix: str, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise a ConfigError for the first failed (key, ok, fix); key is a (dotted) attribute path under cfg."""
     for key, ok, fix in checks:
         if not ok:
-            raise ConfigError(f"{section}.{key}={getattr(cfg, key)!r} {fix}")
+            raise ConfigError(f"{prefix}{key}={functools.reduce(getattr, key.split('.'), cfg)!r} {fix}")
 
 
 @dataclass
@@ -191,13 +193,12 @@ class JobConfig:
             ("training.grad_accum_steps", self.training.grad_accum_steps > 0, "must be > 0"),
             ("training.eval_every", self.training.eval_every >= 0, "must be >= 0"),
             ("training.eval_batches", self.training.eval_batches > 0, "must be > 0"),
+            ("training.threads", self.training.threads >= 0, "must be >= 0 (0 = torch's default)"),
             ("checkpoint.every", self.checkpoint.every >= 0, "must be >= 0"),
             ("checkpoint.keep", self.checkpoint.keep > 0, "must be > 0"),
             ("logging.log_every", self.logging.log_every > 0, "must be > 0"),
         ]
-        for key, ok, fix in checks:
-            if not ok:
-                raise ConfigError(f"{key}={_get(self, key)!r} {fix}")
+        _check(self, "", checks)
         if self.parallel.microbatches < 0:
             raise ConfigError(f"parallel.microbatches={self.parallel.microbatches} must be >= 0 (0 = 2 * pp)")
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "cp"):
@@ -205,7 +206,3 @@ class JobConfig:
             if value == 0 or value < -1:
                 raise ConfigError(f"parallel.{key}={value} must be a positive degree or -1 (infer)")
 
-
-def _get(cfg, dotted: str):
-    section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key)

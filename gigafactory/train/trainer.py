@@ -25,7 +25,7 @@ from gigafactory.parallel.dims import resolve_dims
 from gigafactory.parallel.distributed import all_reduce_mean, destroy_distributed, init_distributed
 from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, StragglerMonitor, Watchdog, record_start
 from gigafactory.train import checkpoint as ckpt
-from gigafactory.train.checkpoint_files import latest_good_checkpoint, list_checkpoints, remove_stale, usable_checkpoints
+from gigafactory.train.checkpoint_files import list_checkpoints, remove_stale, usable_checkpoints
 from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
@@ -56,8 +56,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
-        if cfg.training.threads < 0:
-            raise UserError(f"training.threads={cfg.training.threads} must be >= 0 (0 = torch's default)")
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         self.device = pick_device(cfg.training.device)
@@ -119,18 +117,23 @@ class Trainer:
         if self.cfg.checkpoint.resume == "never":
             return
         remove_stale(self.ckpt_root)
+        found = list_checkpoints(self.ckpt_root)
+        if found and self.load_newest_usable() is None:
+            raise UserError(f"none of the {len(found)} checkpoint(s) in '{self.ckpt_root}' is usable (see the lines above); "
+                            "repair or remove them, or pass --checkpoint.resume never to start over")
+
+    def load_newest_usable(self, keep_data_position: bool = False) -> Path | None:
+        """Load the newest checkpoint that verifies (resilience.verify) and loads; each one skipped is reported.
+        Returns its path, or None when there is none. Collective."""
         verify = self.cfg.resilience.verify
         for path in usable_checkpoints(self.ckpt_root, self.events, full=verify == "sha256", verify=verify != "none"):
             self._check_same_model(path)
             try:
-                self.load(path)
-                return
+                self.load(path, keep_data_position)
+                return path
             except UserError as err:  # files present and verified (or no manifest) but unloadable: damaged
                 self.events.record("checkpoint_corrupt", once=True, path=str(path), problems=[f"load failed: {err}"])
-        found = list_checkpoints(self.ckpt_root)
-        if found:
-            raise UserError(f"none of the {len(found)} checkpoint(s) in '{self.ckpt_root}' is usable (see the lines above); "
-                            "repair or remove them, or pass --checkpoint.resume never to start over")
+        return None
 
     def _check_same_model(self, path: Path) -> None:
         try:
@@ -159,8 +162,8 @@ class Trainer:
         return self._guarded(lambda: self.checkpointer.save(self.step, self.model, self.optimizer, train_state, side))
 
     def finish_saves(self) -> Path | None:
-        """Wait for an async save still in flight."""
-        return self._guarded(self.checkpointer.close)
+        """Wait for an async save still in flight (the checkpointer stays usable: rollbacks call this mid-run)."""
+        return self._guarded(self.checkpointer.finalize)
 
     def _guarded(self, commit) -> Path | None:
         """Run a checkpoint save with the watchdog paused; remember a failure (logged by the checkpointer)."""
@@ -255,15 +258,12 @@ class Trainer:
         """Reload the newest good checkpoint (model, optimizer, detector) and go on from there on fresh data: the
         batches consumed since that checkpoint are skipped, since replaying them would reproduce the anomaly."""
         self.finish_saves()
-        latest = latest_good_checkpoint(self.ckpt_root, self.events, full=self.cfg.resilience.verify == "sha256")
-        if latest is None:
-            raise UserError(f"step {step} asked for a rollback but there is no good checkpoint yet; use resilience.on_nan/on_spike=skip")
-        consumed = self.train_loader.consumed
         with self.watchdog.paused():
-            self.load(latest, keep_data_position=True)
-        batches = (step - 1 - self.step) + 1
+            loaded = self.load_newest_usable(keep_data_position=True)
+        if loaded is None:
+            raise UserError(f"step {step} asked for a rollback but there is no good checkpoint yet; use resilience.on_nan/on_spike=skip")
         self.events.record("rollback", once=True, step=step, from_step=step, to_step=self.step, steps_lost=step - 1 - self.step,
-                           batches_skipped=batches, data_position=consumed)
+                           batches_skipped=step - self.step, data_position=self.train_loader.consumed)
         return {"rolled_back": True}
 
     def tied_copies(self) -> set[int]:

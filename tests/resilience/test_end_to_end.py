@@ -118,8 +118,9 @@ def test_real_nan_is_skipped(tmp_path, data_cache_module):
 SPIKE = ("--resilience.spike_zscore=50", "--resilience.spike_window=3", "--resilience.on_spike=rollback", "--faults.spike_step=5")
 
 
-def test_real_spike_rolls_back_past_the_batch_and_recovers(tmp_path, data_cache_module, baseline):
-    proc = train(tmp_path / "run", data_cache_module, *SPIKE, "--faults.anomaly_repeats=2")
+@pytest.mark.parametrize("async_save", ["false", "true"])  # async: the checkpointer must stay usable after a rollback
+def test_real_spike_rolls_back_past_the_batch_and_recovers(tmp_path, data_cache_module, baseline, async_save):
+    proc = train(tmp_path / "run", data_cache_module, *SPIKE, "--faults.anomaly_repeats=2", f"--resilience.async_checkpoint={async_save}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = events(tmp_path / "run")
     spikes = [e for e in ev if e["event"] == "spike"]
@@ -181,7 +182,7 @@ def test_signal_under_nproc_saves_exits_cleanly_and_resumes_bitwise(tmp_path, da
     cmd = [sys.executable, "-m", "gigafactory.cli.main", "train", "--nproc=2", *flags(run_dir, data_cache_module), "--checkpoint.every=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2):
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1):
         time.sleep(0.05)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
