@@ -213,12 +213,12 @@ def summarise(run_dir: Path | str, events_file: str = "events.jsonl") -> RunSumm
     failed_later = any(e["event"] == "checkpoint_failed" and _int(e.get("step"), -1) > (s.last_checkpoint or 0) for e in events)
     if failed_later and not finished:  # ended after a failed save: the work past the newest checkpoint is not durable
         s.unsaved_steps = max(0, s.steps - (s.last_checkpoint or 0))
-        skipped |= set(range(s.steps - s.unsaved_steps + 1, s.steps + 1))
-    s.skipped_steps = len(skipped) - s.unsaved_steps
+    s.skipped_steps = len(skipped)
     s.all_skipped = s.steps > 0 and (s.skipped_steps >= s.steps or all(r.get("skipped") for r in survivors))
+    unproductive = skipped | set(range(s.steps - s.unsaved_steps + 1, s.steps + 1))
     prev_step = 0
     for rec in survivors:  # unlogged steps between log lines take the step time of the next logged one
-        updates = rec["step"] - prev_step - sum(1 for k in skipped if prev_step < k <= rec["step"])
+        updates = rec["step"] - prev_step - sum(1 for k in unproductive if prev_step < k <= rec["step"])
         s.productive_s += _step_time(rec, s.tokens_per_step) * max(0, updates)
         prev_step = rec["step"]
     s.tokens = s.steps * s.tokens_per_step

@@ -10,13 +10,13 @@ Write order (a crash or a full disk at any point leaves the previous checkpoint 
   3. rank 0 writes the side files and `manifest.json`, renames `step-N.tmp` -> `step-N`, then replaces `latest`;
   4. older checkpoints beyond the newest K are removed.
 A failure in 1-3 removes `step-N.tmp` and raises `CheckpointSaveError` on every rank, so the trainer can log it and
-go on (or stop cleanly). Loading verifies the manifest; `latest_good_checkpoint` skips a truncated or corrupt one
-(reporting it) and returns the newest checkpoint that verifies.
+go on (or stop cleanly). Loading verifies the manifest; `usable_checkpoints` skips a truncated or corrupt one
+(reporting it) and yields, newest first, the checkpoints that verify.
 
 Saves are synchronous (`save_checkpoint`) or asynchronous (`Checkpointer(async_save=True)`, built on
 `dcp.async_save`): the step is blocked only while the state is copied to host memory; the write, hashing and the
 commit finish in a background thread as soon as the write is done. A failure is described by its cause (disk full,
-read-only, permission, I/O, ...), found through DCP's wrapping or by a probe write (`describe_save_error`). Naming, manifests, verification and listing: checkpoint_files.py.
+read-only, permission, I/O, ...; save_errors.py). Naming, manifests, verification and listing: checkpoint_files.py.
 """
 
 from __future__ import annotations
