@@ -47,3 +47,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if tokenizer.token_to_id("[EOS]") != EOS_ID:
         raise UserError(f"tokenizer file '{p}' lacks [EOS] at id {EOS_ID}; train it with `gigafactory data tokenizer`")
     return tokenizer
+
+
+def plain_text_encoder(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of the tokenizer for user text: "[EOS]" or "<|user|>" typed by a person are encoded as plain characters,
+    never as the control tokens (which would end a document or forge a chat turn). Control tokens are added by id."""
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.encode_special_tokens = True
+    return plain
