@@ -56,12 +56,15 @@ def run(args: argparse.Namespace) -> int:
         from gigafactory.parallel.dims import resolve_dims
         from gigafactory.train.preflight import preflight
 
-        check_supported(cfg, resolve_dims(cfg, args.nproc))
+        ft = cfg.fault_tolerance
+        if ft.enabled and args.nproc % ft.replica_groups:
+            raise UserError(f"--nproc={args.nproc} must be a multiple of fault_tolerance.replica_groups={ft.replica_groups} (one torchrun per group)")
+        check_supported(cfg, resolve_dims(cfg, args.nproc // ft.replica_groups if ft.enabled else args.nproc))
         preflight(cfg)
     if args.nproc > 1 and not under_torchrun:
         from gigafactory.cli.local_launch import run_local
 
-        return run_local(_worker_argv(), args.nproc, cfg.resilience.max_restarts)
+        return run_local(_worker_argv(), args.nproc, cfg.resilience.max_restarts, cfg.fault_tolerance)
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
     trainer = Trainer(cfg)

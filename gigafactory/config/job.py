@@ -126,6 +126,34 @@ class ResilienceConfig:
 
 
 @dataclass
+class FaultToleranceConfig:
+    """Replica-group fault tolerance on torchft: the data-parallel replicate axis spans independent replica groups
+    (each one torchrun job with any layout inside); a failed group drops out of the per-step quorum while the others
+    keep stepping, and rejoins by copying model, optimizer, step and data position from a live peer."""
+
+    enabled: bool = knob(False, "Train as one of several torchft replica groups (`train --nproc N` starts the lighthouse and one torchrun per group).")
+    replica_groups: int = knob(2, "Replica groups; `train --nproc N` gives each N / replica_groups processes. The global batch is this many group batches.")
+    replica_id: int = knob(0, "This process's replica group, 0 .. replica_groups-1 (set per group by the launcher).")
+    min_replicas: int = knob(1, "Groups that must be in a step's quorum for it to commit; below it the live groups wait.")
+    lighthouse: str = knob("", "The torchft lighthouse address (http://host:port); `train --nproc` starts one and fills it in.")
+    timeout_s: float = knob(30.0, "Cross-group collectives, commit votes and peer state transfer fail after this long (a dead or hung peer group is dropped then).")
+    quorum_timeout_s: float = knob(120.0, "How long a group waits for a quorum to form before failing the step.")
+    join_timeout_ms: int = knob(2000, "Lighthouse started by `train --nproc`: how long a quorum waits for heartbeating groups that have not asked to join.")
+    heartbeat_timeout_ms: int = knob(3000, "Lighthouse started by `train --nproc`: a group silent this long is considered dead.")
+
+    def validate(self) -> None:
+        _check(self, "fault_tolerance.", [
+            ("replica_groups", self.replica_groups >= 1, "must be >= 1"),
+            ("replica_id", 0 <= self.replica_id < self.replica_groups, f"must be in 0 .. replica_groups-1 = {self.replica_groups - 1}"),
+            ("min_replicas", 1 <= self.min_replicas <= self.replica_groups, f"must be in 1 .. replica_groups = {self.replica_groups}"),
+            ("timeout_s", self.timeout_s > 0, "must be > 0"),
+            ("quorum_timeout_s", self.quorum_timeout_s > 0, "must be > 0"),
+            ("join_timeout_ms", self.join_timeout_ms >= 0, "must be >= 0"),
+            ("heartbeat_timeout_ms", self.heartbeat_timeout_ms > 0, "must be > 0"),
+        ])
+
+
+@dataclass
 class FaultConfig:
     """Deliberate failures for tests and drills. Steps count from 1; 0 = off. Each fault fires once per run directory."""
 
@@ -139,6 +167,7 @@ class FaultConfig:
     spike_step: int = knob(0, "Step whose loss spikes (loss and gradients scaled by spike_scale); 0 = never.")
     spike_scale: float = knob(20.0, "Factor the spiked step's loss and gradients are multiplied by.")
     anomaly_repeats: int = knob(1, "Runs of the step that show the injected NaN/spike: 1 = a transient fault (a re-run is clean), 2 or more = a real one (the re-run shows it too).")
+    replica_id: int = knob(-1, "With fault tolerance: the replica group whose ranks the faults above hit; -1 = every group.")
     corrupt_latest: str = knob("none", "Damage the checkpoint saved at corrupt_step right after it is written.", choices=("none", "truncate", "flip"))
     corrupt_step: int = knob(0, "Step whose checkpoint is damaged; 0 = the first checkpoint saved.")
     fail_save_step: int = knob(0, "The save at this step fails with OSError(ENOSPC) before it is committed; 0 = never.")
@@ -148,6 +177,7 @@ class FaultConfig:
         return bool(self.kill_step or self.hang_step or self.nan_step or self.spike_step or self.corrupt_latest != "none" or self.fail_save_step)
 
     def validate(self) -> None:
+        _check(self, "faults.", [("replica_id", self.replica_id >= -1, "must be >= -1 (-1 = every group)")])
         ints = ("kill_rank", "kill_step", "hang_rank", "hang_step", "nan_rank", "nan_step", "spike_rank", "spike_step", "corrupt_step", "fail_save_step")
         _check(self, "faults.", [(key, getattr(self, key) >= 0, "must be >= 0") for key in ints] + [
             ("spike_scale", self.spike_scale > 1, "must be > 1"),
@@ -172,12 +202,17 @@ class JobConfig:
     checkpoint: CheckpointConfig = knob(factory=CheckpointConfig, help="Checkpoints.")
     logging: LoggingConfig = knob(factory=LoggingConfig, help="Logging.")
     resilience: ResilienceConfig = knob(factory=ResilienceConfig, help="Failure detection and recovery.")
+    fault_tolerance: FaultToleranceConfig = knob(factory=FaultToleranceConfig, help="Replica-group fault tolerance (torchft).")
     faults: FaultConfig = knob(factory=FaultConfig, help="Fault injection for tests and drills.")
 
     def validate(self) -> None:
         self.model.validate()
         self.resilience.validate()
         self.faults.validate()
+        self.fault_tolerance.validate()
+        if self.fault_tolerance.enabled and "rollback" in (self.resilience.on_nan, self.resilience.on_spike):
+            raise ConfigError("resilience.on_nan/on_spike=rollback is not supported with fault_tolerance.enabled (a rollback would "
+                              "leave the other replica groups); use skip or stop")
         checks = [
             ("data.seq_len", self.data.seq_len > 0, "must be > 0"),
             ("data.seq_len", self.data.seq_len <= self.model.max_seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}"),

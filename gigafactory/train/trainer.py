@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gigafactory.config.job import JobConfig
+from gigafactory.config.job import FaultConfig, JobConfig
 from gigafactory.config.loader import config_to_toml, load_config
 from gigafactory.data.loader import PackedSequenceLoader
 from gigafactory.data.shards import open_split, prepare_dataset
@@ -30,6 +30,7 @@ from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
 from gigafactory.train.preflight import check_run_dir
+from gigafactory.train.replica_groups import ReplicaGroupSync
 
 
 def pick_device(name: str) -> torch.device:
@@ -74,6 +75,9 @@ class Trainer:
         self.dp_rank = self._dp_rank()
         self.dtype = pick_dtype(cfg.training.dtype, self.device)
         self.run_dir = check_run_dir(cfg.logging.run_dir)
+        ft = cfg.fault_tolerance
+        if ft.enabled:  # each replica group keeps its own checkpoints, events and metrics
+            self.run_dir = self.run_dir / f"group{ft.replica_id}"
         self.ckpt_root = self.run_dir / "checkpoints"
 
         d = cfg.data
@@ -101,7 +105,8 @@ class Trainer:
         self.save_failure: ckpt.CheckpointSaveError | None = None
 
         self.events = EventLog(self.run_dir / r.events_file, rank=self.rank, echo=True)
-        self.faults = FaultInjector(cfg.faults, self.rank, self.run_dir, self.events)
+        faults = cfg.faults if not ft.enabled or cfg.faults.replica_id in (-1, ft.replica_id) else FaultConfig()
+        self.faults = FaultInjector(faults, self.rank, self.run_dir, self.events)
         self.checkpointer = ckpt.Checkpointer(self.ckpt_root, cfg.checkpoint.keep, async_save=r.async_checkpoint, log_event=self.events,
                                               hooks=ckpt.CommitHooks(self.faults.before_save, self.faults.after_save))
         self.signals = StopSignals(r.term_grace_s, self.events)
@@ -109,6 +114,8 @@ class Trainer:
         self.stragglers = StragglerMonitor(r.straggler_every, r.straggler_ratio, self.events, device=self.device)
         self.watchdog = Watchdog(r.watchdog_timeout_s, self.rank, self.events,
                                  heartbeat_path=self.run_dir / "heartbeat.json" if self.rank == 0 else None)
+        self.ft = ReplicaGroupSync(ft, self, self.events) if ft.enabled else None
+        self.group_windows = t.batch_size * t.grad_accum_steps * self.dims.dp  # sequences in one group batch
 
     # ---- state -------------------------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
@@ -220,21 +227,28 @@ class Trainer:
         total_loss *= self.faults.after_backward(step, self.model)
         for hook in self.pmodel.after_backward:
             hook()
+        loss = self.reduce_loss(total_loss)
+        if self.ft is not None:  # average over the replica groups of this step's quorum
+            loss = self.ft.sync(list(self.model.parameters()), loss)
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         grad_norm = float(clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies()))
-        return self.reduce_loss(total_loss), grad_norm  # the same numbers on every rank: every rank decides alike
+        return loss, grad_norm  # the same numbers on every rank: every rank decides alike
 
     def train_step(self) -> dict:
         """One optimizer step, guarded: a NaN/Inf or spiking step is re-run on the same batch; a transient fault keeps
         the re-run, a real anomaly skips the update, rolls back or stops (config)."""
         t, o = self.cfg.training, self.cfg.optimizer
+        if self.ft is not None:
+            self._join_quorum()
         step = self.step + 1
         self.faults.before_step(step)
         lr = lr_at(self.step, t.steps, o)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        data_position = self.train_loader.state_dict()
+        data_position, guard_state = self.train_loader.state_dict(), self.guard.state_dict()
         loss, grad_norm = self.forward_backward(step)
+        if self.ft is not None and self.ft.errored():  # a peer group failed mid-step: no group commits this step
+            return self._abandon_step(guard_state)
         verdict = self.guard.check(step, loss, grad_norm)
         if verdict.action == "rerun":
             self.optimizer.zero_grad(set_to_none=True)
@@ -242,6 +256,8 @@ class Trainer:
             first_loss = loss
             loss, grad_norm = self.forward_backward(step)
             verdict = self.guard.judge_rerun(step, verdict, first_loss, loss, grad_norm)
+        if self.ft is not None and not self.ft.should_commit():
+            return self._abandon_step(guard_state)
         if verdict.action == "ok":
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -251,8 +267,29 @@ class Trainer:
             raise UserError(f"training stopped at step {step}: {verdict.note or f'{verdict.reason} (resilience.on_{verdict.reason}=stop)'}; "
                             "the newest checkpoint is intact")
         self.step = step
+        if self.ft is not None:  # the data position torchft counts (group batches committed by every group)
+            self.train_loader.consumed = self.ft.batches_committed() * self.group_windows
         aux = sum(float(m.last_aux_loss) for m in self.pmodel.moe_layers())
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": aux, "skipped": verdict.action == "skip"}
+
+    def _join_quorum(self) -> None:
+        """Start a step under fault tolerance: join the quorum (a group behind its peers heals from one of them); a
+        process that did not heal and has not trained yet resumes from disk (the whole job restarted); then point
+        the loader at the group batch this group trains on in this step."""
+        first = self.ft.membership is None
+        healed = self.ft.start_step(first)
+        if first and not healed and self.step == 0 and self.ft.step == 0 and self.cfg.checkpoint.resume != "never":
+            self.maybe_resume()
+            self.ft.set_position(self.step, self.train_loader.consumed // self.group_windows)
+        self.train_loader.consumed = self.ft.group_batch() * self.group_windows
+
+    def _abandon_step(self, guard_state: dict) -> dict:
+        """The quorum failed during this step: drop its gradients; it is retried with the next quorum."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.load_state_dict(guard_state, keep_rollback_counts=True)
+        for moe in self.pmodel.moe_layers():  # drop the router statistics the failed step accumulated
+            moe.balance.reset()
+        return {"retry": True}
 
     def rollback(self, step: int) -> dict:
         """Reload the newest good checkpoint (model, optimizer, detector) and go on from there on fresh data: the
@@ -301,7 +338,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
             (self.run_dir / "tokenizer.json").write_text(self.tokenizer_json)
-        self.maybe_resume()
+        if self.ft is None:  # under fault tolerance the first quorum decides: heal from a peer, or resume from disk
+            self.maybe_resume()
         metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=is_rank0)
         progress = StepProgress(t.steps, self.step, enabled=is_rank0 and cfg.logging.progress)
         self.signals.install()
@@ -311,7 +349,7 @@ class Trainer:
         self.watchdog.start(self.step)
         path = None
         try:
-            if t.eval_every and self.step == 0:
+            if t.eval_every and self.step == 0 and not (self.ft is not None and list_checkpoints(self.ckpt_root)):
                 with self.watchdog.paused():
                     summary["eval"].append((0, self.evaluate()))
                 metrics.log(0, {"eval_loss": summary["eval"][-1][1]})
@@ -322,7 +360,7 @@ class Trainer:
                 values = self.train_step()
                 elapsed = time.perf_counter() - started
                 self.watchdog.beat(self.step)
-                if values.get("rolled_back"):
+                if values.get("rolled_back") or values.get("retry"):
                     continue
                 self.stragglers.step_done(self.step, elapsed)
                 values.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed)
@@ -364,5 +402,7 @@ class Trainer:
     def close(self) -> None:
         """Leave the process groups in order; call on every rank after train() returned."""
         self.checkpointer.close()
+        if self.ft is not None:
+            self.ft.shutdown()
         destroy_distributed()
 

@@ -1,0 +1,186 @@
+"""Replica-group fault tolerance on torchft: the trainer's side of torchft's per-step protocol.
+
+Each replica group is one torchrun job with any layout inside (FSDP/TP/EP/PP over its own process group). Rank r of
+every group joins a torchft ProcessGroup with rank r of the other groups; torchft's Manager forms a quorum of the
+live groups each step (through the lighthouse), averages the gradients over it, and votes whether the step
+commits. A group that fails leaves the quorum at the next step; when it comes back it receives model, optimizer,
+anomaly-detector state, step and data position from a live peer (torchft's checkpoint transport), not from disk.
+
+Data: the global batch of a step is `replica_groups` group batches; the participants of a step take the next
+`num_participants` group batches of one global sample order (group batch index = torchft's `batches_committed` +
+the group's rank in the quorum), so a step with fewer groups trains on fewer samples and none is skipped or
+repeated. With every group alive the order equals a run with dp = replica_groups x the group's data ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from gigafactory.config.job import FaultToleranceConfig
+from gigafactory.errors import UserError
+from gigafactory.resilience.events import EventLog
+
+
+def _local(value):
+    """A state dict with every DTensor replaced by this rank's shard (rank r of every group holds the same shard)."""
+    if isinstance(value, DTensor):
+        return value.to_local()
+    if isinstance(value, dict):
+        return {k: _local(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_local(v) for v in value)
+    return value
+
+
+def _copy_into(template, received):
+    """Fill `template` (a state dict as get_state_dict returns it, DTensors included) with the peer's shards."""
+    if isinstance(template, dict):
+        return {k: _copy_into(template[k], received[k]) if k in template else received[k] for k in received}
+    if isinstance(template, DTensor):
+        template.to_local().copy_(received)
+        return template
+    if isinstance(template, torch.Tensor):
+        return template.copy_(received) if template.shape == received.shape else received.clone()
+    return received
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class ReplicaGroupSync:
+    """One rank's torchft Manager plus what the trainer needs around it (data index, gradient sync, heal)."""
+
+    def __init__(self, cfg: FaultToleranceConfig, trainer, events: EventLog):
+        import torchft
+
+        if not cfg.lighthouse:
+            raise UserError("fault_tolerance.enabled needs fault_tolerance.lighthouse=http://HOST:PORT (a running torchft "
+                            "lighthouse); `gigafactory train --nproc N` starts one")
+        self.cfg, self.trainer, self.events = cfg, trainer, events
+        self.healed: dict | None = None  # set by the peer-state callback during a quorum
+        self.membership: tuple[int, int] | None = None
+        store_host, store_port = self._group_store(trainer.rank)
+        device = trainer.device.type
+        pg = torchft.ProcessGroupNCCL(timeout=timedelta(seconds=cfg.timeout_s)) if device == "cuda" else \
+            torchft.ProcessGroupGloo(timeout=timedelta(seconds=cfg.timeout_s))
+        self.manager = torchft.Manager(
+            pg=pg, load_state_dict=self._load_peer_state, state_dict=self._peer_state, min_replica_size=cfg.min_replicas,
+            use_async_quorum=False,  # heal before the forward pass, so a rejoining group trains in the step it joins
+            timeout=timedelta(seconds=cfg.timeout_s), quorum_timeout=timedelta(seconds=cfg.quorum_timeout_s),
+            connect_timeout=timedelta(seconds=cfg.timeout_s),
+            rank=trainer.rank, world_size=trainer.world_size, store_addr=store_host, store_port=store_port,
+            lighthouse_addr=cfg.lighthouse, replica_id=f"group{cfg.replica_id}",
+            init_sync=False,  # every group initialises identically from training.seed
+        )
+
+    @staticmethod
+    def _group_store(rank: int) -> tuple[str, int]:
+        """A fresh TCPStore for this attempt of the group (torchrun's agent store keeps a dead attempt's keys)."""
+        import os
+
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = [0]
+        if rank == 0:
+            store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            ReplicaGroupSync._store = store  # keep the server alive for the process's life
+            port = [store.port]
+        if dist.is_initialized():
+            dist.broadcast_object_list(port, src=0)
+        return host, int(port[0])
+
+    # ---- peer state transfer -----------------------------------------------------------------------------------
+    def _peer_state(self) -> dict:
+        t = self.trainer
+        model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
+        return {"model": _local(model_sd), "optim": _local(optim_sd), "guard": t.guard.state_dict(), "step": t.step}
+
+    def _load_peer_state(self, state: dict) -> None:
+        started = time.perf_counter()
+        t = self.trainer
+        model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
+        set_state_dict(t.model, t.optimizer, model_state_dict=_copy_into(model_sd, state["model"]),
+                       optim_state_dict=_copy_into(optim_sd, state["optim"]))
+        t.guard.load_state_dict(state["guard"])
+        from_step, t.step = t.step, int(state["step"])
+        self.healed = {"from_step": from_step, "to_step": t.step, "bytes": _nbytes(state["model"]) + _nbytes(state["optim"]),
+                       "load_s": round(time.perf_counter() - started, 4)}
+
+    # ---- the per-step protocol ---------------------------------------------------------------------------------
+    def start_step(self, first: bool = False) -> bool:
+        """Join this step's quorum, healing from a peer first if this group is behind; True if it healed.
+
+        `first`: this process's first step. Unless it healed (peers are running), the job is starting: wait, up to
+        quorum_timeout_s, until every replica group is in the quorum, so that a run's first steps do not depend on
+        which group's processes happened to start first (votes not to commit while waiting)."""
+        self.healed = None
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.cfg.quorum_timeout_s
+        while True:
+            self.manager.start_quorum()
+            n = self.manager.num_participants()
+            waiting = first and self.healed is None and n < self.cfg.replica_groups and self.manager.errored() is None
+            if not waiting or time.monotonic() > deadline:
+                break
+            self.manager.report_error(RuntimeError(f"waiting for all {self.cfg.replica_groups} replica groups to start ({n} in the quorum)"))
+            self.manager.should_commit()
+            time.sleep(0.2)
+        quorum_s = time.perf_counter() - started
+        if self.manager.errored() is not None:
+            return False
+        rank = self.manager.participating_rank()
+        if self.healed is not None:
+            self.events.record("ft_heal", step=self.step, quorum_s=round(quorum_s, 4), **self.healed)
+        if (rank, n) != self.membership:
+            self.membership = (rank, n)
+            self.events.record("ft_quorum", step=self.step + 1, participants=n, participating_rank=rank,
+                               replica_groups=self.cfg.replica_groups)
+        return self.healed is not None
+
+    def group_batch(self) -> int:
+        """The index (in group batches, over the whole run) of the batch this group trains on in this step."""
+        rank = self.manager.participating_rank() if self.manager.errored() is None else None
+        return self.manager.batches_committed() + (rank or 0)
+
+    def batches_committed(self) -> int:
+        return self.manager.batches_committed()
+
+    def sync(self, params, loss: float) -> float:
+        """Average the gradients (and the loss) over the groups of the quorum; returns the averaged loss."""
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], dtype=torch.float32, device=grads[0].device)])
+        self.manager.allreduce(flat).wait()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return float(flat[-1])
+
+    def errored(self) -> bool:
+        return self.manager.errored() is not None
+
+    def should_commit(self) -> bool:
+        return self.manager.should_commit()
+
+    def set_position(self, step: int, batches_committed: int) -> None:
+        """After a disk resume: the step and the global data position (in group batches) torchft counts from."""
+        self.manager.load_state_dict({"step": step, "batches_committed": batches_committed})
+
+    @property
+    def step(self) -> int:
+        return self.manager.current_step()
+
+    def shutdown(self) -> None:
+        self.manager.shutdown(wait=False)
