@@ -18,11 +18,16 @@ def register(subparsers) -> None:
                    help="A run directory or checkpoint to serve; repeat to serve several. NAME defaults to the model's preset name.")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 exposes it to the network).")
     p.add_argument("--port", type=int, default=8000, help="TCP port.")
-    p.add_argument("--device", default="cpu", help="Device to run the model on (cpu or cuda).")
+    p.add_argument("--device", default="cpu", help="Device to run the model on (cpu, cuda or cuda:N).")
     p.add_argument("--slots", type=int, default=16, help="KV-cache slots per model: the most requests decoded together.")
     p.add_argument("--api-keys", metavar="FILE", help="TOML file of API keys (see docs/serve.md); GIGAFACTORY_API_KEYS also adds keys. No keys = open.")
     p.add_argument("--rate-limit", type=float, default=0, help="Requests per minute per API key (0 = unlimited); a key may override it.")
     p.add_argument("--rollout", metavar="FILE", help="Phased rollout policy TOML (see gigafactory/serve/rollout.example.toml); re-read on change or SIGHUP.")
+    p.add_argument("--trusted-proxies", default="127.0.0.1,::1", metavar="IP[/BITS],...",
+                   help="Clients whose region/user headers are believed (your reverse proxy); '' = nobody.")
+    p.add_argument("--max-queue", type=int, default=256, help="Requests that may wait for a slot per model; more get 503 + Retry-After.")
+    p.add_argument("--request-timeout", type=float, default=600, help="Seconds a request may take from arrival to its last token (0 = no limit).")
+    p.add_argument("--shutdown-timeout", type=float, default=30, help="Seconds SIGTERM waits for open requests and connections before closing them.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="Server log level.")
     p.set_defaults(func=run)
 
@@ -30,7 +35,7 @@ def register(subparsers) -> None:
 def build_state(args: argparse.Namespace):
     """Load the checkpoints and access files into a ServerState (engines not started yet)."""
     from gigafactory.errors import UserError
-    from gigafactory.inference.generate import load_for_inference
+    from gigafactory.inference.generate import check_device, load_for_inference
     from gigafactory.serve.access import RateLimiter, load_keys
     from gigafactory.serve.api_server import ServerState
     from gigafactory.serve.engine import Engine
@@ -39,10 +44,21 @@ def build_state(args: argparse.Namespace):
 
     if args.slots < 1:
         raise UserError(f"--slots {args.slots} must be >= 1")
-    if args.rate_limit < 0:
+    if not 0 <= args.rate_limit < float("inf"):
         raise UserError(f"--rate-limit {args.rate_limit} must be >= 0 (0 = unlimited)")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} must be in 0..65535")
+    if args.max_queue < 1:
+        raise UserError(f"--max-queue {args.max_queue} must be >= 1")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
+        if not 0 <= value < float("inf"):
+            raise UserError(f"{flag} {value} must be a number of seconds >= 0")
+    proxies = parse_proxies(args.trusted_proxies)
+    check_device(args.device)
+    keys = load_keys(args.api_keys)
+    if args.rate_limit and not keys:
+        raise UserError(f"--rate-limit {args.rate_limit:g} limits requests per API key, and no key is configured; "
+                        "add --api-keys FILE (or GIGAFACTORY_API_KEYS), or drop --rate-limit")
     metrics = Metrics()
     engines = {}
     for spec in args.checkpoint:
@@ -53,15 +69,31 @@ def build_state(args: argparse.Namespace):
         name = name or loaded.config.model.name
         if name in engines:
             raise UserError(f"--checkpoint {spec}: the name '{name}' is taken; write NAME=DIR to give each model its own")
-        engines[name] = Engine(loaded.model, loaded.tokenizer, name, n_slots=args.slots, metrics=metrics)
+        engines[name] = Engine(loaded.model, loaded.tokenizer, name, n_slots=args.slots, metrics=metrics,
+                               max_waiting=args.max_queue)
     rollout = RolloutPolicy(args.rollout, metrics) if args.rollout else None
     if rollout is not None:
         missing = {r.model for r in [rollout.policy.default, *rollout.policy.regions.values()] if r.model} - set(engines)
         if missing:
             raise UserError(f"--rollout {args.rollout}: model(s) {', '.join(sorted(missing))} are not served; "
                             f"add --checkpoint NAME=DIR for each or fix the policy")
-    keys = load_keys(args.api_keys)
-    return ServerState(engines, next(iter(engines)), metrics, keys, RateLimiter(args.rate_limit), rollout)
+    return ServerState(engines, next(iter(engines)), metrics, keys, RateLimiter(args.rate_limit), rollout, proxies,
+                       args.request_timeout or None)
+
+
+def parse_proxies(text: str) -> tuple:
+    """--trusted-proxies as networks; a bad address is a one-line error."""
+    import ipaddress
+
+    from gigafactory.errors import UserError
+
+    nets = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise UserError(f"--trusted-proxies: {item!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+    return tuple(nets)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,5 +107,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, lambda *_: state.rollout.reload())
     print(f"serving {', '.join(state.engines)} on http://{args.host}:{args.port}/ "
           f"({'API keys required' if state.keys else 'no API keys: open to anyone who can reach it'})", flush=True)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    # timeout_graceful_shutdown: SIGTERM drains streams, but idle or stalled connections cannot hold it forever.
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
     return 0

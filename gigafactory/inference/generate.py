@@ -27,8 +27,25 @@ class LoadedModel:
     checkpoint: Path
 
 
+def check_device(device: str, flag: str = "--device") -> torch.device:
+    """The torch device for a user-given name, or a one-line error (an unknown name, or CUDA on a CPU-only build)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"{flag} {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {device}: this PyTorch build or machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise UserError(f"{flag} {device}: only cpu and cuda are supported")
+    return dev
+
+
 def load_for_inference(path: str | Path, device: str = "cpu") -> LoadedModel:
     """Build the model from the checkpoint's own config.toml, load its weights, and its tokenizer."""
+    check_device(device)
     ckpt = resolve_checkpoint(path)
     config_file = ckpt / "config.toml"
     if not config_file.is_file():
@@ -55,7 +72,7 @@ def generate_tokens(model: GrokModel, prompt_ids: list[int], params: SamplingPar
     if len(prompt_ids) >= max_len:
         raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_len}; shorten the prompt")
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed % 2**64)  # any int (a 22-digit --seed too)
     budget = min(params.max_tokens, max_len - len(prompt_ids))
     ids = list(prompt_ids)
     cache = KVCache.allocate(model.cfg, 1, max_len, device=device) if use_cache else None
@@ -67,7 +84,7 @@ def generate_tokens(model: GrokModel, prompt_ids: list[int], params: SamplingPar
             logits = model(tokens, positions, cache)
         else:
             logits = model(tokens)
-        next_id = sample_next(logits[0, -1], params, generator)
+        next_id = sample_next(logits[0, -1], params, generator, ids[len(prompt_ids):])
         if stop_at_eos and next_id == EOS_ID:
             return
         yield next_id

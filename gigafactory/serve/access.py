@@ -40,19 +40,38 @@ def load_keys(path: str | None, env: str | None = None) -> dict[str, ApiKey]:
             keys[secret] = ApiKey(secret, f"env-{i}")
     if path:
         p = Path(path).expanduser()
+        if p.is_dir():
+            raise UserError(f"--api-keys {p}: is a directory; give the TOML file of keys")
         if not p.is_file():
             raise UserError(f"--api-keys {p}: file not found; write a TOML file with [keys.\"SECRET\"] tables")
         try:
             raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"--api-keys {p}: not valid TOML ({err}); fix the file") from None
+        unknown = sorted(set(raw) - {"keys"})
+        if unknown:  # e.g. a misspelled [key."sk-x"]: starting open to anyone would be the wrong guess
+            raise UserError(f"--api-keys {p}: unknown table(s) {', '.join(unknown)}; keys go in [keys.\"SECRET\"] tables")
+        if not isinstance(raw.get("keys", {}), dict):
+            raise UserError(f"--api-keys {p}: keys must be tables, [keys.\"SECRET\"]")
         for secret, entry in raw.get("keys", {}).items():
             if not isinstance(entry, dict):
                 raise UserError(f"--api-keys {p}: keys.{secret[:6]}... must be a table with name/region/requests_per_minute")
+            extra = sorted(set(entry) - {"name", "region", "requests_per_minute"})
+            if extra:
+                raise UserError(f"--api-keys {p}: keys.{secret[:6]}... has unknown field(s) {', '.join(extra)}; "
+                                "use name, region, requests_per_minute")
+            if not secret.strip():
+                raise UserError(f"--api-keys {p}: a key's secret is empty")
             rpm = entry.get("requests_per_minute")
-            if rpm is not None and (not isinstance(rpm, (int, float)) or rpm <= 0):
+            if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, (int, float)) or not 0 < rpm < float("inf")):
                 raise UserError(f"--api-keys {p}: requests_per_minute must be a positive number")
-            keys[secret] = ApiKey(secret, str(entry.get("name", secret[:6] + "...")), entry.get("region"), rpm)
+            region = entry.get("region")
+            if region is not None and not isinstance(region, str):
+                raise UserError(f"--api-keys {p}: keys.{secret[:6]}... region must be a string such as \"DE\"")
+            keys[secret] = ApiKey(secret, str(entry.get("name", secret[:6] + "...")), region, rpm)
+        if not raw.get("keys"):
+            raise UserError(f"--api-keys {p}: the file defines no key, so the server would be open to anyone; "
+                            "add [keys.\"SECRET\"] tables or drop --api-keys")
     return keys
 
 

@@ -1,22 +1,23 @@
-"""The HTTP server: OpenAI-compatible completions and chat completions, models, health, metrics, the chat page.
+"""The HTTP server: OpenAI-compatible completions and chat completions, models, health/ready, metrics, the page.
 
 Every request passes the same gate before it reaches an engine: API key (401) -> rate limit (429 + Retry-After) ->
-rollout policy (403) -> JSON body and schema (400) -> model (404) -> prompt length and sampling values (400).
-Anything a client can send wrong ends as a 4xx with an OpenAI-style error body.
+rollout policy (403) -> body size (413), JSON and schema (400) -> model (404) -> prompt length and sampling values
+(400) -> queue bound (503 + Retry-After). Anything a client can send wrong ends as a 4xx with an OpenAI-style body;
+anything that still breaks is a 500 in the same shape, counted in /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import ipaddress
+import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,12 +27,15 @@ from gigafactory.serve.access import ApiKey, RateLimiter, find_key, retry_after_
 from gigafactory.serve.chat_template import ChatTemplate
 from gigafactory.serve.engine import Engine
 from gigafactory.serve.metrics import Metrics
-from gigafactory.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
+from gigafactory.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
+from gigafactory.serve.responses import respond
 from gigafactory.serve.rollout import RolloutPolicy
 
+log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "index.html"
 MAX_BODY_BYTES = 1 << 20
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ROUTES = ("/", "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @dataclass
@@ -42,6 +46,9 @@ class ServerState:
     keys: dict[str, ApiKey] = field(default_factory=dict)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     rollout: RolloutPolicy | None = None
+    # Clients whose X-Region / X-User-Id headers are believed (your reverse proxy); everyone else's are ignored.
+    trusted_proxies: tuple = LOOPBACK
+    request_timeout: float | None = 600.0  # seconds from arrival to the last token; None = no deadline
 
 
 def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
@@ -61,6 +68,7 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
+        state.metrics.errors.inc(type=err.code or err.TYPES.get(err.status, "api_error"))
         return err.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -72,17 +80,35 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
     async def request_validation_error(request, err):
         return validation_error(err).response()
 
+    @app.exception_handler(Exception)
+    async def internal_error(request, err: Exception):  # a bug: still one JSON answer in OpenAI's shape, counted
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        state.metrics.errors.inc(type="internal")
+        return ApiError(500, f"internal error ({type(err).__name__}); this is a server bug", code="internal_error").response()
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(PAGE.read_text())
 
     @app.get("/health")
     async def health():
+        """Liveness: the process answers. A load balancer restarts what fails this, nothing else."""
         return {"status": "ok", "models": list(state.engines)}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/ready")
+    async def ready():
+        """Readiness: every engine thread runs with its model loaded and its queue below the bound; a load balancer
+        sends no new traffic while this is 503."""
+        problems = [f"model '{n}': engine not running" for n, e in state.engines.items() if not e.alive]
+        problems += [f"model '{n}': queue full ({e.queue_length}/{e.max_waiting})" for n, e in state.engines.items()
+                     if e.queue_length >= e.max_waiting]
+        body = {"status": "not ready" if problems else "ready", "problems": problems,
+                "queues": {n: e.queue_length for n, e in state.engines.items()}}
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -93,27 +119,33 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        started = time.perf_counter()
         engine, req = await _admit(state, request, CompletionRequest)
-        if req.echo:
-            raise ApiError(400, "echo=true is not supported; drop it", param="echo", code="unsupported")
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ApiError(400, "send one prompt per request (a list of several strings is not supported)", param="prompt")
             prompt = prompt[0]
-        ids = engine.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
-        if any(not 0 <= t < engine.model.cfg.vocab_size for t in ids):
-            raise ApiError(400, f"prompt token ids must be in [0, {engine.model.cfg.vocab_size})", param="prompt")
-        return await _generate(request, engine, req, ids, req.max_tokens, [], chat=False)
+        if isinstance(prompt, str):
+            ids = await _encode(engine, prompt, "prompt")
+        else:
+            ids = list(prompt)
+            if any(not 0 <= t < engine.model.cfg.vocab_size for t in ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {engine.model.cfg.vocab_size})", param="prompt")
+        params = _sampling(engine, req, ids, req.max_tokens, "prompt")
+        return await respond(request, state, engine, req, ids, params, req.stop_list(), False, started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        started = time.perf_counter()
         engine, req = await _admit(state, request, ChatCompletionRequest)
-        template = ChatTemplate(engine.tokenizer)
-        text = template.render([{"role": m.role, "content": m.text()} for m in req.messages])
-        ids = engine.tokenizer.encode(text).ids
+        template = ChatTemplate(engine.tokenizer, engine.text_encoder)
+        messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
+        _check_size(engine, sum(len(m["content"].encode()) for m in messages), "messages")
+        ids = await asyncio.to_thread(template.encode, messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return await _generate(request, engine, req, ids, max_tokens, template.stop, chat=True)
+        params = _sampling(engine, req, ids, max_tokens, "messages")
+        return await respond(request, state, engine, req, ids, params, req.stop_list() + template.stop, True, started)
 
     return app
 
@@ -150,6 +182,29 @@ def _authenticate(state: ServerState, request: Request) -> ApiKey | None:
     return key
 
 
+def _from_trusted_proxy(state: ServerState, request: Request) -> bool:
+    try:
+        client = ipaddress.ip_address(request.client.host) if request.client else None
+    except ValueError:
+        return False
+    return client is not None and any(client in net for net in state.trusted_proxies)
+
+
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too big: from Content-Length before reading a byte,
+    or while streaming a chunked body."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {int(declared)} bytes; the limit is {limit}", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _admit(state: ServerState, request: Request, schema):
     """The gate: key, rate limit, rollout, body, model. Returns the engine to use and the parsed request."""
     key = _authenticate(state, request)
@@ -162,22 +217,16 @@ async def _admit(state: ServerState, request: Request, schema):
     region_model = None
     if state.rollout is not None:
         policy = state.rollout.policy
-        region = request.headers.get(policy.region_header) or (key.region if key else None) or ""
-        user = request.headers.get(policy.user_header) or (key.name if key else None)
+        trusted = _from_trusted_proxy(state, request)
+        region = (request.headers.get(policy.region_header) if trusted else None) or (key.region if key else None) or ""
+        # The identity is the key's when there is one; a header names the user only when a trusted proxy set it.
+        user = key.name if key else (request.headers.get(policy.user_header) if trusted else None)
         decision = state.rollout.decide(region, user, time.monotonic())
         if not decision.admitted:
             raise ApiError(403, decision.reason, code="not_in_rollout")
         region_model = decision.model
 
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
-    try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"request body is not valid JSON ({err}); send a JSON object", code="invalid_json") from None
-    if not isinstance(raw, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    raw = parse_body(await _read_body(request))
     try:
         req = schema.model_validate(raw)
     except ValidationError as err:
@@ -187,95 +236,38 @@ async def _admit(state: ServerState, request: Request, schema):
     if name not in state.engines:
         if region_model:
             raise ApiError(503, f"model '{name}' set for this region by the rollout policy is not loaded", code="model_not_loaded")
-        raise ApiError(404, f"model '{name}' does not exist; available: {', '.join(state.engines)}", param="model",
+        raise ApiError(404, f"model '{name[:100]}' does not exist; available: {', '.join(state.engines)}", param="model",
                        code="model_not_found")
     return state.engines[name], req
 
 
-async def _generate(request: Request, engine: Engine, req, ids: list[int], max_tokens: int | None, extra_stop: list[str],
-                    chat: bool):
-    if req.n != 1:
-        raise ApiError(400, f"n={req.n} is not supported; use n=1 and send several requests", param="n")
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported; drop the field", param="logprobs")
+def _check_size(engine: Engine, n_bytes: int, param: str) -> None:
+    """Refuse, without tokenizing, text that cannot fit: every token covers at most `max_token_bytes` bytes."""
+    if n_bytes > engine.max_len * engine.max_token_bytes:
+        raise ApiError(400, f"the {param} is {n_bytes} bytes, more than this model's context of {engine.max_len} "
+                            "tokens can hold; shorten it", param=param, code="context_length_exceeded")
+
+
+async def _encode(engine: Engine, text: str, param: str) -> list[int]:
+    """User text -> ids off the event loop (a long prompt must not stall every stream), never as control tokens."""
+    _check_size(engine, len(text.encode()), param)
+    return (await asyncio.to_thread(engine.text_encoder.encode, text)).ids
+
+
+def _sampling(engine: Engine, req, ids: list[int], max_tokens: int | None, param: str) -> SamplingParams:
     if not ids:
-        raise ApiError(400, "the prompt is empty; send at least one token of text", param="prompt")
+        raise ApiError(400, "the prompt is empty; send at least one token of text", param=param)
     context = engine.max_len
     if len(ids) >= context:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {context}; shorten it",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")
-    stop = req.stop_list()
-    if len(stop) > 4 or any(not s for s in stop):
-        raise ApiError(400, "stop must be up to 4 non-empty strings", param="stop")
+                       param=param, code="context_length_exceeded")
     room = context - len(ids)
-    params = SamplingParams(req.temperature, req.top_k, req.top_p, room if max_tokens is None else max_tokens)
+    params = SamplingParams(req.temperature, req.top_k, req.top_p, room if max_tokens is None else max_tokens,
+                            req.min_p, req.presence_penalty, req.frequency_penalty,
+                            req.bias_ids(engine.model.cfg.vocab_size))
     try:
         params.validate()
     except UserError as err:
         raise ApiError(400, str(err), param=str(err).split("=")[0], code="invalid_value") from None
-    if req.temperature > 2:
-        raise ApiError(400, f"temperature={req.temperature} must be in [0, 2]", param="temperature", code="invalid_value")
     params.max_tokens = min(params.max_tokens, room)
-
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    seq = engine.submit(ids, params, lambda text, fin: loop.call_soon_threadsafe(events.put_nowait, (text, fin)),
-                        stop + extra_stop, req.seed, req.ignore_eos)
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
-
-    def usage():
-        return {"prompt_tokens": len(ids), "completion_tokens": len(seq.output_ids),
-                "total_tokens": len(ids) + len(seq.output_ids)}
-
-    def choice(text: str, finish: str | None, delta: bool) -> dict:
-        if not chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        if delta:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-
-    if req.stream:
-        async def sse():
-            def chunk(choices, **extra) -> str:
-                obj = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": engine.name,
-                       "choices": choices, **extra}
-                return f"data: {json.dumps(obj)}\n\n"
-            try:
-                if chat:
-                    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-                while True:
-                    text, finish = await events.get()
-                    if finish == "error":
-                        yield f"data: {json.dumps(ApiError(500, 'generation failed: ' + text).body())}\n\n"
-                        break
-                    if text or finish:
-                        yield chunk([choice(text, finish, delta=True)])
-                    if finish:
-                        if req.include_usage():
-                            yield chunk([], usage=usage())
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                engine.abort(seq)  # a client that went away mid-stream frees its slot; no-op once finished
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    pieces, finish, checked = [], None, time.monotonic()
-    try:
-        while finish is None:
-            try:
-                text, finish = await asyncio.wait_for(events.get(), timeout=0.5)
-                pieces.append(text)
-            except TimeoutError:
-                pass
-            if finish is None and time.monotonic() - checked >= 0.25:  # has the client gone? (every 0.25 s)
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)
-    finally:
-        engine.abort(seq)
-    if finish == "error":
-        return JSONResponse(ApiError(500, "generation failed: " + pieces[-1]).body(), status_code=500)
-    return {"id": rid, "object": kind, "created": created, "model": engine.name,
-            "choices": [choice("".join(pieces), finish, delta=False)], "usage": usage()}
+    return params

@@ -1,4 +1,9 @@
-"""The engine: a loop thread running scheduler -> model runner steps, and a thread-safe submit/abort API."""
+"""The engine: a loop thread running scheduler -> model runner steps, and a thread-safe submit/abort API.
+
+Failures are per request: a prefill, a sampling call or a client callback that raises ends that request with an
+error and nothing else; a batched decode that raises is retried one row at a time so only the culprit fails.
+Only a failure outside any request (the scheduler itself) ends every request in flight.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from collections.abc import Callable
 import torch
 from tokenizers import Tokenizer
 
-from gigafactory.data.tokenizer import EOS_ID
+from gigafactory.data.tokenizer import EOS_ID, plain_text_encoder
 from gigafactory.inference.sampling import SamplingParams
 from gigafactory.models import GrokModel
 from gigafactory.serve.kv_cache import SlotKVCache
@@ -23,17 +28,26 @@ from gigafactory.serve.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+class QueueFull(Exception):
+    """The engine already has `max_waiting` requests waiting for a slot: the server answers 503 + Retry-After."""
+
+
 class Engine:
     def __init__(self, model: GrokModel, tokenizer: Tokenizer, name: str, n_slots: int = 16,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, max_waiting: int = 256):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.text_encoder = plain_text_encoder(tokenizer)  # for user text: never yields control tokens
         self.max_len = model.cfg.max_seq_len
+        # An upper bound on the input bytes one token covers: text longer than max_len x this cannot fit the context.
+        self.max_token_bytes = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) or 1
+        self.max_waiting = max_waiting
         device = next(model.parameters()).device
         self.kv = SlotKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype)
         self.runner = ModelRunner(model, self.kv)
         self.scheduler = Scheduler(self.kv)
         self.metrics = metrics or Metrics()
         self._inbox: queue.Queue[Sequence] = queue.Queue()
+        self._submit_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -47,11 +61,21 @@ class Engine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[str, str | None], None],
-               stop: list[str] | None = None, seed: int | None = None, ignore_eos: bool = False) -> Sequence:
-        """Queue a request; `on_event(text_delta, finish_reason)` is called from the engine thread."""
-        seq = Sequence(list(prompt_ids), params, self.tokenizer, on_event, stop or [], seed, ignore_eos)
-        self._inbox.put(seq)
+               stop: list[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
+               logprobs: int | None = None, deadline: float | None = None) -> Sequence:
+        """Queue a request; `on_event(text_delta, finish_reason)` is called from the engine thread. `deadline` is a
+        time.perf_counter() value after which the request ends with finish reason "timeout". Raises QueueFull."""
+        seq = Sequence(list(prompt_ids), params, self.tokenizer, on_event, stop or [], seed, ignore_eos, logprobs)
+        seq.deadline = deadline
+        with self._submit_lock:
+            if self.queue_length >= self.max_waiting:
+                raise QueueFull(f"{self.queue_length} requests are already waiting for model '{self.name}'")
+            self._inbox.put(seq)
         self._wake.set()
         return seq
 
@@ -71,40 +95,75 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping:
-            while not self._inbox.empty():
-                self.scheduler.add(self._inbox.get_nowait())
-            self.scheduler.retire()
-            if self.scheduler.idle:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                self.step()
-            except Exception as err:  # a failed step must not hang every client: end their requests with an error
-                log.exception("engine step failed")
-                for seq in self.scheduler.running + list(self.scheduler.waiting):
-                    if seq.finish_reason is None:
-                        seq.finish_reason = "error"
-                        seq.on_event(f"{type(err).__name__}: {err}", "error")
+                while not self._inbox.empty():
+                    self.scheduler.add(self._inbox.get_nowait())
+                self._expire()
                 self.scheduler.retire()
+                if self.scheduler.idle:
+                    self.metrics.engine_state(self.name, self.queue_length, self.n_running)
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self.step()
+            except Exception as err:  # outside any one request: end them all rather than hang every client
+                log.exception("engine loop failed")
+                for seq in self.scheduler.running + list(self.scheduler.waiting):
+                    self._guard(seq, lambda s=seq: s.fail(f"engine failure: {type(err).__name__}"))
+                self.scheduler.retire()
+
+    def _expire(self) -> None:
+        now = time.perf_counter()
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            if seq.deadline is not None and seq.finish_reason is None and now > seq.deadline:
+                self._guard(seq, lambda s=seq: s.expire())
 
     def step(self) -> None:
         """One engine step: prefill newly admitted sequences, then one batched decode for all running ones."""
         t0 = time.perf_counter()
         admitted = self.scheduler.admit()
         for seq in admitted:
-            self._accept(seq, self.runner.prefill(seq))
+            self._guard(seq, lambda s=seq: self._accept(s, self.runner.sample(s, self.runner.prefill(s))))
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids), model=self.name)
-            self.metrics.ttft.observe(seq.first_token_at - seq.arrived, model=self.name)
+            if seq.first_token_at is not None:
+                self.metrics.ttft.observe(seq.first_token_at - seq.arrived, model=self.name)
         decoding = [s for s in self.scheduler.running if s.finish_reason is None and s.output_ids]
         if decoding:
-            for seq, token in zip(decoding, self.runner.decode(decoding)):
-                self._accept(seq, token)
+            for seq, logits, greedy in self._decode(decoding):
+                self._guard(seq, lambda s=seq, lg=logits, g=greedy: self._accept(s, self.runner.sample(s, lg, g)))
         self.scheduler.retire()
-        self.metrics.step(self.name, time.perf_counter() - t0, len(admitted) + len(decoding), self.queue_length, self.n_running)
+        self.metrics.step(self.name, time.perf_counter() - t0, len(admitted) + len(decoding), self.queue_length,
+                          self.n_running)
+
+    def _decode(self, seqs: list[Sequence]):
+        """(sequence, its logits row, the batch argmax or None) for each sequence whose forward succeeded."""
+        try:
+            logits_BV = self.runner.decode(seqs)
+            greedy = logits_BV.argmax(-1).tolist()  # one op for every plain greedy row
+            return [(s, logits_BV[s.slot], greedy[s.slot]) for s in seqs]
+        except Exception:
+            log.exception("batched decode failed; decoding its %d requests one by one", len(seqs))
+        out = []
+        for seq in seqs:
+            self._guard(seq, lambda s=seq: out.append((s, self.runner.decode_one(s), None)))
+        return out
+
+    def _guard(self, seq: Sequence, work: Callable[[], None]) -> None:
+        """Run one request's work; if it raises, that request (only) ends with an error."""
+        try:
+            work()
+        except Exception as err:
+            log.exception("request %s failed", seq.id)
+            self.metrics.errors.inc(type="engine_" + type(err).__name__)
+            try:
+                seq.fail(f"generation failed: {type(err).__name__}")
+            except Exception:  # its callback is what broke: mark it finished so its row is freed
+                seq.finish_reason = "error"
 
     def _accept(self, seq: Sequence, token: int) -> None:
         if seq.finish_reason is not None:  # aborted during this step
             return
+        if seq.last_token_at is not None:
+            self.metrics.inter_token.observe(time.perf_counter() - seq.last_token_at, model=self.name)
         seq.append(token, EOS_ID, self.max_len)
         self.metrics.generation_tokens.inc(1, model=self.name)

@@ -1,92 +1,78 @@
-"""Prometheus text exposition for /metrics: counters, gauges and a latency histogram, no client library."""
+"""Everything /metrics shows, through prometheus_client (one registry per server, so tests can run several).
+
+Label values are bounded by construction: endpoints are the known routes or "other", models are the served names,
+error types are a fixed vocabulary of codes, key names come from the operator's keys file, and rollout regions
+are the ones the policy names (anything else is "other"). A client can never add a series.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict, deque
 
+import prometheus_client as prom
 
-def _labels(labels: dict) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in sorted(labels.items()))
-    return "{" + body + "}"
+prom.disable_created_metrics()  # the *_created series double the exposition and nobody reads them
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class Counter:
-    kind = "counter"
+class _Family:
+    """A labelled prometheus_client metric called with keyword labels: `inc(model="x")`, `get(model="x")`."""
 
-    def __init__(self, name: str, help: str):
-        self.name, self.help = name, help
-        self.values: dict[tuple, float] = defaultdict(float)
-        self._lock = threading.Lock()
+    def __init__(self, kind, name: str, help: str, labels: tuple[str, ...], registry, **kw):
+        self.labelnames = tuple(sorted(labels))
+        self.metric = kind(name, help, self.labelnames, registry=registry, **kw)
+
+    def _child(self, labels: dict):
+        return self.metric.labels(**{k: str(labels[k]) for k in self.labelnames}) if self.labelnames else self.metric
 
     def inc(self, amount: float = 1, **labels) -> None:
-        with self._lock:
-            self.values[tuple(sorted(labels.items()))] += amount
-
-    def get(self, **labels) -> float:
-        return self.values.get(tuple(sorted(labels.items())), 0.0)
-
-    def lines(self) -> list[str]:
-        return [f"{self.name}{_labels(dict(k))} {v:g}" for k, v in sorted(self.values.items())]
-
-
-class Gauge(Counter):
-    kind = "gauge"
+        self._child(labels).inc(amount)
 
     def set(self, value: float, **labels) -> None:
-        with self._lock:
-            self.values[tuple(sorted(labels.items()))] = value
-
-
-class Histogram:
-    kind = "histogram"
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-    def __init__(self, name: str, help: str):
-        self.name, self.help = name, help
-        self.series: dict[tuple, list] = {}  # labels -> [bucket counts..., sum, count]
-        self._lock = threading.Lock()
+        self._child(labels).set(value)
 
     def observe(self, value: float, **labels) -> None:
-        with self._lock:
-            s = self.series.setdefault(tuple(sorted(labels.items())), [0] * len(self.BUCKETS) + [0.0, 0])
-            for i, bound in enumerate(self.BUCKETS):
-                s[i] += value <= bound
-            s[-2] += value
-            s[-1] += 1
+        self._child(labels).observe(value)
 
-    def lines(self) -> list[str]:
-        out = []
-        for key, s in sorted(self.series.items()):
-            labels = dict(key)
-            for bound, n in zip(self.BUCKETS, s):
-                out.append(f"{self.name}_bucket{_labels({**labels, 'le': bound})} {n}")
-            out.append(f"{self.name}_bucket{_labels({**labels, 'le': '+Inf'})} {s[-1]}")
-            out.append(f"{self.name}_sum{_labels(labels)} {s[-2]:g}")
-            out.append(f"{self.name}_count{_labels(labels)} {s[-1]}")
-        return out
+    def get(self, **labels) -> float:
+        """A counter's or gauge's current value (0 if the series does not exist yet)."""
+        key = tuple(str(labels[k]) for k in self.labelnames)
+        child = self.metric._metrics.get(key) if self.labelnames else self.metric
+        return 0.0 if child is None else child._value.get()
 
 
 class Metrics:
-    """Every number /metrics shows. The engine, the access checks and the rollout policy write here."""
+    """Every number /metrics shows. The engine, the server, the access checks and the rollout policy write here."""
 
     WINDOW_S = 10.0  # tokens/s is averaged over this many seconds
+    CONTENT_TYPE = prom.CONTENT_TYPE_LATEST
 
     def __init__(self):
+        self.registry = reg = prom.CollectorRegistry()
         p = "gigafactory_serve_"
-        self.requests = Counter(p + "requests_total", "HTTP requests by endpoint and status code.")
-        self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens prefilled.")
-        self.generation_tokens = Counter(p + "generation_tokens_total", "Tokens generated.")
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "From arrival at the engine to the first token.")
-        self.tokens_per_s = Gauge(p + "generation_tokens_per_second", "Tokens generated per second over the last 10 s.")
-        self.queue_length = Gauge(p + "queue_length", "Requests waiting for a free KV-cache slot.")
-        self.running = Gauge(p + "running_requests", "Requests holding a KV-cache slot.")
-        self.rollout = Counter(p + "rollout_decisions_total", "Rollout policy decisions by region, state and outcome.")
-        self.rollout_reloads = Counter(p + "rollout_reloads_total", "Rollout policy reloads by result (ok/error).")
-        self.rate_limited = Counter(p + "rate_limited_total", "Requests refused with 429, by key name.")
+        C, G, H = prom.Counter, prom.Gauge, prom.Histogram
+        self.requests = _Family(C, p + "requests", "HTTP responses by endpoint and status code.", ("endpoint", "status"), reg)
+        self.errors = _Family(C, p + "errors", "Failed requests by error type (the error code, or the engine's).", ("type",), reg)
+        self.prompt_tokens = _Family(C, p + "prompt_tokens", "Prompt tokens prefilled.", ("model",), reg)
+        self.generation_tokens = _Family(C, p + "generation_tokens", "Tokens generated.", ("model",), reg)
+        self.latency = _Family(H, p + "request_latency_seconds", "End-to-end time of a generation request, arrival to "
+                               "last byte.", ("model",), reg, buckets=LATENCY_BUCKETS)
+        self.ttft = _Family(H, p + "time_to_first_token_seconds", "From arrival at the engine to the first token.",
+                            ("model",), reg, buckets=LATENCY_BUCKETS)
+        self.inter_token = _Family(H, p + "inter_token_latency_seconds", "Time between two tokens of one request.",
+                                   ("model",), reg, buckets=INTER_TOKEN_BUCKETS)
+        self.tokens_per_s = _Family(G, p + "generation_tokens_per_second", "Tokens generated per second over the last 10 s.",
+                                    ("model",), reg)
+        self.queue_length = _Family(G, p + "queue_length", "Requests waiting for a free KV-cache slot.", ("model",), reg)
+        self.running = _Family(G, p + "running_requests", "Requests holding a KV-cache slot.", ("model",), reg)
+        self.rejected = _Family(C, p + "rejected", "Requests refused with 503 because the queue was full.", ("model",), reg)
+        self.rollout = _Family(C, p + "rollout_decisions", "Rollout policy decisions by region, state and outcome.",
+                               ("region", "rule", "state", "decision"), reg)
+        self.rollout_reloads = _Family(C, p + "rollout_reloads", "Rollout policy reloads by result (ok/error).", ("result",), reg)
+        self.rate_limited = _Family(C, p + "rate_limited", "Requests refused with 429, by key name.", ("key",), reg)
         self._recent: dict[str, deque] = defaultdict(deque)
 
     def step(self, model: str, seconds: float, decoded: int, queue_length: int, running: int) -> None:
@@ -95,16 +81,15 @@ class Metrics:
         recent.append((now, decoded))
         while recent and recent[0][0] < now - self.WINDOW_S:
             recent.popleft()
+        self.engine_state(model, queue_length, running)
+
+    def engine_state(self, model: str, queue_length: int, running: int) -> None:
         self.queue_length.set(queue_length, model=model)
         self.running.set(running, model=model)
 
-    def render(self) -> str:
+    def render(self) -> bytes:
         now = time.monotonic()
-        for model, recent in self._recent.items():
-            tokens = sum(n for t, n in recent if t >= now - self.WINDOW_S)
+        for model, recent in list(self._recent.items()):
+            tokens = sum(n for t, n in list(recent) if t >= now - self.WINDOW_S)
             self.tokens_per_s.set(tokens / self.WINDOW_S, model=model)
-        out = []
-        for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.tokens_per_s,
-                  self.queue_length, self.running, self.rollout, self.rollout_reloads, self.rate_limited):
-            out += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} {m.kind}", *m.lines()]
-        return "\n".join(out) + "\n"
+        return prom.generate_latest(self.registry)

@@ -1,10 +1,14 @@
-"""Runs the model: prefill one sequence into its cache row, then decode every running row in one forward."""
+"""Runs the model: prefill one sequence into its cache row, decode every running row in one forward, and sample.
+
+The forwards return logits and sampling is a separate call per sequence, so the engine can end one request that
+fails (bad numbers, a broken callback) without touching the others in the batch.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from gigafactory.inference.sampling import sample_next
+from gigafactory.inference.sampling import sample_next, top_logprobs
 from gigafactory.models import GrokModel
 from gigafactory.serve.kv_cache import SlotKVCache
 from gigafactory.serve.sequence import Sequence
@@ -16,24 +20,40 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def prefill(self, seq: Sequence) -> int:
-        """Write the prompt's keys into the sequence's row and sample its first token."""
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        """Write the prompt's keys into the sequence's row; the logits for its first token."""
         ids = torch.tensor([seq.prompt_ids], device=self.device)
         positions = torch.arange(len(seq.prompt_ids), device=self.device)[None]
-        logits = self.model(ids, positions, self.kv.rows(seq.slot, seq.slot + 1))
-        return sample_next(logits[0, -1], seq.params, seq.generator)
+        return self.model(ids, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> list[int]:
-        """One new token for each sequence. Runs rows [0, hi) where hi is past the highest used slot; idle rows
-        in between get a dummy token at position 0 (they write only their own free row) and are ignored."""
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [hi, V] for one new token of each sequence (row = its slot). Runs rows [0, hi) where hi is past the
+        highest used slot; idle rows in between get a dummy token at position 0 (they write only their own free
+        row) and are ignored."""
         hi = max(s.slot for s in seqs) + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         positions = torch.zeros(hi, 1, dtype=torch.long)
         for s in seqs:
             tokens[s.slot, 0] = s.output_ids[-1]
             positions[s.slot, 0] = s.length - 1
-        logits_BV = self.model(tokens.to(self.device), positions.to(self.device), self.kv.rows(0, hi))[:, -1]
-        greedy = logits_BV.argmax(-1).tolist()  # one op for every temperature-0 row
-        return [greedy[s.slot] if s.params.temperature == 0 else sample_next(logits_BV[s.slot], s.params, s.generator)
-                for s in seqs]
+        return self.model(tokens.to(self.device), positions.to(self.device), self.kv.rows(0, hi))[:, -1]
+
+    @torch.no_grad()
+    def decode_one(self, seq: Sequence) -> torch.Tensor:
+        """One sequence alone, on its own row only: the fallback when a batched decode fails."""
+        tokens = torch.tensor([[seq.output_ids[-1]]], device=self.device)
+        positions = torch.tensor([[seq.length - 1]], device=self.device)
+        return self.model(tokens, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
+
+    @staticmethod
+    def sample(seq: Sequence, logits_V: torch.Tensor, greedy: int | None = None) -> int:
+        """The sequence's next token with its own settings and generator (`greedy`: the batch's argmax, if known);
+        records its logprobs when the request asked for them."""
+        if greedy is not None and seq.params.plain_greedy:
+            token = greedy
+        else:
+            token = sample_next(logits_V, seq.params, seq.generator, seq.output_ids)
+        if seq.logprobs is not None:
+            seq.token_logprobs.append((token, *top_logprobs(logits_V, token, seq.logprobs)))
+        return token

@@ -1,29 +1,45 @@
-"""OpenAI request schemas (the fields we honour) and OpenAI-style error bodies."""
+"""OpenAI request schemas (exactly the fields we honour, with OpenAI's ranges), body checks, and error bodies.
+
+An OpenAI field this server does not honour is refused with a 400 naming it, never silently ignored: a client that
+sends `response_format` or `tools` must learn that its output will not follow them.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gigafactory.serve.sequence import MAX_STOP_CHARS
+
+MAX_JSON_DEPTH = 32  # deeper bodies are refused before validation (json.loads recurses; 1000 levels raise)
+MAX_LOGIT_BIAS = 300  # OpenAI's own bound on logit_bias entries
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
 
 class _Request(BaseModel):
-    # Unknown OpenAI fields (penalties, user, ...) are accepted and unused; NaN/Infinity (json.loads accepts them) are not.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Unknown fields are refused (see validation_error); NaN/Infinity (json.loads accepts them) are not numbers.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # extension (vLLM-style); 0 = off
-    n: int = 1
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # extension (vLLM-style); 0 = off
+    min_p: float = Field(0.0, ge=0, le=1)  # extension (vLLM-style); 0 = off
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    n: Literal[1] = 1
     stream: bool = False
-    stream_options: dict | None = None
-    stop: str | list[str] | None = None
+    stream_options: dict[Literal["include_usage"], bool] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     seed: int | None = None
+    user: str | None = None  # the end user's id (OpenAI: for abuse monitoring); logged nowhere, changes nothing
     ignore_eos: bool = False  # extension: keep generating past [EOS]
-    logprobs: bool | int | None = None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -31,26 +47,55 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def bias_ids(self, vocab_size: int) -> dict[int, float]:
+        """logit_bias with its keys as token ids; a key that is not an id in the vocabulary is an ApiError."""
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9 and int(key) < vocab_size):
+                raise ApiError(400, f"logit_bias key {key[:20]!r} is not a token id in [0, {vocab_size})",
+                               param="logit_bias", code="invalid_value")
+            out[int(key)] = bias
+        return out
+
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: Literal[False] = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # the sampled token's logprob plus this many top ones
+
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system turn
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def top_logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ApiError(Exception):
@@ -58,7 +103,7 @@ class ApiError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 503: "service_unavailable"}
+             429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None):
@@ -76,6 +121,49 @@ class ApiError(Exception):
 def validation_error(err) -> ApiError:
     """The first pydantic error as one OpenAI-style 400: names the field and what it must be."""
     first = err.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",)) or None
-    return ApiError(400, f"invalid value for '{param}': {first.get('msg')}" if param else first.get("msg", "invalid request"),
-                    param=param, code="invalid_value")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"'{param}' is not supported by this server; remove it (see docs/serve.md for the "
+                             f"fields it honours)", param=param, code="unsupported_parameter")
+    msg = first.get("msg", "invalid request")
+    return ApiError(400, f"invalid value for '{param}': {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def parse_body(body: bytes) -> dict:
+    """The request body as a JSON object, or an ApiError: not JSON, too deep, a number too long for Python's int
+    parser, or text that is not valid Unicode (a lone surrogate like "\\ud800" cannot be tokenized or echoed)."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError, > 4300 digits, depth
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
+        raise ApiError(400, f"request body is not valid JSON ({reason}); send a JSON object", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    stack = [(raw, 1, "")]
+    while stack:  # iterative: no recursion limit to hit
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            path = f"{where}.{key}" if where else str(key)
+            for text in ((key, item) if isinstance(key, str) else (item,)):
+                if isinstance(text, str) and not _valid_unicode(text):
+                    raise ApiError(400, f"'{_printable(path)}' contains a lone UTF-16 surrogate; send valid Unicode text",
+                                   param=_printable(path), code="invalid_value")
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1, path))
+    return raw
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(path: str) -> str:
+    return path.encode("utf-8", "replace").decode("utf-8")[:100]

@@ -8,7 +8,8 @@ A policy file (see rollout.example.toml) maps regions to a state:
 and optionally a `model` that serves the region. A region is an ISO country code (`DE`) or a group from [groups]
 (`EU`); a country's own entry wins over its group's, and `default` covers everything else (and a missing region).
 The region comes from the operator's trusted header (`region_header`, set by the proxy, never by the client) or
-from the API key's configured region; the user id from `user_header` or, failing that, the API key.
+from the API key's configured region; the user id is the API key's name when there is a key, else `user_header`.
+Headers are believed only from the server's trusted proxies (see api_server.ServerState.trusted_proxies).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class Policy:
     default: RegionRule = RegionRule("off")
     regions: dict[str, RegionRule] = field(default_factory=dict)
     groups: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def metric_label(self, region: str) -> str:
+        """The region as a /metrics label: one the policy names (a region, a group or a group's member), else
+        "other", so a client inventing X-Region values cannot add series."""
+        if region in self.regions or region in self.groups or any(region in m for m in self.groups.values()):
+            return region
+        return "unknown" if region == "UNKNOWN" else "other"
 
     def rule_for(self, region: str) -> tuple[str, RegionRule]:
         region = region.upper()
@@ -170,7 +178,6 @@ class RolloutPolicy:
         self.maybe_reload(now)
         d = self.policy.decide(region, user)
         if self.metrics is not None:
-            label = d.region if d.region.isalpha() and len(d.region) <= 8 else "other"  # bounded label values
-            self.metrics.rollout.inc(region=label, rule=d.rule, state=d.state,
+            self.metrics.rollout.inc(region=self.policy.metric_label(d.region), rule=d.rule, state=d.state,
                                      decision="admit" if d.admitted else "deny")
         return d

@@ -69,7 +69,8 @@ def test_reload_on_file_change_and_on_request(tmp_path):
     path.write_text("default = [broken")  # a broken file keeps the last good policy
     assert not live.reload() and live.policy.decide("GB", "u").admitted
     assert metrics.rollout_reloads.get(result="ok") == 1 and metrics.rollout_reloads.get(result="error") == 1
-    assert metrics.rollout.get(region="GB", rule="default", state="off", decision="deny") == 1
+    # GB was not in the policy then: its label is "other" (a client cannot add series by inventing regions)
+    assert metrics.rollout.get(region="other", rule="default", state="off", decision="deny") == 1
     assert metrics.rollout.get(region="GB", rule="GB", state="on", decision="admit") == 1
 
 
@@ -91,7 +92,7 @@ def test_server_rollout_403_region_model_and_metrics(loaded, tmp_path):
         os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
         assert httpx.post(url + "/v1/completions", json=body, headers={"X-Region": "GB", "X-User-Id": "u1"}).status_code == 200
         text = httpx.get(url + "/metrics").text
-    assert 'gigafactory_serve_rollout_decisions_total{decision="deny",region="GB",rule="default",state="off"} 1' in text
+    assert 'gigafactory_serve_rollout_decisions_total{decision="deny",region="other",rule="default",state="off"} 1' in text
     assert 'gigafactory_serve_rollout_decisions_total{decision="admit",region="FR",rule="FR",state="allowlist"} 1' in text
     assert 'status="403"' in text
 

@@ -1,0 +1,170 @@
+"""From an admitted request to its HTTP answer: submit to the engine, then one JSON body or a server-sent stream.
+
+A request that ends badly ends alone: an engine error or a passed deadline is this request's 500/504 (or an error
+event in its stream); a client that goes away aborts its own sequence and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from functools import lru_cache
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from tokenizers import Tokenizer
+
+from gigafactory.inference.sampling import SamplingParams
+from gigafactory.serve.engine import Engine, QueueFull
+from gigafactory.serve.protocol import ApiError
+from gigafactory.serve.sequence import Sequence
+
+QUEUE_FULL_RETRY_S = 2
+
+
+def _failure(finish: str, text: str, timeout_s: float | None) -> ApiError:
+    if finish == "timeout":
+        return ApiError(504, f"the request did not finish within the server's deadline of {timeout_s:g} s; "
+                             "ask for fewer tokens or retry later", code="timeout")
+    return ApiError(500, text or "generation failed", code="generation_failed")
+
+
+async def respond(request: Request, state, engine: Engine, req, ids: list[int], params: SamplingParams,
+                  stop: list[str], chat: bool, started: float):
+    """Submit the request and answer it, streamed or whole. `started` is time.perf_counter() at arrival."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    deadline = started + state.request_timeout if state.request_timeout else None
+    try:
+        seq = engine.submit(ids, params, lambda text, fin: loop.call_soon_threadsafe(events.put_nowait, (text, fin)),
+                            stop, req.seed, req.ignore_eos, req.top_logprobs_k(), deadline)
+    except QueueFull as err:
+        state.metrics.rejected.inc(model=engine.name)
+        raise ApiError(503, f"the server is at capacity ({err}); retry in {QUEUE_FULL_RETRY_S} s", code="overloaded",
+                       headers={"Retry-After": str(QUEUE_FULL_RETRY_S)}) from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
+    fmt = _Formatter(engine.tokenizer, seq, chat)
+
+    def usage():
+        n = len(seq.output_ids)
+        return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+    def finished(finish: str) -> None:
+        state.metrics.latency.observe(time.perf_counter() - started, model=engine.name)
+        if finish in ("error", "timeout"):
+            state.metrics.errors.inc(type=finish)
+
+    if req.stream:
+        async def sse():
+            def chunk(choices, **extra) -> str:
+                obj = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": engine.name,
+                       "choices": choices, **extra}
+                return f"data: {json.dumps(obj)}\n\n"
+            try:
+                if chat:
+                    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+                while True:
+                    text, finish = await events.get()
+                    if finish in ("error", "timeout"):
+                        finished(finish)
+                        yield f"data: {json.dumps(_failure(finish, text, state.request_timeout).body())}\n\n"
+                        break
+                    if text or finish:
+                        yield chunk([fmt.choice(text, finish, delta=True)])
+                    if finish:
+                        finished(finish)
+                        if req.include_usage():
+                            yield chunk([], usage=usage())
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                engine.abort(seq)  # a client that went away mid-stream frees its slot; no-op once finished
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    pieces, finish, checked = [], None, time.monotonic()
+    try:
+        while finish is None:
+            try:
+                text, finish = await asyncio.wait_for(events.get(), timeout=0.25)
+                pieces.append(text)
+            except TimeoutError:
+                pass
+            if finish is None and time.monotonic() - checked >= 0.25:  # has the client gone? (every 0.25 s)
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)
+    finally:
+        engine.abort(seq)
+    finished(finish)
+    if finish in ("error", "timeout"):
+        return _failure(finish, pieces[-1], state.request_timeout).response()
+    return {"id": rid, "object": kind, "created": created, "model": engine.name,
+            "choices": [fmt.choice("".join(pieces), finish, delta=False)], "usage": usage()}
+
+
+class _Formatter:
+    """OpenAI's choice objects, with logprobs when asked: chat's `content` list, or completions' legacy columns."""
+
+    def __init__(self, tokenizer: Tokenizer, seq: Sequence, chat: bool):
+        self.tokenizer, self.seq, self.chat = tokenizer, seq, chat
+        self.sent = 0  # logprob entries already sent (streaming)
+        self.offset = 0  # characters already sent (completions' text_offset)
+
+    def choice(self, text: str, finish: str | None, delta: bool) -> dict:
+        logprobs = self._logprobs(text, final=finish is not None or not delta)
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if delta:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
+
+    def _logprobs(self, text: str, final: bool) -> dict | None:
+        seq = self.seq
+        if seq.logprobs is None:
+            return None
+        upto = min(len(seq.token_logprobs), len(seq.output_ids))  # [EOS] is not an output token
+        entries, self.sent = seq.token_logprobs[self.sent:upto], upto
+        tok = self.tokenizer
+        if self.chat:
+            return {"content": [{"token": _text(tok, t), "logprob": lp, "bytes": _bytes(tok, t),
+                                 "top_logprobs": [{"token": _text(tok, i), "logprob": v, "bytes": _bytes(tok, i)}
+                                                  for i, v in top]} for t, lp, top in entries]}
+        offsets = []
+        for t, _, _ in entries:
+            offsets.append(self.offset)
+            self.offset += len(_text(tok, t))
+        return {"tokens": [_text(tok, t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{_text(tok, i): v for i, v in top} for _, _, top in entries], "text_offset": offsets}
+
+
+@lru_cache(maxsize=1 << 16)
+def _text(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+@lru_cache(maxsize=1 << 16)
+def _bytes(tokenizer: Tokenizer, token: int) -> list[int]:
+    """The token's own bytes (a byte-level token may be part of a character, which its text cannot show)."""
+    piece = tokenizer.id_to_token(token) or ""
+    raw = [_UNICODE_TO_BYTE.get(c) for c in piece]
+    return raw if piece and None not in raw else list(_text(tokenizer, token).encode("utf-8"))
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character a byte-level BPE uses for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
