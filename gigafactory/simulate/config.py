@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from gigafactory.config.fields import knob
 from gigafactory.errors import UserError
+from gigafactory.simulate.recovery import RecoverySpec
 
 DAY_S = 86400.0
+MAX_DAYS = 3650.0  # ten years: longer than any training run, and bounded so that drawing the arrivals cannot exhaust memory
 
 
 @dataclass
@@ -119,8 +121,8 @@ class SimSpec:
         return self.days * DAY_S
 
     def validate(self) -> None:
-        if not self.days > 0:
-            raise UserError(f"days={self.days} must be > 0")
+        if not (isinstance(self.days, (int, float)) and 0 < self.days <= MAX_DAYS):
+            raise UserError(f"days={self.days} must be a number in (0, {MAX_DAYS:g}]")
         _positive_int("seeds", self.seeds)
 
 
@@ -131,11 +133,18 @@ class SimConfig:
     cluster: ClusterSpec = dataclasses.field(default_factory=ClusterSpec)
     job: JobSpec = dataclasses.field(default_factory=JobSpec)
     sim: SimSpec = dataclasses.field(default_factory=SimSpec)
+    recovery: RecoverySpec = dataclasses.field(default_factory=RecoverySpec)
 
     def validate(self) -> None:
         self.cluster.validate()
         self.job.validate()
         self.sim.validate()
+        self.recovery.validate(self.cluster.gpus, self.cluster.gpus_per_node)
+
+    @property
+    def groups(self) -> int:
+        """Replica groups (1 under job-restart)."""
+        return self.recovery.groups(self.cluster.gpus, self.cluster.gpus_per_node)
 
 
 def _positive_int(name: str, value) -> None:

@@ -1,6 +1,7 @@
 """Failure classes (read from TOML) and their arrival times on one job.
 
-Each class has a rate per device-day, counted per GPU or per node. The job sees the superposition of every device's
+Each class has a rate per device-day, counted per GPU, per node, or per job (a job-size-independent cause such as a
+storage or scheduler outage: the device is the job itself). The job sees the superposition of every device's
 failures, so a class's arrivals on the job form one process with rate `rate x devices`; arrivals are drawn for the whole
 horizon at once (vectorised), independent of what the job is doing. That makes runs at different checkpoint intervals
 share the same failures for a given seed (common random numbers), which is what lets a sweep find the optimum.
@@ -21,7 +22,7 @@ from gigafactory.config.fields import knob
 from gigafactory.errors import UserError
 from gigafactory.simulate.config import DAY_S, ClusterSpec
 
-UNITS = ("gpu", "node")
+UNITS = ("gpu", "node", "job")
 
 
 @dataclass
@@ -30,15 +31,20 @@ class FailureClass:
 
     name: str = knob("", "Class name (table name in the TOML, e.g. gpu, hbm, nic).")
     rate: float = knob(0.0, "Failures per device-day.")
-    per: str = knob("gpu", "Device the rate is counted per: gpu or node.", choices=UNITS)
+    per: str = knob("gpu", "Device the rate is counted per: gpu, node, or job (rate per job-day, whatever the job's size).", choices=UNITS)
     detect_s: float = knob(300.0, "Time from the failure until the job is declared dead (watchdog / health check).")
     repair_s: float = knob(0.0, "Time the failed node is out for repair or replacement; 0 = nothing to replace (restart only).")
-    nodes_affected: int = knob(1, "Nodes taken out by one failure (a leaf switch takes several); >1 defeats in-memory recovery.")
+    nodes_affected: int = knob(
+        1, "Neighbouring nodes taken out at once (a rack or leaf switch: several); >1 defeats in-memory recovery under "
+        "job-restart, and under replica every group the block touches drops.",
+    )
     kills_job: bool = knob(True, "Whether the synchronous job dies (false: counted, no interruption).")
+    hangs: bool = knob(False, "The failure shows as a hang, not a crash: replica survivors wait for the torchft timeout to drop the group.")
+    outage_s: float = knob(0.0, "A shared service (storage, scheduler) is down this long: the job cannot restart before it is back.")
     source: str = knob("", "Where the rate comes from (paper, table, derivation).")
 
     def devices(self, cluster: ClusterSpec) -> int:
-        return cluster.gpus if self.per == "gpu" else cluster.nodes
+        return {"gpu": cluster.gpus, "node": cluster.nodes, "job": 1}[self.per]
 
     def rate_per_s(self, cluster: ClusterSpec) -> float:
         """Arrival rate of this class on the whole job, per second."""
@@ -86,7 +92,7 @@ def _parse_class(name: str, table: dict, path: Path) -> FailureClass:
 
 def validate_class(cls: FailureClass, where: str | None = None) -> None:
     where = where or f"failure class {cls.name!r}"
-    for key in ("rate", "detect_s", "repair_s"):
+    for key in ("rate", "detect_s", "repair_s", "outage_s"):
         value = getattr(cls, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise UserError(f"{where}: {key}={value!r} must be a number >= 0 (negative rates and times are meaningless)")
@@ -94,8 +100,11 @@ def validate_class(cls: FailureClass, where: str | None = None) -> None:
         raise UserError(f"{where}: per={cls.per!r} is not one of: {', '.join(UNITS)}")
     if isinstance(cls.nodes_affected, bool) or not isinstance(cls.nodes_affected, int) or cls.nodes_affected < 1:
         raise UserError(f"{where}: nodes_affected={cls.nodes_affected!r} must be an integer >= 1")
-    if not isinstance(cls.kills_job, bool):
-        raise UserError(f"{where}: kills_job must be true or false")
+    for key in ("kills_job", "hangs"):
+        if not isinstance(getattr(cls, key), bool):
+            raise UserError(f"{where}: {key} must be true or false")
+    if cls.per == "job" and (cls.repair_s or cls.nodes_affected != 1):
+        raise UserError(f"{where}: a per-job class takes no node out; set repair_s = 0 and nodes_affected = 1 (use outage_s for how long the service is down)")
 
 
 def override_rates(classes: list[FailureClass], overrides: dict[str, float]) -> list[FailureClass]:
@@ -141,6 +150,14 @@ def sample_arrivals(
     t_all, k_all = np.concatenate(times), np.concatenate(kinds)
     order = np.argsort(t_all, kind="stable")
     return t_all[order], k_all[order]
+
+
+def sample_positions(n: int, seed: int) -> np.ndarray:
+    """One uniform number in [0, 1) per failure: where in the job (which node) it strikes.
+
+    Its own stream, so the arrival times of every class, and the job-restart run of the same seed, are unchanged.
+    """
+    return np.random.default_rng(np.random.SeedSequence([seed, 0x9E3779B9])).random(n)
 
 
 def _renewal_times(rng: np.random.Generator, mean_gap: float, horizon_s: float, law: str, shape: float) -> np.ndarray:

@@ -7,10 +7,19 @@ import math
 from dataclasses import dataclass
 
 from gigafactory.errors import UserError
-from gigafactory.simulate import analytic
+from gigafactory.simulate import analytic, expected
 from gigafactory.simulate.config import SimConfig
-from gigafactory.simulate.engine import STATES, RunResult, run_once, seeds_for, summarize
+from gigafactory.simulate.engine import STATES, Job, RunResult, run_events, seeds_for, summarize
 from gigafactory.simulate.failures import FailureClass, job_mtbi_s, load_failure_classes, validate_class
+from gigafactory.simulate.replica import ReplicaJob
+
+
+def run_once(cfg: SimConfig, classes: list[FailureClass], interval_s: float, seed: int) -> RunResult:
+    """Simulate one job for cfg.sim.days with the given compute time between checkpoints, in cfg's recovery mode."""
+    if not interval_s > 0:
+        raise ValueError("interval_s must be > 0")
+    kind = ReplicaJob if cfg.recovery.recovery == "replica" else Job
+    return run_events(kind(cfg, classes, interval_s, seed), cfg, classes, seed)
 
 
 @dataclass
@@ -32,6 +41,9 @@ class Report:
         ettr, ettr_std = self.ettr()
         mean = lambda f: sum(f(r) for r in self.runs) / n  # noqa: E731
         n_int = mean(lambda r: r.n_interruptions)
+        restarts = mean(lambda r: r.job_restarts)
+        failures = mean(lambda r: sum(r.arrivals.values()))
+        rec = cfg.recovery
         useful, lost = mean(lambda r: r.useful_s), mean(lambda r: r.lost_s)
         states = {s: mean(lambda r, s=s: r.state_s[s]) for s in STATES}
         states = {"compute_useful": useful, "compute_lost": lost, **{k: v for k, v in states.items() if k != "compute"}}
@@ -44,13 +56,23 @@ class Report:
                 "checkpoint_policy": job.checkpoint_policy, "checkpoint_interval_s": self.interval_s,
                 "checkpoint_interval_steps": self.interval_s / job.step_time_s, "restart_s": job.restart_s(),
                 "in_memory_recovery": job.in_memory_recovery, "days": cfg.sim.days, "seeds": seeds_for(cfg),
+                "recovery": rec.recovery, "replica_groups": cfg.groups,
+                "replica_group_gpus": rec.replica_group_gpus if rec.recovery == "replica" else cfg.cluster.gpus,
+                **({"min_replicas": rec.min_replicas, "ft_detect_s": rec.ft_detect_s, "ft_timeout_s": rec.ft_timeout_s,
+                    "quorum_s": rec.quorum_s, "group_restart_s": rec.group_restart_s, "peer_gbps_per_gpu": rec.peer_gbps_per_gpu,
+                    "group_state_bytes": rec.state_bytes(), "peer_transfer_s": rec.transfer_s()} if rec.recovery == "replica" else {}),
             },
+            "failures": failures,
             "interruptions": n_int,
+            "job_restarts": restarts,
+            "failures_while_down": mean(lambda r: r.while_down),
+            "rejoins": mean(lambda r: r.rejoins),
             "interruptions_by_cause": {c: mean(lambda r, c=c: r.interruptions[c]) for c in self.runs[0].interruptions},
             "non_fatal_by_cause": {c: mean(lambda r, c=c: r.non_fatal[c]) for c in self.runs[0].non_fatal},
             "failures_during_maintenance": mean(lambda r: r.during_maintenance),
             "maintenance_windows": mean(lambda r: r.maintenance_windows),
-            "mtbi_s": horizon / n_int if n_int else None,
+            "mtbi_s": horizon / failures if failures else None,
+            "mean_time_between_job_restarts_s": horizon / restarts if restarts else None,
             "ettr": ettr,
             "ettr_std": ettr_std,
             "goodput_tokens_per_s": ettr * job.tokens_per_step / job.step_time_s,
@@ -77,7 +99,7 @@ def checkpoint_interval(cfg: SimConfig, classes: list[FailureClass]) -> float:
     job = cfg.job
     if job.checkpoint_policy == "fixed":
         return job.checkpoint_interval_s
-    mtbi = job_mtbi_s(classes, cfg.cluster)
+    mtbi = expected.kill_mtbi_s(cfg, classes)
     if math.isinf(mtbi):
         return cfg.sim.horizon_s
     delta = job.stall_s()
@@ -88,10 +110,8 @@ def checkpoint_interval(cfg: SimConfig, classes: list[FailureClass]) -> float:
 
 
 def mean_detect_s(cfg: SimConfig, classes: list[FailureClass]) -> float:
-    """Rate-weighted detection time of the job-killing classes (D in the analytic formulas)."""
-    killing = [(c.rate_per_s(cfg.cluster), c.detect_s) for c in classes if c.kills_job]
-    total = sum(r for r, _ in killing)
-    return sum(r * d for r, d in killing) / total if total > 0 else 0.0
+    """Rate-weighted downtime before a job restart (D in the analytic formulas): detection, or an outage if longer."""
+    return expected.kill_rates(cfg, classes)[1]
 
 
 def auto_spares(cfg: SimConfig, classes: list[FailureClass]) -> int:
@@ -110,8 +130,9 @@ def simulate(cfg: SimConfig, classes: list[FailureClass] | None = None) -> Repor
     if not interval > 0:
         raise UserError(f"checkpoint interval {interval} s must be > 0")
     runs = [run_once(cfg, classes, interval, seed) for seed in seeds_for(cfg)]
-    expected = analytic.expectations(
-        cfg.job.stall_s(), cfg.job.restart_s(), job_mtbi_s(classes, cfg.cluster), interval, mean_detect_s(cfg, classes)
-    )
-    expected["assumes"] = "exponential failures, sync checkpoints, no wait for repairs, no maintenance, no in-memory recovery"
-    return Report(cfg=cfg, classes=classes, interval_s=interval, runs=runs, expected=expected)
+    exp = expected.expected(cfg, classes, interval)
+    fleet_mtbi = job_mtbi_s(classes, cfg.cluster)
+    exp["failures_mtbi_s"] = None if math.isinf(fleet_mtbi) else fleet_mtbi
+    exp["assumes"] = "exponential failures, sync checkpoints, no wait for repairs, no maintenance, no in-memory recovery" + (
+        ", at most one group out at a time" if cfg.recovery.recovery == "replica" else "")
+    return Report(cfg=cfg, classes=classes, interval_s=interval, runs=runs, expected=exp)

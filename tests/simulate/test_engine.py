@@ -77,7 +77,7 @@ def test_multi_node_failures_defeat_in_memory_recovery(setup):
     cfg.job.in_memory_recovery, cfg.job.checkpoint_mode, cfg.job.async_stall_s = True, "async", 5.0
     single = run_once(cfg, classes, 600.0, seed=2)
     multi = run_once(cfg, [dataclasses.replace(classes[0], nodes_affected=2)], 600.0, seed=2)
-    assert single.n_interruptions == multi.n_interruptions
+    assert single.n_interruptions + single.while_down == multi.n_interruptions + multi.while_down  # same failures
     assert multi.lost_s > single.lost_s  # rolled back to the last durable (storage) checkpoint
 
 
@@ -113,7 +113,10 @@ def test_shipped_rates_at_100k_gpus_give_about_47_interruptions_a_day():
     d = simulate(SimConfig()).to_dict()
     # Llama 3: 419 in 54 days on 2,048 nodes -> scaled to 12,500 nodes
     assert d["expected"]["mtbi_s"] == pytest.approx(DAY_S / (419 / 54 * 12500 / 2048), rel=0.01)
-    assert d["interruptions"] / 90 == pytest.approx(419 / 54 * 12500 / 2048, rel=0.05)
+    assert d["failures"] / 90 == pytest.approx(419 / 54 * 12500 / 2048, rel=0.05)
+    # about half the wall time is down at this scale: failures then strike no running work and are not interruptions
+    assert d["interruptions"] + d["failures_while_down"] == pytest.approx(d["failures"])
+    assert d["interruptions"] < 0.8 * d["failures"]
 
 
 def test_100k_gpus_90_days_under_10_seconds():
