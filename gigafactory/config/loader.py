@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gigafactory.config.job import JobConfig
-from gigafactory.models.config import ConfigError
+from gigafactory.models.config import ConfigError, ModelConfig
 from gigafactory.models.presets import get_preset
 
 
@@ -73,9 +73,12 @@ def build_config(raw: dict[str, Any], dotted: dict[str, Any], preset: str | None
         merged.setdefault(section, {})[name] = value
 
     model_table = merged.get("model", {})
-    preset = model_table.pop("preset", None) or preset
+    if "preset" in model_table:
+        preset = model_table.pop("preset")
     cfg = JobConfig()
-    if preset:
+    if preset is not None:  # an empty name is an unknown preset, not "no preset"
+        if not isinstance(preset, str):
+            raise ConfigError(f"config key 'model.preset' expects a preset name, got {preset!r}")
         cfg.model = get_preset(preset)
     for section, values in merged.items():
         cls, fields, hints = sections[section]
@@ -84,6 +87,21 @@ def build_config(raw: dict[str, Any], dotted: dict[str, Any], preset: str | None
             if name not in fields:
                 raise ConfigError(f"unknown config key '{section}.{name}'{_suggest(name, fields, prefix=section + '.')}")
             setattr(target, name, _coerce(f"{section}.{name}", value, hints[name], fields[name].metadata.get("choices")))
+    cfg.validate()
+    return cfg
+
+
+def model_config_from_table(table: dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
+    """`base` (default: grok-tiny) with a [model]-style table applied, each value type-checked as --config's are,
+    then validated: for tables read from files other than a job config (an export's config.json, --model-config)."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    hints = typing.get_type_hints(ModelConfig)
+    values = {}
+    for name, value in table.items():
+        if name not in fields:
+            raise ConfigError(f"unknown model key '{name}'{_suggest(name, fields)}")
+        values[name] = _coerce(f"model.{name}", value, hints[name], fields[name].metadata.get("choices"))
+    cfg = dataclasses.replace(base or ModelConfig(), **values)
     cfg.validate()
     return cfg
 
@@ -100,11 +118,15 @@ def config_to_toml(cfg: JobConfig) -> str:
 
 
 def _read_toml(path: str) -> dict:
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"config file {path!r} is a directory; pass a TOML file to --config")
     if not p.is_file():
         raise ConfigError(f"config file {path!r} not found; pass an existing TOML file to --config")
     try:
         return tomllib.loads(p.read_text())
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} cannot be read ({err.strerror or err}); check the path and its permissions") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path!r} is not valid TOML ({err}); fix the syntax") from None
 

@@ -19,6 +19,8 @@ def input_paths(inputs: list[str]) -> list[Path]:
     paths = []
     for name in inputs:
         p = Path(name).expanduser()
+        if p.is_dir():
+            raise UserError(f"data file {name!r} is a directory; list its .txt or .jsonl files in data.inputs (comma-separated)")
         if not p.is_file():
             raise UserError(f"data file {name!r} not found; check data.inputs (a list of .txt or .jsonl files)")
         suffixes = [s for s in p.suffixes if s != ".gz"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from gigafactory.data.corpus import input_paths, read_documents
-from gigafactory.data.tokenizer import EOS_ID, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from gigafactory.data.tokenizer import EOS_ID, MAX_VOCAB_SIZE, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from gigafactory.errors import UserError
 
 
@@ -33,11 +34,30 @@ def prepare_dataset(inputs: list[str], vocab_size: int, cache_dir: str, val_frac
     key.update(f"{vocab_size}|{val_fraction}|{seed}|{','.join(SPECIAL_TOKENS)}".encode())
     if tokenizer_path:
         key.update(load_tokenizer(tokenizer_path).to_str().encode())
+    if not str(cache_dir).strip():
+        raise UserError("the cache directory is empty; pass a directory with --cache-dir (data.cache_dir)")
     out = Path(cache_dir).expanduser() / f"dataset-{key.hexdigest()[:16]}"
     if (out / "meta.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size} is too large; use at most {MAX_VOCAB_SIZE} (Grok-1 has 131072)")
+    existed = out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the dataset under cache dir '{cache_dir}' ({err.strerror or err}); "
+                        "pass a writable directory with --cache-dir (data.cache_dir)") from None
+    try:
+        return _build(out, paths, vocab_size, val_fraction, seed, tokenizer_path)
+    except BaseException as err:
+        if not existed:  # a failed prepare leaves no half-built dataset directory behind
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write the dataset to '{out}' ({err.strerror or err}); free space or pass another --cache-dir") from None
+        raise
 
+
+def _build(out: Path, paths: list[Path], vocab_size: int, val_fraction: float, seed: int, tokenizer_path: str) -> Path:
     documents = list(read_documents(paths))
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path)

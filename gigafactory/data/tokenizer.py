@@ -12,12 +12,16 @@ from gigafactory.errors import UserError
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "<|system|>", "<|user|>", "<|assistant|>"]  # ids 0-6; roles for chat
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+MAX_VOCAB_SIZE = 2**20  # 8x Grok-1's 131,072; the BPE trainer's memory grows with it (1e9 aborts in Rust asking for 70 GB)
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path) -> Tokenizer:
     """Train on the documents and write tokenizer.json atomically (tmp file + rename)."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise UserError(f"vocab size {vocab_size} is too small for a byte-level BPE; use at least {256 + len(SPECIAL_TOKENS)}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size} is too large; use at most {MAX_VOCAB_SIZE} (Grok-1 has 131072)")
+    check_output_file(out_path)
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -28,11 +32,24 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path) -
         show_progress=False,
     )
     tokenizer.train_from_iterator(documents, trainer=trainer)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(f".{os.getpid()}.tmp")
-    tokenizer.save(str(tmp))
-    tmp.replace(out_path)
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(tmp))
+        tmp.replace(out_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write tokenizer to '{out_path}' ({err.strerror or err}); pass a writable file path") from None
     return tokenizer
+
+
+def check_output_file(out_path: Path) -> None:
+    """Refuse an output path that cannot become a file, before training spends minutes (and leaves a temp file)."""
+    if not str(out_path) or str(out_path) == "." or out_path.is_dir():
+        raise UserError(f"tokenizer output '{out_path}' is a directory or empty; pass a file path such as {out_path / 'tokenizer.json' if out_path.is_dir() else 'tokenizer.json'}")
+    parent = next((a for a in out_path.parents if a.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write tokenizer to '{out_path}' ('{parent}' is not a writable directory); pass a writable file path")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -11,9 +11,10 @@ import torch
 
 from gigafactory.errors import UserError
 from gigafactory.interop.grok1 import Grok1Checkpoint
-from gigafactory.interop.layouts import FORMATS, Entry, check_exportable, config_json, detect_format, entries, model_config_from_json
+from gigafactory.interop.hf_config import model_config_from_json, read_config_json
+from gigafactory.interop.layouts import FORMATS, Entry, check_exportable, config_json, detect_format, entries
 from gigafactory.interop.storage import (
-    DEFAULT_SHARD_BYTES, DTYPES, GigafactorySource, OutTensor, SafetensorsSource, empty_output_dir, write_gigafactory_checkpoint,
+    DEFAULT_SHARD_BYTES, DTYPES, GigafactorySource, OutTensor, SafetensorsSource, output_dir, write_gigafactory_checkpoint,
     write_safetensors_shards,
 )
 from gigafactory.models.config import ModelConfig
@@ -54,23 +55,33 @@ def import_grok1(source_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     reader = Grok1Checkpoint(source_dir, cfg, DTYPES[dtype])
-    tokenizer = _find_tokenizer(tokenizer_json, [reader.dir, reader.dir.parent])
-    out = empty_output_dir(out_dir)
+    tokenizer = _find_tokenizer(tokenizer_json, [reader.dir, reader.dir.parent], cfg.vocab_size)
     shapes = parameter_shapes(cfg)
     tensors = []
     for param in reader.params:
         stored = torch.float32 if param.key.endswith(("norm.weight", "router.weight", "embed.weight")) else DTYPES[dtype]
         tensors.append(OutTensor(param.key, shapes[param.key], stored, lambda p=param: reader.load(p, shapes[p.key])))
-    return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer, progress, "importing Grok-1")
+    with output_dir(out_dir) as out:
+        return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer, progress, "importing Grok-1")
 
 
-def _find_tokenizer(explicit: str | Path | None, search: list[Path]) -> Path | None:
+def _find_tokenizer(explicit: str | Path | None, search: list[Path], vocab_size: int) -> Path | None:
+    """The tokenizer.json to store, checked now (a binary or foreign file would only fail later, in `generate`)."""
+    from gigafactory.data.tokenizer import load_tokenizer
+
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
             raise UserError(f"tokenizer file '{p}' not found; pass a tokenizer.json with --tokenizer")
-        return p
-    return next((d / "tokenizer.json" for d in search if (d / "tokenizer.json").is_file()), None)
+    else:
+        p = next((d / "tokenizer.json" for d in search if (d / "tokenizer.json").is_file()), None)
+        if p is None:
+            return None
+    tokenizer = load_tokenizer(p)  # a UserError naming the file if it is not a usable tokenizer.json
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise UserError(f"tokenizer file '{p}' has {tokenizer.get_vocab_size()} tokens, more than the model's {vocab_size}; "
+                        "pass the tokenizer the checkpoint was trained with")
+    return p
 
 
 # ---- export: Gigafactory -> safetensors layout ---------------------------------------------------------------
@@ -84,7 +95,12 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out_dir: str | Path, dty
     source = GigafactorySource(checkpoint)
     cfg = source.cfg
     check_exportable(fmt, cfg)
-    out = empty_output_dir(out_dir)
+    with output_dir(out_dir) as out:
+        return _export(source, fmt, out, dtype, max_shard_bytes, progress)
+
+
+def _export(source: GigafactorySource, fmt: str, out: Path, dtype: str, max_shard_bytes: int, progress: bool) -> list[Path]:
+    cfg = source.cfg
     get = _OneTensorCache(source.get)
     target = DTYPES[dtype]
 
@@ -118,10 +134,10 @@ def import_safetensors(source_dir: str | Path, out_dir: str | Path, progress: bo
     config_file = src / "config.json"
     if not config_file.is_file():
         raise UserError(f"'{src}' has no config.json; pass a directory written by `gigafactory export` (or a Mixtral/Grok HF checkpoint)")
-    config = json.loads(config_file.read_text())
+    config = read_config_json(config_file)
     reader = SafetensorsSource(src)
     fmt = detect_format(config, set(reader.names()))
-    cfg = model_config_from_json(fmt, config)
+    cfg = model_config_from_json(fmt, config, str(config_file))
     shapes = parameter_shapes(cfg)
     by_key: dict[str, list[Entry]] = defaultdict(list)
     for entry in entries(fmt, cfg):
@@ -131,7 +147,11 @@ def import_safetensors(source_dir: str | Path, out_dir: str | Path, progress: bo
     missing = sorted(e.name for es in by_key.values() for e in es if e.name not in reader.location)
     if missing:
         raise UserError(f"'{src}' lacks {len(missing)} tensors of the {fmt} layout (first: {missing[0]}); use a complete export")
-    out = empty_output_dir(out_dir)
+    layout = {e.name for e in entries(fmt, cfg)}
+    unknown = sorted(set(reader.names()) - layout)
+    if unknown:  # an added bias or adapter would otherwise be dropped and the imported model differ from the file's
+        raise UserError(f"'{src}' has {len(unknown)} tensor(s) that the {fmt} layout does not have (first: {unknown[0]}); "
+                        "Gigafactory cannot represent them, so the import stops rather than drop them")
 
     def producer(key: str):
         def make() -> torch.Tensor:
@@ -151,5 +171,6 @@ def import_safetensors(source_dir: str | Path, out_dir: str | Path, progress: bo
     if absent:
         raise UserError(f"the {fmt} layout has no tensor for Gigafactory parameter {absent[0]}; this config cannot be imported")
     tokenizer = src / "tokenizer.json"
-    return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer if tokenizer.is_file() else None, progress, f"importing {fmt}")
+    with output_dir(out_dir) as out:
+        return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer if tokenizer.is_file() else None, progress, f"importing {fmt}")
 

@@ -154,7 +154,8 @@ def config_json(fmt: str, cfg: ModelConfig, dtype_name: str) -> dict:
             "num_local_experts": cfg.n_experts, "embedding_multiplier_scale": cfg.embedding_multiplier,
             "output_multiplier_scale": cfg.output_multiplier, "attn_logit_softcapping": cfg.attn_softcap,
             "attn_logit_softcapping_method": "tanh", "attn_temperature_len": -1,
-            "router_logit_softcapping": cfg.router_softcap or 30.0, "final_logit_softcapping": cfg.final_logit_softcap or None,
+            # the model's own value (SGLang applies 30 whatever this says: `engine_deviations` warns about it)
+            "router_logit_softcapping": cfg.router_softcap, "final_logit_softcapping": cfg.final_logit_softcap or None,
             "load_presharded_moe": False, "load_presharded_attn": False, "load_presharded_mlp": False,
             "load_presharded_embedding": False, "context_len": cfg.max_seq_len,
         }
@@ -178,7 +179,8 @@ def detect_format(config: dict, names: set[str]) -> str:
     recorded = config.get("gigafactory", {}).get("format")
     if recorded in FORMATS:
         return recorded
-    arch = (config.get("architectures") or [""])[0]
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
     if arch == "MixtralForCausalLM":
         return "hf-mixtral"
     if any(".moe_block." in n for n in names):
@@ -187,43 +189,3 @@ def detect_format(config: dict, names: set[str]) -> str:
         return "sglang-grok"
     raise UserError(f"config.json architectures {config.get('architectures')} with these tensor names is not a layout Gigafactory reads; "
                     f"expected one of: {', '.join(FORMATS)}")
-
-
-def model_config_from_json(fmt: str, config: dict) -> ModelConfig:
-    """The ModelConfig of an exported directory: the recorded "gigafactory" block, else derived from the engine fields."""
-    recorded = config.get("gigafactory", {}).get("model")
-    if recorded:
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in recorded.items() if k in known})
-        cfg.validate()
-        return cfg
-    try:
-        base = dict(
-            name=f"imported-{fmt}", vocab_size=config["vocab_size"], d_model=config["hidden_size"], n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-            head_dim=config.get("head_dim") or 0, max_seq_len=config.get("max_position_embeddings", 8192),
-            n_experts=config.get("num_local_experts") or config.get("num_experts", 8), top_k=config.get("num_experts_per_tok", 2),
-            norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=float((config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta") or 10000.0),
-            tie_embeddings=bool(config.get("tie_word_embeddings", fmt == "hf-grok1")),
-        )
-        if fmt == "hf-mixtral":
-            base.update(moe_ffn_dim=config["intermediate_size"], activation="silu", norm_placement="pre", attn_softcap=0.0,
-                        embedding_multiplier=1.0, output_multiplier=1.0, router_renormalize=True)
-        else:
-            dense = config.get("intermediate_size", 0) if config.get("residual_moe") else 0
-            base.update(
-                moe_ffn_dim=config.get("moe_intermediate_size") or config["intermediate_size"], dense_ffn_dim=dense,
-                attn_softcap=float(config.get("attn_logit_softcapping", config.get("max_attn_value", 30.0))),
-                embedding_multiplier=float(config.get("embedding_multiplier_scale", 78.38367176906169)),
-                output_multiplier=float(config.get("output_multiplier_scale", 0.5773502691896257)),
-                final_logit_softcap=float(config.get("final_logit_softcapping") or 0.0),
-                router_renormalize=bool(config.get("moe_renormalize", False)),
-            )
-            if fmt == "sglang-grok":
-                base["tie_embeddings"] = False
-    except KeyError as err:
-        raise UserError(f"config.json lacks {err.args[0]!r}, which the {fmt} layout needs; use a complete export") from None
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg

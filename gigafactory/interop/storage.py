@@ -7,13 +7,16 @@ being converted and the converted copy), never the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import shutil
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -34,6 +37,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int8: "I8", torch.int64: "I64"}
 DEFAULT_SHARD_BYTES = 5 * 10**9
+MAX_SHARD_BYTES = 10**15  # a bound that keeps `--max-shard-size 1e400` (inf) and friends a one-line error
 
 
 @dataclass
@@ -192,12 +196,14 @@ def parse_size(text: str | int) -> int:
     else:
         number, scale = s, 1
     try:
-        value = int(float(number) * scale)
+        value = float(number) * scale
     except ValueError:
         raise UserError(f"shard size {text!r} is not a size; write e.g. 5GB, 500MB or a number of bytes") from None
-    if value <= 0:
-        raise UserError(f"shard size {text!r} must be positive")
-    return value
+    if not math.isfinite(value) or value > MAX_SHARD_BYTES:
+        raise UserError(f"shard size {text!r} is not a usable size; write at most 1PB, e.g. 5GB")
+    if int(value) <= 0:
+        raise UserError(f"shard size {text!r} must be at least 1 byte, e.g. 5GB")
+    return int(value)
 
 
 def _plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
@@ -256,13 +262,15 @@ class SafetensorsSource:
     """Tensors of a directory of safetensors files (an index json, or every *.safetensors), read lazily."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         self.dir = directory
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+                raise UserError(f"'{index}' is not a safetensors index (a JSON object with a \"weight_map\"); "
+                                "restore it or delete it to read every *.safetensors file") from None
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
         if not files:
@@ -271,13 +279,16 @@ class SafetensorsSource:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         for name in files:
-            if not (directory / name).is_file():
+            if not isinstance(name, str) or not (directory / name).is_file():
                 raise UserError(f"'{directory}' lacks {name}, listed in its index; copy the whole export directory")
-            with safe_open(str(directory / name), "pt") as f:
-                for key in f.keys():
-                    self.location[key] = name
-                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
-                    self.dtypes[key] = f.get_slice(key).get_dtype()
+            try:
+                with _open_safetensors(directory / name) as f:
+                    for key in f.keys():
+                        self.location[key] = name
+                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+                        self.dtypes[key] = f.get_slice(key).get_dtype()
+            except _SAFETENSORS_ERRORS as err:
+                raise _damaged(directory / name, err) from None
 
     def names(self) -> Iterable[str]:
         return self.location.keys()
@@ -289,18 +300,69 @@ class SafetensorsSource:
         return found
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if name not in self.location:
             raise UserError(f"'{self.dir}' has no tensor {name}; the export is incomplete or of another layout")
-        with safe_open(str(self.dir / self.location[name]), "pt") as f:
-            return f.get_tensor(name)
+        try:
+            with _open_safetensors(self.dir / self.location[name]) as f:
+                return f.get_tensor(name)
+        except _SAFETENSORS_ERRORS as err:
+            raise _damaged(self.dir / self.location[name], err) from None
 
 
-def empty_output_dir(path: str | Path) -> Path:
-    """The output directory, created; refuses a non-empty one so nothing is overwritten by accident."""
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(path), "pt")
+
+
+def _safetensors_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+_SAFETENSORS_ERRORS = _safetensors_errors()
+
+
+def _damaged(path: Path, err: BaseException) -> UserError:
+    reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return UserError(f"safetensors file '{path}' is damaged or truncated ({reason}); copy it again from the export")
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path) -> Iterator[Path]:
+    """The output directory, created, for the body of a `with`; if the body fails, what it created is removed again
+    (the directory itself and any parents made for it, or just its contents when it existed empty), so a failed
+    conversion leaves nothing half-written behind.
+
+    Refuses a non-empty directory (nothing is overwritten by accident) and turns an unwritable place into one line;
+    writability is checked with a probe file, since root ignores permission bits."""
+    if not str(path).strip():
+        raise UserError("--out is empty; pass a new or empty directory")
     p = Path(path).expanduser()
-    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out '{p}' is a file, not a directory; pass a new or empty directory")
+    if p.is_dir() and any(p.iterdir()):
         raise UserError(f"output directory '{p}' exists and is not empty; pass a new or empty directory with --out")
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    first_new = next((a for a in [p, *p.parents][::-1] if not a.exists()), None)  # outermost directory we create
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".gigafactory-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        _remove_created(p, first_new)
+        raise UserError(f"cannot write to --out '{p}' ({err.strerror or err}); pass a directory you can write to") from None
+    try:
+        yield p
+    except BaseException:
+        _remove_created(p, first_new)
+        raise
+
+
+def _remove_created(p: Path, first_new: Path | None) -> None:
+    if first_new is not None:
+        shutil.rmtree(first_new, ignore_errors=True)
+    elif p.is_dir():
+        for child in p.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
