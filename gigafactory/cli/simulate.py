@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 
 from gigafactory.errors import UserError
 from gigafactory.simulate.config import ClusterSpec, JobSpec, SimConfig, SimSpec
+from gigafactory.simulate.recovery import RecoverySpec
 
-SPECS = (("cluster", ClusterSpec), ("job", JobSpec), ("sim", SimSpec))
+SPECS = (("cluster", ClusterSpec), ("job", JobSpec), ("sim", SimSpec), ("recovery", RecoverySpec))
 RENAMED = {"checkpoint_interval_s": "checkpoint-interval"}
 
 
@@ -25,7 +27,7 @@ def register(subparsers) -> None:
         help="Simulate failures, checkpoints and restarts of a training job; report ETTR and goodput.",
         description="Discrete-event simulation of one synchronous training job on a cluster with failures (docs/simulate.md).",
     )
-    p.add_argument("--from-plan", metavar="FILE", help="`gigafactory plan --json` output; reads gpus, step_time_s, tokens_per_step, checkpoint_time_s.")
+    p.add_argument("--from-plan", metavar="FILE", help="`gigafactory plan --json` output; reads gpus, step_time_s, tokens_per_step, checkpoint_time_s, replica_group_gpus, params.")
     p.add_argument("--rate", metavar="CLASS=PER_DAY", action="append", default=[], help="Override one class's failures per device-day (repeatable).")
     p.add_argument("--sweep", metavar="KEY=V1,V2", help="Run at several values of one knob, e.g. checkpoint_interval=300,600,1200 or gpus=10000,100000.")
     p.add_argument("--plot", metavar="PNG", help="Write the timeline of the first seed (or the sweep curve) to this PNG.")
@@ -53,9 +55,12 @@ def register(subparsers) -> None:
 def _typed(flag: str, kind: type):
     def convert(text: str):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} expects {kind.__name__}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{flag} expects a finite number, got {text!r}")
+        return value
 
     return convert
 

@@ -201,7 +201,7 @@ class Job:
 
     def _memory_survives(self, cls: FailureClass, position: float) -> bool:
         """A peer still holds the in-memory checkpoint: one node lost (its mirror is elsewhere), or none."""
-        return self.in_memory and cls.nodes_affected == 1
+        return self.in_memory and cls.nodes_affected == 1 and not cls.spreads
 
     def _memory_work(self) -> float:
         return self.work_memory

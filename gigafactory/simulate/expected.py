@@ -3,8 +3,8 @@
 job-restart: Daly's segment formula (analytic.expected_ettr) with M = mean time between job-killing failures and
 D = their rate-weighted downtime before the restart (detection, or a shared service's outage if longer).
 
-replica: the same formula for what still restarts the job (per-job classes; blocks of nodes that leave fewer than
-min_replicas live groups), times (1 - the fraction of capacity absorbed failures cost). One absorbed failure costs
+replica: the same formula for what still restarts the job (per-job classes, faults that spread to every replica,
+blocks of nodes that leave fewer than min_replicas live groups), times (1 - the fraction of capacity absorbed failures cost). One absorbed failure costs
 the survivors' stall (detection + quorum change), half a step in flight, and per struck group one rejoin stall
 (quorum + peer transfer) plus the group's absence (its detection + restart) divided by the groups. First order in the
 absorbed rate: two groups out at once, waits for repair (spares assumed sufficient) and in-memory snapshots are not
@@ -41,7 +41,7 @@ def block_stats(nodes: int, groups: int, block: int, min_replicas: int) -> tuple
 
 def split(cfg: SimConfig, c: FailureClass) -> tuple[float, float]:
     """(fraction of this class's failures that restart the job, mean groups struck by the others)."""
-    if cfg.recovery.recovery != "replica" or c.per == "job":
+    if cfg.recovery.recovery != "replica" or c.per == "job" or c.spreads:
         return 1.0, 0.0
     return block_stats(cfg.cluster.nodes, cfg.groups, c.nodes_affected, cfg.recovery.min_replicas)
 

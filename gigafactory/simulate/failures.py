@@ -40,6 +40,10 @@ class FailureClass:
     )
     kills_job: bool = knob(True, "Whether the synchronous job dies (false: counted, no interruption).")
     hangs: bool = knob(False, "The failure shows as a hang, not a crash: replica survivors wait for the torchft timeout to drop the group.")
+    spreads: bool = knob(
+        False, "The fault spoils every replica (silent data corruption is averaged into all gradients): no replica group "
+        "can absorb it and in-memory snapshots after it are bad, so the job restarts from durable storage.",
+    )
     outage_s: float = knob(0.0, "A shared service (storage, scheduler) is down this long: the job cannot restart before it is back.")
     source: str = knob("", "Where the rate comes from (paper, table, derivation).")
 
@@ -100,7 +104,7 @@ def validate_class(cls: FailureClass, where: str | None = None) -> None:
         raise UserError(f"{where}: per={cls.per!r} is not one of: {', '.join(UNITS)}")
     if isinstance(cls.nodes_affected, bool) or not isinstance(cls.nodes_affected, int) or cls.nodes_affected < 1:
         raise UserError(f"{where}: nodes_affected={cls.nodes_affected!r} must be an integer >= 1")
-    for key in ("kills_job", "hangs"):
+    for key in ("kills_job", "hangs", "spreads"):
         if not isinstance(getattr(cls, key), bool):
             raise UserError(f"{where}: {key} must be true or false")
     if cls.per == "job" and (cls.repair_s or cls.nodes_affected != 1):

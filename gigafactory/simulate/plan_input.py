@@ -5,6 +5,8 @@ Keys read from one plan entry (all numbers):
   step_time_s        seconds per optimizer step (required)
   tokens_per_step    tokens per optimizer step (required)
   checkpoint_time_s  seconds to write one checkpoint (optional; `checkpoint_s` is accepted too)
+  replica_group_gpus GPUs of one replica group, gpus_used / dp_replicate (optional; for --recovery replica)
+  params             model parameters (optional; sizes the state a rejoining group receives)
 
 Accepted shapes: one entry object; a list of entries; or an object holding such a list under any key (for example
 {"results": [...]}). The entry whose `gpus` equals the requested count is used; with no count requested, the first.
@@ -20,6 +22,7 @@ from gigafactory.errors import UserError
 
 REQUIRED = ("gpus", "step_time_s", "tokens_per_step")
 CHECKPOINT_KEYS = ("checkpoint_time_s", "checkpoint_s")
+OPTIONAL = ("replica_group_gpus", "params")
 
 
 def read_plan(path: str, gpus: int | None = None) -> dict[str, float]:
@@ -49,7 +52,12 @@ def read_plan(path: str, gpus: int | None = None) -> dict[str, float]:
         if entry.get(key) is not None:
             out["checkpoint_s"] = _positive(entry, key, path, allow_zero=True)
             break
+    for key in OPTIONAL:
+        if entry.get(key) is not None:
+            out[key] = _positive(entry, key, path)
     out["gpus"] = int(out["gpus"])
+    if "replica_group_gpus" in out:
+        out["replica_group_gpus"] = int(out["replica_group_gpus"])
     return out
 
 

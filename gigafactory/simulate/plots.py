@@ -14,7 +14,8 @@ from gigafactory.simulate.config import DAY_S  # noqa: E402
 from gigafactory.simulate.engine import RunResult  # noqa: E402
 
 COLORS = {
-    "run": "#2ca02c", "detect": "#ff7f0e", "wait_for_nodes": "#d62728", "restart": "#1f77b4", "maintenance": "#9467bd",
+    "run": "#2ca02c", "reconfigure": "#bcbd22", "detect": "#ff7f0e", "outage": "#8c564b", "wait_for_nodes": "#d62728",
+    "restart": "#1f77b4", "maintenance": "#9467bd",
 }
 
 

@@ -7,7 +7,8 @@ detection (crash: `ft_detect_s`; hang: `ft_timeout_s`) plus one quorum change; w
 one more quorum change while a live peer sends it the state over the scale-out network (`RecoverySpec.transfer_s`).
 
 What torchft cannot absorb falls back to the job-restart path of engine.Job: a per-job class (storage, scheduler), a
-failure that leaves fewer than `min_replicas` live groups (the last group, or a block of nodes touching every group).
+fault that spreads to every replica (silent data corruption), a failure that leaves fewer than `min_replicas` live
+groups (the last group, or a block of nodes touching every group).
 The restart loads the in-memory peer snapshot (taken every step) when `in_memory_recovery` is on and some copy
 survives (the failure took no node, or spared a group), else the newest durable checkpoint.
 """
@@ -68,7 +69,9 @@ class ReplicaJob(Job):
                 self.waiting[g] = self.waiting.get(g, 0) + 1
 
     def _memory_survives(self, cls: FailureClass, position: float) -> bool:
-        return self.in_memory and (cls.per == "job" or len(self._hit(cls, self._block(cls, position))) < self.groups)
+        if not self.in_memory or cls.spreads:
+            return False
+        return cls.per == "job" or len(self._hit(cls, self._block(cls, position))) < self.groups
 
     def _partial_step(self) -> float:
         """Compute time of the step in flight (0 while paused or in a checkpoint stall)."""
@@ -118,7 +121,7 @@ class ReplicaJob(Job):
             self._kill(t, cls, recoverable)
             return
         live_hit = [g for g in hit if g not in self.out]
-        if cls.per == "job" or self.groups - len(self.out) - len(live_hit) < self.rec.min_replicas:
+        if cls.per == "job" or cls.spreads or self.groups - len(self.out) - len(live_hit) < self.rec.min_replicas:
             self._kill(t, cls, recoverable)
             return
         for g in hit:

@@ -19,14 +19,22 @@ def print_report(d: dict, console: Console | None = None) -> None:
     console = console or Console()
     inp, exp = d["inputs"], d["expected"]
     days = inp["days"]
-    head = Table(title=f"simulate: {inp['gpus']:,} GPUs ({inp['nodes']:,} nodes, {inp['spare_nodes']} spares), {days:g} days, {len(inp['seeds'])} seed(s)")
+    mode = inp["recovery"] + (f", {inp['replica_groups']} groups of {inp['replica_group_gpus']:,} GPUs" if inp["recovery"] == "replica" else "")
+    head = Table(title=f"simulate: {inp['gpus']:,} GPUs ({inp['nodes']:,} nodes, {inp['spare_nodes']} spares), {days:g} days, "
+                       f"{len(inp['seeds'])} seed(s), recovery {mode}")
     head.add_column("metric")
     head.add_column("simulated", justify="right")
     head.add_column("analytic", justify="right")
     spread = f" ± {d['ettr_std']:.4f}" if len(inp["seeds"]) > 1 else ""
     head.add_row("ETTR", f"{d['ettr']:.4f}{spread}", f"{exp['ettr']:.4f}")
-    head.add_row("MTBI", _hours(d["mtbi_s"]), _hours(exp.get("mtbi_s")))
-    head.add_row("interruptions / day", f"{d['interruptions'] / days:.2f}", f"{DAY_S / exp['mtbi_s']:.2f}" if exp.get("mtbi_s") else "-")
+    head.add_row("MTBI (failures of job-killing classes)", _hours(d["mtbi_s"]), _hours(exp.get("failures_mtbi_s")))
+    fleet = exp.get("failures_mtbi_s")
+    head.add_row("failures / day", f"{d['failures'] / days:.2f}", f"{DAY_S / fleet:.2f}" if fleet else "-")
+    head.add_row("interruptions / day (struck running work)", f"{d['interruptions'] / days:.2f}", "")
+    head.add_row("job restarts / day", f"{d['job_restarts'] / days:.2f}", f"{DAY_S / exp['mtbi_s']:.2f}" if exp.get("mtbi_s") else "0")
+    if inp["recovery"] == "replica":
+        head.add_row("absorbed by replica groups / day", f"{(d['interruptions'] - d['job_restarts']) / days:.2f}", f"{exp['absorbed_per_day']:.2f}")
+        head.add_row("rejoin: group state, peer transfer", f"{inp['group_state_bytes'] / 1e12:.2f} TB, {inp['peer_transfer_s']:.1f} s", "")
     head.add_row(
         "checkpoint interval", f"{_hours(inp['checkpoint_interval_s'])} ({inp['checkpoint_interval_steps']:.0f} steps, {inp['checkpoint_policy']})",
         f"Young {_hours(exp.get('young_s'))}, Daly {_hours(exp.get('daly_s'))}",
@@ -37,7 +45,7 @@ def print_report(d: dict, console: Console | None = None) -> None:
     console.print(head)
     console.print(f"[dim]analytic column assumes {exp.get('assumes', '')}[/dim]")
 
-    causes = Table(title="interruptions by cause (mean per run)")
+    causes = Table(title="interruptions by cause (mean per run; failures while already down are not counted)")
     for col in ("cause", "count", "share", "per day"):
         causes.add_column(col, justify="left" if col == "cause" else "right")
     total = d["interruptions"] or 1
