@@ -15,6 +15,7 @@ anything else (os.system, builtins.eval, ...) is refused before it is called.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +103,20 @@ def _bfloat16_type():
 
 
 _RECONSTRUCT = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+
+
+def _empty_reconstruct(cls, shape, dtype):
+    """numpy's pickles always start an array as `_reconstruct(ndarray, (0,), b'b')` and fill it from the pickled
+    bytes (whose length numpy checks against the declared shape); any other shape would allocate memory the file
+    does not hold (a 93-byte pickle can declare a 1 TiB array), so it is refused before anything is allocated."""
+    if cls is not np.ndarray or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"array reconstruction with shape {shape!r} refused (numpy pickles start from shape (0,))")
+    return _RECONSTRUCT(cls, shape, dtype)
+
+
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _RECONSTRUCT,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _empty_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _empty_reconstruct,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("ml_dtypes", "bfloat16"): _bfloat16_type,
@@ -154,11 +166,16 @@ def dequantize(q: QuantizedWeight8bit, dtype: torch.dtype) -> torch.Tensor:
     weight = torch.from_numpy(q.weight)
     if weight.dtype != torch.int8:
         raise ValueError(f"quantised weight has dtype {weight.dtype}, expected int8")
+    if not scales.is_floating_point():
+        raise ValueError(f"scales have dtype {scales.dtype}, expected a float type")
+    shape, sshape = tuple(weight.shape), tuple(scales.shape)  # checked before the full-size buffer is allocated
+    rows, blocks = (shape[-2], sshape[-2]) if len(shape) >= 2 and len(sshape) == len(shape) else (0, 0)
+    fits = (rows and blocks and (blocks in (1, rows) or rows % blocks == 0) and sshape[-1] in (1, shape[-1])
+            and all(s in (1, w) for s, w in zip(sshape[:-2], shape[:-2])))
+    if not fits:
+        raise ValueError(f"scales of shape {sshape} do not fit a weight of shape {shape}")
     out = weight.to(scales.dtype)  # the only full-size buffer besides the int8 source
     del weight
-    rows, blocks = out.shape[-2], scales.shape[-2]
-    if scales.dim() != out.dim() or blocks not in (1, rows) and rows % blocks:
-        raise ValueError(f"scales of shape {tuple(scales.shape)} do not fit a weight of shape {tuple(out.shape)}")
     if blocks not in (1, rows):
         view = out.view(*out.shape[:-2], blocks, rows // blocks, out.shape[-1])
         view.mul_(scales.unsqueeze(-2))
@@ -193,14 +210,30 @@ class Grok1Checkpoint:
         return sum((self.dir / p.file_name).stat().st_size for p in self.params)
 
     def load(self, param: Grok1Param, expected_shape: tuple[int, ...]) -> torch.Tensor:
-        """One parameter as a torch tensor in Gigafactory's layout; quantised weights are dequantised to `dtype`."""
+        """One parameter as a torch tensor in Gigafactory's layout; quantised weights are dequantised to `dtype`.
+
+        Sizes are checked before anything big is allocated: the file against what the expected shape can occupy,
+        then the unpickled shapes against the layout, before dequantising."""
         path = self.dir / param.file_name
+        stored = tuple(reversed(expected_shape)) if param.transpose else tuple(expected_shape)  # JAX [in, out]
+        numel = math.prod(stored)
+        limit = 8 * numel + 2**16  # int8 weight + scales of at most its size in fp32, or an fp32/bf16 array; + pickle framing
+        size = path.stat().st_size
+        if size > limit:
+            raise UserError(f"Grok-1 tensor file '{path}' ({param.jax_name}) is {size} bytes, more than a tensor of shape {stored} can take "
+                            f"({limit}); pass the --preset/--model-config the checkpoint was made with, or re-download that file")
         try:
             with open(path, "rb") as f:
                 obj = restricted_load(f)
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
             reason = "truncated" if isinstance(err, EOFError) or "truncated" in str(err) else str(err).splitlines()[0][:160] or type(err).__name__
             raise UserError(f"Grok-1 tensor file '{path}' ({param.jax_name}) could not be read: {reason}; re-download that file") from None
+        declared = tuple(obj.weight.shape) if isinstance(obj, QuantizedWeight8bit) else tuple(obj.shape)
+        if declared != stored:
+            raise UserError(
+                f"Grok-1 tensor file '{path}' ({param.jax_name}) holds shape {declared}, the model config expects {stored} "
+                f"(stored [in, out]); pass the --preset/--model-config the checkpoint was made with"
+            )
         try:
             tensor = dequantize(obj, self.dtype) if isinstance(obj, QuantizedWeight8bit) else to_torch(obj)
         except ValueError as err:

@@ -206,6 +206,19 @@ def _check_layout(cfg: JobConfig, nodes: int, gpus_per_node: int) -> ParallelDim
         raise UserError(f"{err} (for {where})") from None
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _refuse_control_characters(**values) -> None:
+    """Every value the launchers write into a file must be one line: a newline in `--partition` would add its own
+    `#SBATCH` directive, and one in `--image` (or a train flag) its own script or YAML line. Refused, not escaped."""
+    for key, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and _CONTROL_RE.search(item):
+                flag = "arguments after `--`" if key == "train_args" else "the command line" if key == "command_line" else f"--{key.replace('_', '-')}"
+                raise UserError(f"{flag} {item!r} contains a newline or other control character; give a single-line value")
+
+
 def build_spec(
     target: str,
     *,
@@ -228,6 +241,8 @@ def build_spec(
     command_line: str = "",
 ) -> LaunchSpec:
     """Validate a launch request; raise UserError (one line) on any bad input."""
+    _refuse_control_characters(image=image, time=time, partition=partition, account=account, run_dir=run_dir,
+                               config=config, name=name, train_args=train_args, command_line=command_line)
     if target not in ("slurm", "k8s"):
         raise UserError(f"launch target {target!r} must be slurm or k8s")
     if nodes < 1:

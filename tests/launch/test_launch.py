@@ -447,6 +447,13 @@ def test_layout_errors_are_one_line(tmp_path, capsys, parallel, needle):
     (["--nodes", "1", "--gpus-per-node", "1", "--run-dir", "a", "--", "--logging.run_dir", "b"], "keep one"),
     (["--nodes", "1", "--gpus-per-node", "1", "--queue", "Bad Queue"], "--queue 'Bad Queue' must be a Kubernetes name"),
     (["slurm", "--nodes", "1", "--gpus-per-node", "1", "--time", "2"], "--time 2 leaves no training time: the job is told to stop 150 s"),
+    # issue 18: a newline would inject its own #SBATCH directive / script or YAML line
+    (["slurm", "--nodes", "1", "--gpus-per-node", "1", "--partition", "gpu\n#SBATCH --exclusive"], "--partition 'gpu\\n#SBATCH --exclusive' contains a newline"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "1", "--account", "a\rb"], "--account 'a\\rb' contains a newline"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "1", "--image", "img\n evil: true"], "--image 'img\\n evil: true' contains a newline"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--image", "img\n evil: true"], "--image 'img\\n evil: true' contains a newline"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--run-dir", "runs/a\nb"], "--run-dir 'runs/a\\nb' contains a newline"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "1", "--", "--logging.run_dir", "x\ny"], "arguments after `--` 'x\\ny' contains a newline"),
 ])
 def test_bad_inputs_are_one_line(capsys, argv, needle):
     target, argv = (argv[0], argv[1:]) if argv[0] == "slurm" else ("k8s", argv)
