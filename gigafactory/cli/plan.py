@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -27,7 +28,11 @@ def register(subparsers) -> None:
     p.add_argument("--batch-tokens", type=float, default=DEFAULT_BATCH_TOKENS, help="Target global batch in tokens (default 16M).")
     p.add_argument("--pue", type=float, default=None, help="Power usage effectiveness of the facility (default from the catalog).")
     p.add_argument("--usd-per-gpu-hour", type=float, default=None, help="Price of a GPU-hour (default from the catalog).")
-    p.add_argument("--failures-per-gpu-day", type=float, default=None, help="Job-interrupting failures per GPU per day.")
+    p.add_argument("--failures-per-gpu-day", type=float, default=None,
+                   help="Job-interrupting failures per GPU per day; scales every shipped failure class (default from the catalog: 4.7e-4).")
+    p.add_argument("--recovery", choices=("job-restart", "replica"), default="job-restart",
+                   help="How failures are recovered: job-restart (torchrun restarts the job) or replica (torchft replica groups, "
+                        "one per dp_replicate). Days, GPU-hours, energy and $ include its losses (docs/simulate.md).")
     p.add_argument("--max-idle", type=float, default=0.05, help="Fraction of GPUs the layout may leave as spares (default 0.05).")
     p.add_argument("--json", action="store_true", help="Print a JSON list, one object per cluster size, instead of the table.")
     p.add_argument("--plot", metavar="PNG", help="Write a sweep plot (days, MFU, cost vs GPUs) to this PNG file.")
@@ -62,6 +67,7 @@ def plan_rows(args) -> tuple[list[dict], str]:
     from gigafactory.plan.forecast import forecast
     from gigafactory.plan.hardware import load_catalog, make_cluster
     from gigafactory.plan.layout import MODERN
+    from gigafactory.plan.reliability import with_failures
     from gigafactory.plan.report import row
     from gigafactory.plan.search import SearchSpace, search
     from gigafactory.plan.workload import from_model_config
@@ -74,8 +80,12 @@ def plan_rows(args) -> tuple[list[dict], str]:
     seq = args.seq_len or cfg.max_seq_len
     if seq <= 0 or seq > cfg.max_seq_len:
         raise UserError(f"--seq-len {seq} must be in 1..{cfg.max_seq_len} (the model's max_seq_len)")
-    if args.tokens <= 0 or args.batch_tokens < seq:
-        raise UserError(f"--tokens must be > 0 and --batch-tokens >= one sequence ({seq} tokens)")
+    if not (math.isfinite(args.tokens) and args.tokens > 0) or not math.isfinite(args.batch_tokens) or args.batch_tokens < seq:
+        raise UserError(f"--tokens must be a finite number > 0 and --batch-tokens a finite number >= one sequence ({seq} tokens)")
+    for flag, value, low in (("--pue", args.pue, 1.0), ("--usd-per-gpu-hour", args.usd_per_gpu_hour, 0.0),
+                             ("--failures-per-gpu-day", args.failures_per_gpu_day, 0.0)):
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise UserError(f"{flag} {value} must be a finite number >= {low:g}")
     if not 0 <= args.max_idle < 1:
         raise UserError(f"--max-idle {args.max_idle} must be in [0, 1)")
     w = from_model_config(cfg)
@@ -83,13 +93,15 @@ def plan_rows(args) -> tuple[list[dict], str]:
     overrides = dict(pue=args.pue, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_failures_per_day=args.failures_per_gpu_day)
     for key in ("pue", "usd_per_gpu_hour", "gpu_failures_per_day", "storage_write_gbps"):
         if overrides.get(key) is None and key in catalog.cluster:
-            overrides[key] = float(catalog.cluster[key])
+            overrides[key] = float(catalog.cluster[key])  # load_catalog checked it is a finite number in range
     rows = []
     for n in _counts(args.gpus):
         cluster = make_cluster(gpu, n, network=network, catalog=catalog, **overrides)
         best, priced = search(w, cluster, MODERN, seq, space)
-        rows.append(row(best[0], forecast(best[0], w, cluster, args.tokens), cluster, priced))
-    title = f"{cfg.name} on {gpu}: {args.tokens:.3g} tokens, seq {seq}, target batch {args.batch_tokens / 1e6:.1f}M tokens"
+        fc = forecast(best[0], w, cluster, args.tokens)
+        rows.append(row(best[0], fc, cluster, priced, with_failures(best[0], fc, w, cluster, args.recovery)))
+    title = (f"{cfg.name} on {gpu}: {args.tokens:.3g} tokens, seq {seq}, target batch {args.batch_tokens / 1e6:.1f}M tokens, "
+             f"recovery {args.recovery}")
     return rows, title
 
 

@@ -105,6 +105,26 @@ def _build(cls, name: str, table: dict, where: str):
     return cls(name=name, **values)
 
 
+TABLES = ("gpu", "network", "defaults", "cluster")
+CLUSTER_KEYS = {"gpu": str, "network": str, "pue": 1.0, "usd_per_gpu_hour": 0.0, "gpu_failures_per_day": 0.0, "storage_write_gbps": 0.0}
+
+
+def _check_user_tables(data: dict, where: str) -> None:
+    """A user file's tables and [cluster] keys are known and its numbers in range: nothing is silently ignored."""
+    unknown = sorted(set(data) - set(TABLES))
+    if unknown:
+        raise UserError(f"{where}: unknown table [{unknown[0]}]; valid tables: {', '.join(f'[{t}]' for t in TABLES)}")
+    for key, value in data.get("cluster", {}).items():
+        if key not in CLUSTER_KEYS:
+            raise UserError(f"{where}: unknown key {key!r} in [cluster]; valid: {', '.join(CLUSTER_KEYS)}")
+        low = CLUSTER_KEYS[key]
+        if low is str:
+            if not isinstance(value, str):
+                raise UserError(f"{where}: [cluster] {key} must be a name (a string), got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= low):
+            raise UserError(f"{where}: [cluster] {key}={value!r} must be a finite number >= {low:g}")
+
+
 def load_catalog(extra: str | None = None) -> Catalog:
     """The shipped catalog, plus the GPUs, networks and [cluster] table of a user TOML file when given."""
     tables = [(CATALOG_PATH, tomllib.loads(CATALOG_PATH.read_text()))]
@@ -116,6 +136,7 @@ def load_catalog(extra: str | None = None) -> Catalog:
             tables.append((path, tomllib.loads(path.read_text())))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"cluster file {extra!r} is not valid TOML ({err}); fix the syntax") from None
+        _check_user_tables(tables[-1][1], f"cluster file {extra!r}")
     gpus: dict[str, GPU] = {}
     networks: dict[str, Network] = {}
     defaults: dict[str, float] = {}

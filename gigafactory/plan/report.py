@@ -9,10 +9,12 @@ from gigafactory.plan.hardware import Cluster
 GIB = 2**30
 
 
-def row(est: StepEstimate, fc: Forecast, cluster: Cluster, priced: int = 0) -> dict:
-    """One JSON object per cluster size (the simulator reads gpus, step_time_s, tokens_per_step, checkpoint_time_s)."""
+def row(est: StepEstimate, fc: Forecast, cluster: Cluster, priced: int = 0, failures: dict | None = None) -> dict:
+    """One JSON object per cluster size (the simulator reads gpus, step_time_s, tokens_per_step, checkpoint_time_s,
+    replica_group_gpus, params). `failures` (plan/reliability.py) replaces days, GPU-hours, energy and cost with
+    their values once failures are paid for, and adds ETTR and the failure-free figures."""
     lay = est.layout
-    return {
+    out = {
         "gpus": fc.gpus, "gpus_used": fc.gpus_used, "gpu": cluster.gpu.name, "network": cluster.network.name,
         "layout": {
             "dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep,
@@ -31,6 +33,7 @@ def row(est: StepEstimate, fc: Forecast, cluster: Cluster, priced: int = 0) -> d
         "interruptions_per_day": fc.interruptions_per_day, "checkpoint_time_s": fc.checkpoint_time_s,
         "step_breakdown_s": est.breakdown, "layouts_priced": priced, "parallel_toml": lay.toml(),
     }
+    return {**out, **(failures or {})}
 
 
 def _layout_str(lay: dict) -> str:
@@ -56,12 +59,14 @@ def render_table(rows: list[dict], title: str) -> None:
         ("MFU / HFU", lambda r: f"{r['mfu'] * 100:.1f}% / {r['hfu'] * 100:.1f}%"),
         ("TFLOP/s per GPU", lambda r: f"{r['tflops_per_gpu']:.0f}"),
         ("peak memory / GPU", lambda r: f"{r['peak_memory_gib']:.1f} / {r['hbm_gib']:.0f} GiB"),
-        ("days to train", lambda r: f"{r['days']:.1f}"),
+        ("recovery", lambda r: r.get("recovery", "-") + (f" ({r['replica_groups']} groups)" if r.get("recovery") == "replica" else "")),
+        ("ETTR (failures + checkpoints)", lambda r: f"{r['ettr']:.3f}" if "ettr" in r else "-"),
+        ("days to train", lambda r: f"{r['days']:.1f}" + (f" ({r['days_failure_free']:.1f} failure-free)" if "ettr" in r else "")),
         ("GPU-hours", lambda r: f"{r['gpu_hours'] / 1e6:.2f} M"),
         ("energy", lambda r: f"{r['energy_mwh']:,.0f} MWh"),
         ("facility power", lambda r: f"{r['facility_mw']:.1f} MW (PUE {r['pue']})"),
-        ("cost", lambda r: f"${r['cost_usd'] / 1e6:,.1f} M"),
-        ("interruptions / day", lambda r: f"{r['interruptions_per_day']:.1f}"),
+        ("cost", lambda r: f"${r['cost_usd'] / 1e6:,.1f} M" + (f" (ETTR {r['ettr']:.3f})" if "ettr" in r else "")),
+        ("failures / day (job restarts)", lambda r: f"{r['interruptions_per_day']:.1f} ({r.get('job_restarts_per_day', r['interruptions_per_day']):.1f})"),
         ("checkpoint write", lambda r: f"{r['checkpoint_time_s']:.1f} s"),
     ]
     for name, fmt in metrics:

@@ -20,8 +20,8 @@ def test_every_shipped_rate_cites_a_source_and_the_total_matches_llama3():
     text = default_rates_path().read_text()
     for needle in ("Llama 3", "Kokolis", "CAVEATS", "assumption"):
         assert needle in text
-    # 419 interruptions / (54 days x 2,048 nodes of 8 GPUs)
-    per_node_day = sum(c.rate * (8 if c.per == "gpu" else 1) for c in classes)
+    # 419 interruptions / (54 days x 2,048 nodes of 8 GPUs); a per-job class counts once for the whole 2,048-node job
+    per_node_day = sum(c.rate * {"gpu": 8, "node": 1, "job": 1 / 2048}[c.per] for c in classes)
     assert per_node_day == pytest.approx(419 / (54 * 2048), rel=0.002)
     assert tomllib.loads(text)["meta"]["node_days"] == 54 * 2048
 
