@@ -14,7 +14,10 @@ def run_cli(monkeypatch, capsys):
     monkeypatch.setattr(cli_main, "COMMANDS", ("simulate",))
 
     def run(*argv: str) -> tuple[int, str, str]:
-        code = cli_main.main(["simulate", *argv])
+        try:
+            code = cli_main.main(["simulate", *argv])
+        except SystemExit as exc:  # argparse's own usage errors (one line, exit 2)
+            code = exc.code
         out = capsys.readouterr()
         return code, out.out, out.err
 
@@ -85,10 +88,15 @@ def test_from_plan_with_flag_precedence(run_cli, tmp_path):
         (["--sweep", "gpus=1e4,abc"], "values must be numbers"),
         (["--failure-rates", "/nonexistent.toml"], "failure-rate file '/nonexistent.toml' not found"),
         (["--from-plan", "/nonexistent.json"], "plan file '/nonexistent.json' not found"),
+        (["--days", "inf"], "--days expects a finite number, got 'inf'"),
+        (["--days", "nan"], "--days expects a finite number, got 'nan'"),
+        (["--days", "1e9"], "days=1000000000.0 must be a number in (0, 3650]"),
+        (["--recovery", "elastic"], "invalid choice: 'elastic'"),
+        (["--recovery", "replica", "--replica-group-gpus", "12"], "replica_group_gpus=12 must be a positive multiple"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(run_cli, argv, needle):
-    code, out, err = run_cli(*argv, "--days", "1")
+    code, out, err = run_cli(*(argv if "--days" in argv else [*argv, "--days", "1"]))
     assert code == 2 and out == ""
     assert err.startswith("error: ") and needle in err and err.count("\n") == 1
 
@@ -109,3 +117,26 @@ def test_gpus_sweep_with_a_plan_takes_each_sizes_step_time(run_cli, tmp_path):
     # 10x the GPUs at 10x the step rate: goodput rises despite the lower ETTR
     assert rows[1]["ettr"] < rows[0]["ettr"]
     assert rows[1]["goodput_tokens_per_s"] > 4 * rows[0]["goodput_tokens_per_s"]
+
+
+def test_recovery_replica_json_side_by_side_with_job_restart(run_cli):
+    both = {}
+    for mode in ("job-restart", "replica"):
+        code, out, _ = run_cli("--gpus", "100000", "--days", "20", "--recovery", mode, "--json")
+        assert code == 0
+        both[mode] = json.loads(out)
+    rep, job = both["replica"], both["job-restart"]
+    assert rep["inputs"]["recovery"] == "replica" and rep["inputs"]["replica_groups"] == 97
+    assert rep["failures"] == job["failures"]  # same seed, same failures
+    assert rep["ettr"] > job["ettr"] + 0.3 and rep["job_restarts"] < 0.05 * job["job_restarts"]
+    assert rep["inputs"]["peer_transfer_s"] > 0 and rep["rejoins"] > 0
+
+
+def test_from_plan_reads_the_replica_group_and_model_size(run_cli, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"gpus": 16384, "step_time_s": 2.0, "tokens_per_step": 16e6, "checkpoint_time_s": 5.0,
+                                 "replica_group_gpus": 512, "params": 7e10}]))
+    code, out, _ = run_cli("--from-plan", str(plan), "--recovery", "replica", "--days", "2", "--json")
+    inp = json.loads(out)["inputs"]
+    assert code == 0 and inp["replica_group_gpus"] == 512 and inp["replica_groups"] == 32
+    assert inp["group_state_bytes"] == pytest.approx(7e10 * 14)

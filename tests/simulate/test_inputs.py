@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from gigafactory.errors import UserError
-from gigafactory.simulate import ClusterSpec, JobSpec, SimConfig, SimSpec, simulate
+from gigafactory.simulate import ClusterSpec, JobSpec, RecoverySpec, SimConfig, SimSpec, simulate
 from gigafactory.simulate.failures import default_rates_path, load_failure_classes, override_rates
 from gigafactory.simulate.plan_input import read_plan
 
@@ -107,3 +107,43 @@ def test_plan_errors(tmp_path):
         read_plan(str(p))
     with pytest.raises(UserError, match="not found"):
         read_plan(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ('[classes.s]\nrate = 0.1\nper = "job"\nrepair_s = 60\n', "a per-job class takes no node out"),
+        ('[classes.s]\nrate = 0.1\nhangs = "yes"\n', "hangs must be true or false"),
+        ('[classes.s]\nrate = 0.1\noutage_s = -1\n', "outage_s=-1 must be a number >= 0"),
+    ],
+)
+def test_bad_new_class_keys_are_one_line_errors(tmp_path, body, needle):
+    with pytest.raises(UserError) as err:
+        load_failure_classes(_write(tmp_path, body))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_job_wide_rates_do_not_grow_with_the_job_and_shipped_classes_include_correlated_and_job_wide():
+    classes = {c.name: c for c in load_failure_classes()}
+    job_wide = [c for c in classes.values() if c.per == "job"]
+    assert job_wide and all(c.source for c in job_wide)
+    small, big = ClusterSpec(gpus=8192), ClusterSpec(gpus=100_000)
+    assert all(c.rate_per_s(small) == c.rate_per_s(big) for c in job_wide)
+    assert any(c.nodes_affected > 1 for c in classes.values())
+    assert classes["silent_data_corruption"].spreads and classes["nccl_watchdog"].hangs
+
+
+@pytest.mark.parametrize(
+    "recovery,needle",
+    [
+        (RecoverySpec(recovery="replica", replica_group_gpus=12), "replica_group_gpus=12 must be a positive multiple of gpus_per_node=8"),
+        (RecoverySpec(recovery="replica", replica_group_gpus=8, min_replicas=99), "min_replicas=99 must be an integer in 1..8"),
+        (RecoverySpec(recovery="replica", peer_gbps_per_gpu=0.0), "peer_gbps_per_gpu=0.0 must be a finite number > 0"),
+        (RecoverySpec(recovery="sideways"), "recovery='sideways' is not one of"),
+        (RecoverySpec(quorum_s=float("inf")), "quorum_s=inf must be a finite number >= 0"),
+    ],
+)
+def test_bad_recovery_knobs_are_one_line_errors(recovery, needle):
+    with pytest.raises(UserError) as err:
+        simulate(SimConfig(cluster=ClusterSpec(gpus=64), sim=SimSpec(days=1), recovery=recovery))
+    assert needle in str(err.value) and "\n" not in str(err.value)
