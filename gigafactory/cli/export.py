@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
@@ -24,8 +25,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gigafactory.interop import export_checkpoint
-    from gigafactory.interop.storage import parse_size
+    from gigafactory.interop.deviation import deviation_warnings
+    from gigafactory.interop.storage import GigafactorySource, parse_size
 
     files = export_checkpoint(args.checkpoint, args.format, args.out, args.dtype, parse_size(args.max_shard_size), progress=not args.no_progress)
     print(f"wrote {len(files)} shard(s), model.safetensors.index.json and config.json to {args.out}")
+    for line in deviation_warnings(args.checkpoint, args.format, GigafactorySource(args.checkpoint).cfg):
+        print(f"warning: {line}", file=sys.stderr)
     return 0

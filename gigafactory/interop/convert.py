@@ -12,7 +12,10 @@ import torch
 from gigafactory.errors import UserError
 from gigafactory.interop.grok1 import Grok1Checkpoint
 from gigafactory.interop.hf_config import model_config_from_json, read_config_json
-from gigafactory.interop.layouts import FORMATS, Entry, check_exportable, config_json, detect_format, entries
+from gigafactory.interop.hf_tokenizer import write_tokenizer_files
+from gigafactory.interop.layouts import (
+    BOS_ID, EOS_ID, FORMATS, HF_CODE_FILES, PAD_ID, Entry, check_exportable, config_json, detect_format, entries,
+)
 from gigafactory.interop.storage import (
     DEFAULT_SHARD_BYTES, DTYPES, GigafactorySource, OutTensor, SafetensorsSource, output_dir, write_gigafactory_checkpoint,
     write_safetensors_shards,
@@ -119,11 +122,10 @@ def _export(source: GigafactorySource, fmt: str, out: Path, dtype: str, max_shar
         tensors.append(OutTensor(entry.name, tuple(reversed(shape)) if entry.transpose else shape, target, producer(entry)))
     files = write_safetensors_shards(out, tensors, max_shard_bytes, progress, f"exporting {fmt}")
     (out / "config.json").write_text(json.dumps(config_json(fmt, cfg, dtype), indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n")
-    if source.tokenizer_json is not None:
-        shutil.copyfile(source.tokenizer_json, out / "tokenizer.json")
-        special = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
-        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}, indent=2) + "\n")
+    if fmt != "hf-mixtral":
+        for name in HF_CODE_FILES:
+            shutil.copyfile(Path(__file__).parent / "hf_code" / name, out / name)
+    write_tokenizer_files(source.tokenizer_json, out, cfg, (PAD_ID, BOS_ID, EOS_ID))
     return files
 
 

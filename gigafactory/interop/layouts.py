@@ -20,6 +20,14 @@ from gigafactory.models.config import ModelConfig
 
 FORMATS = ("hf-grok1", "sglang-grok", "hf-mixtral")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# The Grok layouts carry their own transformers code (hf_code/, copied into the export): a model_type transformers
+# does not know makes it refuse without trust_remote_code (model_type "git" silently built a random GitForCausalLM).
+HF_CODE_FILES = ("configuration_gigafactory_grok.py", "modeling_gigafactory_grok.py")
+REMOTE_CODE = {
+    "model_type": "gigafactory-grok",
+    "auto_map": {"AutoConfig": "configuration_gigafactory_grok.GigafactoryGrokConfig",
+                 "AutoModelForCausalLM": "modeling_gigafactory_grok.GigafactoryGrokForCausalLM"},
+}
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,7 @@ def config_json(fmt: str, cfg: ModelConfig, dtype_name: str) -> dict:
     }
     if fmt == "hf-grok1":
         out = {
-            "architectures": ["Grok1ModelForCausalLM"], "model_type": "git", **common,
+            "architectures": ["Grok1ModelForCausalLM"], **REMOTE_CODE, **common,
             "intermediate_size": cfg.moe_ffn_dim, "num_experts": cfg.n_experts, "num_local_experts": cfg.n_experts,
             # vLLM multiplies the o_proj output (not the logits) by this; 1.0 keeps Gigafactory's computation exact.
             "attn_output_multiplier": 1.0,
@@ -150,7 +158,7 @@ def config_json(fmt: str, cfg: ModelConfig, dtype_name: str) -> dict:
         }
     elif fmt == "sglang-grok":
         out = {
-            "architectures": ["Grok1ForCausalLM"], "model_type": "git", **common, "tie_word_embeddings": False,
+            "architectures": ["Grok1ForCausalLM"], **REMOTE_CODE, **common, "tie_word_embeddings": False,
             "num_local_experts": cfg.n_experts, "embedding_multiplier_scale": cfg.embedding_multiplier,
             "output_multiplier_scale": cfg.output_multiplier, "attn_logit_softcapping": cfg.attn_softcap,
             "attn_logit_softcapping_method": "tanh", "attn_temperature_len": -1,
