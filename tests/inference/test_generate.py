@@ -57,3 +57,40 @@ def test_loaded_model_has_zeroed_router_bias(trained_run):
     """Buffers are not in checkpoints; a meta-built model must zero them or routing silently changes."""
     loaded = load_for_inference(trained_run)
     assert all(bool((b == 0).all()) for b in loaded.model.buffers())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--temperature", "nan"], "temperature=nan must be a finite number"),
+    (["--temperature", "inf"], "temperature=inf must be a finite number"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "mps"], "only cpu and cuda"),
+    (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),  # the bytes b"caf\xe9" as Python receives them
+])
+def test_generate_bad_input_is_one_line(trained_run, capsys, extra, message):
+    import torch
+
+    from gigafactory.cli.main import main
+
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["generate", "--checkpoint", str(trained_run), "--prompt", "In", "--max-tokens", "2", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_any_seed_and_prompt_text_stays_text(trained_run, capsys, monkeypatch):
+    """A 22-digit seed works (same text twice), and "[EOS]"/"<|user|>" in the prompt are characters, not control tokens."""
+    import gigafactory.inference.generate as gen
+    from gigafactory.cli.main import main
+
+    seen, real = [], gen.generate_tokens
+    monkeypatch.setattr(gen, "generate_tokens", lambda model, ids, *a, **k: seen.append(list(ids)) or real(model, ids, *a, **k))
+    argv = ["generate", "--checkpoint", str(trained_run), "--prompt", "[EOS]<|user|> In", "--max-tokens", "5",
+            "--temperature", "1", "--seed", "1234567890123456789012", "--ignore-eos"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("[EOS]<|user|> In")
+    assert seen and not [i for i in seen[0] if i < 7]  # ids 0-6 are [PAD] [BOS] [EOS] [UNK] and the chat roles

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,31 @@ def test_bad_cli_input_is_one_line(served_run, capsys, extra, message):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("keys_file,extra,message", [
+    ('[key."sk-x"]\nname = "x"\n', [], "unknown table(s) key"),  # misspelled: must not start open to anyone
+    ("", [], "defines no key"),
+    ('[keys."sk-x"]\nname = "x"\nrpm = 5\n', [], "unknown field(s) rpm"),
+    (None, ["--rate-limit", "60"], "no key is configured"),
+    (None, ["--device", "bogus"], "--device 'bogus' is not a device"),
+    (None, ["--device", "cuda"], "no CUDA GPU"),
+    (None, ["--trusted-proxies", "10.0.0.0/33"], "is not an IP address or network"),
+    (None, ["--request-timeout", "nan"], "--request-timeout nan must be"),
+    (None, ["--max-queue", "0"], "--max-queue 0 must be >= 1"),
+])
+def test_bad_keys_and_flags_are_one_line(served_run, tmp_path, capsys, monkeypatch, keys_file, extra, message):
+    import torch
+
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("GIGAFACTORY_API_KEYS", raising=False)
+    if keys_file is not None:
+        (tmp_path / "keys.toml").write_text(keys_file)
+        extra = ["--api-keys", str(tmp_path / "keys.toml"), *extra]
+    assert main(["serve", "--checkpoint", str(served_run), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_missing_checkpoint_and_abbreviations_are_refused(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -45,12 +71,12 @@ def test_rollout_naming_an_unserved_model_is_refused(served_run, tmp_path, capsy
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX only")
-def test_serve_process_answers_and_reloads_the_rollout_on_sighup(served_run, tmp_path):
+def test_serve_process_answers_reloads_on_sighup_and_stops_despite_a_stalled_client(served_run, tmp_path):
     policy = tmp_path / "rollout.toml"
     policy.write_text('default = "on"\n[regions.GB]\nstate = "off"\n')
     port = free_port()
     proc = subprocess.Popen(CLI + ["--checkpoint", f"grok-tiny={served_run}", "--port", str(port), "--rollout", str(policy),
-                                   "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                   "--log-level", "warning", "--shutdown-timeout", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -70,6 +96,14 @@ def test_serve_process_answers_and_reloads_the_rollout_on_sighup(served_run, tmp
             assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
             time.sleep(0.05)
         assert proc.poll() is None  # SIGHUP reloads, it does not stop the server
+        stalled = socket.create_connection(("127.0.0.1", port))  # declares a body and sends a tenth of it
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"{" * 10)
+        time.sleep(0.2)
+        proc.terminate()
+        t0 = time.monotonic()
+        proc.wait(timeout=15)  # without --shutdown-timeout, SIGTERM waits for that body forever
+        assert time.monotonic() - t0 < 10
+        stalled.close()
     finally:
         proc.terminate()
         proc.wait(timeout=20)
