@@ -1,7 +1,7 @@
 """`--sweep KEY=V1,V2,...`: run the same job at several values of one knob and tabulate the results.
 
-KEY is any field of the cluster, job or sim spec (gpus, spare_nodes, checkpoint_s, rate_scale, ...), or
-`checkpoint_interval` (seconds of compute between checkpoints; implies checkpoint_policy=fixed).
+KEY is any numeric field of the cluster, job, sim or recovery spec (gpus, spare_nodes, checkpoint_s, rate_scale,
+quorum_s, ...), or `checkpoint_interval` (seconds of compute between checkpoints; implies checkpoint_policy=fixed).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _NUMERIC = (int, float)
 def sweepable(cfg: SimConfig) -> dict[str, tuple[str, type]]:
     """Knob name -> (spec attribute on SimConfig, value type), for every numeric knob."""
     out = {}
-    for spec_name in ("cluster", "job", "sim"):
+    for spec_name in ("cluster", "job", "sim", "recovery"):
         spec = getattr(cfg, spec_name)
         hints = typing.get_type_hints(type(spec))
         for f in dataclasses.fields(spec):
