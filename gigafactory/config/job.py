@@ -167,6 +167,8 @@ class FaultConfig:
     spike_step: int = knob(0, "Step whose loss spikes (loss and gradients scaled by spike_scale); 0 = never.")
     spike_scale: float = knob(20.0, "Factor the spiked step's loss and gradients are multiplied by.")
     anomaly_repeats: int = knob(1, "Runs of the step that show the injected NaN/spike: 1 = a transient fault (a re-run is clean), 2 or more = a real one (the re-run shows it too).")
+    delay_rank: int = knob(-1, "Rank that sleeps delay_s before every step (a slow node; in drills, a stand-in for a longer step); -1 = every rank.")
+    delay_s: float = knob(0.0, "Seconds delay_rank sleeps before every step; 0 = off.")
     replica_id: int = knob(-1, "With fault tolerance: the replica group whose ranks the faults above hit; -1 = every group.")
     corrupt_latest: str = knob("none", "Damage the checkpoint saved at corrupt_step right after it is written.", choices=("none", "truncate", "flip"))
     corrupt_step: int = knob(0, "Step whose checkpoint is damaged; 0 = the first checkpoint saved.")
@@ -174,7 +176,8 @@ class FaultConfig:
 
     @property
     def any(self) -> bool:
-        return bool(self.kill_step or self.hang_step or self.nan_step or self.spike_step or self.corrupt_latest != "none" or self.fail_save_step)
+        return bool(self.kill_step or self.hang_step or self.nan_step or self.spike_step or self.corrupt_latest != "none" or self.fail_save_step
+                    or self.delay_s)
 
     def validate(self) -> None:
         _check(self, "faults.", [("replica_id", self.replica_id >= -1, "must be >= -1 (-1 = every group)")])
@@ -182,6 +185,8 @@ class FaultConfig:
         _check(self, "faults.", [(key, getattr(self, key) >= 0, "must be >= 0") for key in ints] + [
             ("spike_scale", self.spike_scale > 1, "must be > 1"),
             ("anomaly_repeats", self.anomaly_repeats >= 1, "must be >= 1"),
+            ("delay_rank", self.delay_rank >= -1, "must be >= -1 (-1 = every rank)"),
+            ("delay_s", 0 <= self.delay_s <= 3600, "must be in [0, 3600] seconds"),
         ])
 
 

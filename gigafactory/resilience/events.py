@@ -71,6 +71,8 @@ _DESCRIBE = {
     "spike": "step {step}: loss spike {loss:.4g} (z={zscore:.1f}) -> {action}",
     "restart": "restarted after a failure at step {last_step} ({what}); resuming at step {resumed_step}",
     "signal": "{signal} received: finishing step {step}, saving and exiting (at most {grace_s:g} s)",
+    "ft_heal": "replica group {group} rejoined from a live replica group: step {from_step} -> {to_step}, {bytes} bytes of state in {quorum_s:.2f} s",
+    "ft_quorum": "replica group {group}, step {step}: {participants} of {replica_groups} replica groups in the quorum",
 }
 
 

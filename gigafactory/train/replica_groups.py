@@ -84,6 +84,7 @@ class ReplicaGroupSync:
             rank=trainer.rank, world_size=trainer.world_size, store_addr=store_host, store_port=store_port,
             lighthouse_addr=cfg.lighthouse, replica_id=f"group{cfg.replica_id}",
             init_sync=False,  # every group initialises identically from training.seed
+            quorum_retries=3,  # ride out a restart of the lighthouse
         )
 
     @staticmethod
@@ -142,10 +143,10 @@ class ReplicaGroupSync:
             return False
         rank = self.manager.participating_rank()
         if self.healed is not None:
-            self.events.record("ft_heal", step=self.step, quorum_s=round(quorum_s, 4), **self.healed)
+            self.events.record("ft_heal", once=True, group=self.cfg.replica_id, step=self.step, quorum_s=round(quorum_s, 4), **self.healed)
         if (rank, n) != self.membership:
             self.membership = (rank, n)
-            self.events.record("ft_quorum", step=self.step + 1, participants=n, participating_rank=rank,
+            self.events.record("ft_quorum", once=True, group=self.cfg.replica_id, step=self.step + 1, participants=n, participating_rank=rank,
                                replica_groups=self.cfg.replica_groups)
         return self.healed is not None
 

@@ -281,6 +281,8 @@ class Trainer:
         if first and not healed and self.step == 0 and self.ft.step == 0 and self.cfg.checkpoint.resume != "never":
             self.maybe_resume()
             self.ft.set_position(self.step, self.train_loader.consumed // self.group_windows)
+        if first:
+            self._started()
         self.train_loader.consumed = self.ft.group_batch() * self.group_windows
 
     def _abandon_step(self, guard_state: dict) -> dict:
@@ -345,8 +347,13 @@ class Trainer:
         self.signals.install()
         tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dims.dp
         summary: dict = {"start_step": self.step, "eval": []}
-        record_start(self.events, self.run_dir / "heartbeat.json", self.step, self.world_size, tokens_per_step)
-        self.watchdog.start(self.step)
+        def started() -> None:  # reads the previous attempt's heartbeat before the watchdog overwrites it
+            record_start(self.events, self.run_dir / "heartbeat.json", self.step, self.world_size, tokens_per_step)
+            self.watchdog.start(self.step)
+
+        self._started = started
+        if self.ft is None:  # under fault tolerance, once the first quorum said where this group starts
+            started()
         path = None
         try:
             if t.eval_every and self.step == 0 and not (self.ft is not None and list_checkpoints(self.ckpt_root)):
