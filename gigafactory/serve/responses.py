@@ -115,14 +115,15 @@ class _Formatter:
         self.offset = 0  # characters already sent (completions' text_offset)
 
     def choice(self, text: str, finish: str | None, delta: bool) -> dict:
-        logprobs = self._logprobs(text, final=finish is not None or not delta)
+        logprobs = self._logprobs()
         if not self.chat:
             return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if delta:
             return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
 
-    def _logprobs(self, text: str, final: bool) -> dict | None:
+    def _logprobs(self) -> dict | None:
+        """The entries of the tokens generated since the last call (all of them for a whole answer)."""
         seq = self.seq
         if seq.logprobs is None:
             return None
