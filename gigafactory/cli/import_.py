@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -25,7 +24,8 @@ def register(subparsers) -> None:
     grok1.add_argument("--out", required=True, help="New or empty directory; the checkpoint goes to OUT/checkpoints/step-00000000.")
     grok1.add_argument("--preset", default="grok-1", help="Model preset the checkpoint was made with.")
     grok1.add_argument("--model-config", default=None, help="TOML file whose [model] table overrides preset fields (for scaled-down checkpoints).")
-    grok1.add_argument("--tokenizer", default=None, help="tokenizer.json to store with the checkpoint (default: one found beside --from).")
+    grok1.add_argument("--tokenizer", default=None, help="tokenizer.json, or the release's SentencePiece tokenizer.model (converted), to store with the checkpoint "
+                       "(default: a tokenizer.json, else a tokenizer.model, found beside --from).")
     grok1.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="Dtype of the dequantised int8 weights.")
     grok1.add_argument("--no-progress", action="store_true", help="Do not show the progress bar.")
     grok1.set_defaults(func=run)
@@ -40,7 +40,8 @@ def register(subparsers) -> None:
 
 
 def _model_config(preset: str, override_file: str | None):
-    from gigafactory.models.config import ModelConfig
+    from gigafactory.config.loader import model_config_from_table
+    from gigafactory.models.config import ConfigError
     from gigafactory.models.presets import get_preset
 
     cfg = get_preset(preset)
@@ -50,13 +51,14 @@ def _model_config(preset: str, override_file: str | None):
             raise UserError(f"model config file '{p}' not found; pass a TOML file with a [model] table")
         try:
             table = tomllib.loads(p.read_text()).get("model", {})
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"model config file '{p}' is not valid TOML ({err}); fix the file") from None
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise UserError(f"model config file '{p}': unknown key model.{unknown[0]}; see `gigafactory train --help` for model keys")
-        cfg = dataclasses.replace(cfg, **table)
+        if not isinstance(table, dict):
+            raise UserError(f"model config file '{p}': 'model' must be a [model] table")
+        try:  # types checked as for `train --config` (a string d_model is one line, not a TypeError)
+            cfg = model_config_from_table(table, cfg)
+        except ConfigError as err:
+            raise UserError(f"model config file '{p}': {err}; see `gigafactory train --help` for model keys") from None
     cfg.validate()
     return cfg
 

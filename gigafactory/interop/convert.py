@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -58,28 +59,39 @@ def import_grok1(source_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     reader = Grok1Checkpoint(source_dir, cfg, DTYPES[dtype])
-    tokenizer = _find_tokenizer(tokenizer_json, [reader.dir, reader.dir.parent], cfg.vocab_size)
     shapes = parameter_shapes(cfg)
     tensors = []
     for param in reader.params:
         stored = torch.float32 if param.key.endswith(("norm.weight", "router.weight", "embed.weight")) else DTYPES[dtype]
         tensors.append(OutTensor(param.key, shapes[param.key], stored, lambda p=param: reader.load(p, shapes[p.key])))
-    with output_dir(out_dir) as out:
-        return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer, progress, "importing Grok-1")
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = _find_tokenizer(tokenizer_json, [reader.dir, reader.dir.parent], cfg.vocab_size, Path(scratch))
+        with output_dir(out_dir) as out:
+            return write_gigafactory_checkpoint(out, cfg, tensors, tokenizer, progress, "importing Grok-1")
 
 
-def _find_tokenizer(explicit: str | Path | None, search: list[Path], vocab_size: int) -> Path | None:
-    """The tokenizer.json to store, checked now (a binary or foreign file would only fail later, in `generate`)."""
+def _find_tokenizer(explicit: str | Path | None, search: list[Path], vocab_size: int, scratch: Path) -> Path | None:
+    """The tokenizer.json to store, checked now (a binary or foreign file would only fail later, in `generate`).
+
+    Without --tokenizer: a tokenizer.json beside --from, else the release's SentencePiece tokenizer.model, converted
+    (interop/sentencepiece.py) into `scratch`. --tokenizer takes either kind (a .model file is converted)."""
     from gigafactory.data.tokenizer import load_tokenizer
 
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
-            raise UserError(f"tokenizer file '{p}' not found; pass a tokenizer.json with --tokenizer")
+            raise UserError(f"tokenizer file '{p}' not found; pass a tokenizer.json or the release's tokenizer.model with --tokenizer")
     else:
-        p = next((d / "tokenizer.json" for d in search if (d / "tokenizer.json").is_file()), None)
-        if p is None:
+        found = [d / name for name in ("tokenizer.json", "tokenizer.model") for d in search if (d / name).is_file()]
+        if not found:
             return None
+        p = found[0]
+    if p.suffix == ".model":
+        from gigafactory.interop.sentencepiece import convert_spm
+
+        converted = scratch / "tokenizer.json"
+        convert_spm(p).save(str(converted))
+        p = converted
     tokenizer = load_tokenizer(p)  # a UserError naming the file if it is not a usable tokenizer.json
     if tokenizer.get_vocab_size() > vocab_size:
         raise UserError(f"tokenizer file '{p}' has {tokenizer.get_vocab_size()} tokens, more than the model's {vocab_size}; "
