@@ -53,7 +53,7 @@ def with_failures(est: StepEstimate, fc: Forecast, w: Workload, cluster: Cluster
     restarts = 86400.0 / exp["mtbi_s"] if exp.get("mtbi_s") else 0.0
     grow = 1.0 / ettr if ettr > 0 else math.inf
     return {
-        "recovery": recovery, "ettr": ettr, "interruptions_per_day": failures, "job_restarts_per_day": restarts,
+        "recovery": recovery, "ettr": ettr, "interruptions_per_day": failures, "restarting_failures_per_day": restarts,
         "replica_groups": cfg.groups, "replica_group_gpus": cfg.recovery.replica_group_gpus,
         "params": float(w.params_total),
         "days_failure_free": fc.days, "gpu_hours_failure_free": fc.gpu_hours, "cost_usd_failure_free": fc.cost_usd,

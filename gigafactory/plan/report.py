@@ -66,7 +66,7 @@ def render_table(rows: list[dict], title: str) -> None:
         ("energy", lambda r: f"{r['energy_mwh']:,.0f} MWh"),
         ("facility power", lambda r: f"{r['facility_mw']:.1f} MW (PUE {r['pue']})"),
         ("cost", lambda r: f"${r['cost_usd'] / 1e6:,.1f} M" + (f" (ETTR {r['ettr']:.3f})" if "ettr" in r else "")),
-        ("failures / day (job restarts)", lambda r: f"{r['interruptions_per_day']:.1f} ({r.get('job_restarts_per_day', r['interruptions_per_day']):.1f})"),
+        ("failures / day (of kinds that restart the job)", lambda r: f"{r['interruptions_per_day']:.1f} ({r.get('restarting_failures_per_day', r['interruptions_per_day']):.1f})"),
         ("checkpoint write", lambda r: f"{r['checkpoint_time_s']:.1f} s"),
     ]
     for name, fmt in metrics:

@@ -44,7 +44,7 @@ def test_days_grow_with_failure_rate_and_equal_failure_free_days_at_zero(planned
 def test_replica_recovery_never_costs_more_days(planned):
     for rate in (1e-4, 4.7e-4, 2e-3):
         job, rep = _with_rate(planned, rate), _with_rate(planned, rate, "replica")
-        assert rep["days"] <= job["days"] and rep["job_restarts_per_day"] < job["job_restarts_per_day"]
+        assert rep["days"] <= job["days"] and rep["restarting_failures_per_day"] < job["restarting_failures_per_day"]
         assert rep["interruptions_per_day"] == pytest.approx(job["interruptions_per_day"])
 
 
