@@ -11,7 +11,6 @@ Every number comes from `simulate()` with the shipped defaults except the knobs 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import matplotlib
 

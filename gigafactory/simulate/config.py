@@ -83,7 +83,8 @@ class JobSpec:
     load_s: float = knob(120.0, "Restart: time to load the checkpoint from durable storage.")
     warmup_s: float = knob(120.0, "Restart: time until steps run at full speed again (compile, NCCL init, data loader).")
     in_memory_recovery: bool = knob(
-        False, "Keep each checkpoint in a peer node's memory; single-node failures restart from it (no storage load)."
+        False, "Keep each checkpoint in a peer node's memory; single-node failures restart from it (no storage load). "
+        "Under --recovery replica each group snapshots its newest step to host memory, mirrored to a peer group.",
     )
     in_memory_load_s: float = knob(15.0, "Restart: time to load the checkpoint from a peer's memory when in_memory_recovery.")
 

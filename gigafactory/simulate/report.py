@@ -82,8 +82,10 @@ def print_sweep(key: str, rows: list[dict], console: Console | None = None) -> N
 def print_classes(classes: list[FailureClass], console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title="failure classes")
-    for col in ("class", "rate / device-day", "per", "detect", "repair", "nodes", "kills job", "source"):
+    for col in ("class", "rate / device-day", "per", "detect", "repair", "nodes", "kills job", "shows as", "source"):
         table.add_column(col)
     for c in classes:
-        table.add_row(c.name, f"{c.rate:.3e}", c.per, _hours(c.detect_s), _hours(c.repair_s), str(c.nodes_affected), str(c.kills_job), c.source)
+        notes = ["hang" if c.hangs else "crash"] + (["spreads"] if c.spreads else []) + ([f"outage {_hours(c.outage_s)}"] if c.outage_s else [])
+        table.add_row(c.name, f"{c.rate:.3e}", c.per, _hours(c.detect_s), _hours(c.repair_s), str(c.nodes_affected), str(c.kills_job),
+                      ", ".join(notes), c.source)
     console.print(table)
