@@ -117,7 +117,7 @@ class Job:
         return self._run_progress(now - self.run_start)[0]
 
     def _work_at(self, c: float) -> float:
-        i = bisect.bisect_right(self.bp_c, c) - 1
+        i = max(0, bisect.bisect_right(self.bp_c, c) - 1)
         return self.bp_w[i] + self.bp_r[i] * (c - self.bp_c[i])
 
     def _breakpoint(self, work: float, rate: float) -> None:

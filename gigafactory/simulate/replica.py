@@ -78,9 +78,11 @@ class ReplicaJob(Job):
         if self.phase != "run":
             return 0.0
         elapsed = self.t - self.run_start
-        if elapsed - (elapsed // self.period) * self.period >= self.tau:
+        k = elapsed // self.period
+        if elapsed - k * self.period >= self.tau:
             return 0.0
-        return (self._compute_now() - self.step_origin) % self.step
+        c = self._compute_now()
+        return min((c - self.step_origin) % self.step, c - k * self.tau)  # a checkpoint ends a step
 
     def _memory_work(self) -> float:
         """The in-memory snapshot is the newest finished step."""
