@@ -76,3 +76,29 @@ def test_chat_page_streams_the_answer(loaded):
             assert [u.text for u in driver.find_elements(By.CSS_SELECTOR, ".msg.user")] == [question, "And then?"]
     finally:
         driver.quit()
+
+
+def test_chat_page_trims_history_marks_cut_answers_and_takes_multiline_input(loaded):
+    """Answers that fill the 64-token context: later turns still work (older turns left out, and the page says so)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _driver()
+    try:
+        with running_server(make_state(loaded, n_slots=2)) as url:
+            driver.get(url + "/?temperature=0&max_tokens=200")
+            WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+            box, send = driver.find_element(By.ID, "input"), driver.find_element(By.ID, "send")
+            turns = [("line one", "line two"), ("And then?",), ("Why?",)]
+            for n, lines in enumerate(turns, 1):
+                box.send_keys((Keys.SHIFT + Keys.ENTER + Keys.NULL).join(lines) + Keys.ENTER)  # Enter sends; Shift+Enter: a new line
+                WebDriverWait(driver, 30).until(
+                    lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")) == n and send.is_enabled())
+            assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+            users = [u.get_attribute("textContent") for u in driver.find_elements(By.CSS_SELECTOR, ".msg.user")]
+            assert users == ["line one\nline two", "And then?", "Why?"]
+            notes = " | ".join(n.text for n in driver.find_elements(By.CSS_SELECTOR, ".note"))
+            assert "left out" in notes and "cut off" in notes, notes
+    finally:
+        driver.quit()
