@@ -191,3 +191,12 @@ def test_user_text_never_becomes_control_tokens(server, loaded):
     assert special(submitted[0]) == []
     role = {r: loaded.tokenizer.token_to_id(f"<|{r}|>") for r in ("system", "user", "assistant")}
     assert special(submitted[1]) == [role["system"], 2, role["user"], 2, role["assistant"]]  # only the template's own
+
+
+def test_a_server_bug_is_a_json_500_counted_in_metrics(loaded):
+    state = make_state(loaded, n_slots=1)
+    state.engines["grok-tiny"].submit = lambda *a, **k: 1 / 0
+    with running_server(state) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "In"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert 'gigafactory_serve_errors_total{type="internal"} 1.0' in httpx.get(url + "/metrics").text
