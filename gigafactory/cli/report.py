@@ -23,11 +23,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gigafactory.resilience import ft_report
     from gigafactory.resilience.report import build_report, format_summary, summary_json
 
-    s = build_report(args.run_dir, args.out, plots=not args.no_plots, events_file=args.events_file)
+    if ft_report.is_replica_run(args.run_dir):  # a fault-tolerant run: one directory per replica group
+        s = ft_report.build_replica_report(args.run_dir, args.out, plots=not args.no_plots)
+        text = ft_report.replica_summary_json(s) if args.json else ft_report.format_replica_summary(s)
+    else:
+        s = build_report(args.run_dir, args.out, plots=not args.no_plots, events_file=args.events_file)
+        text = summary_json(s) if args.json else format_summary(s)
     try:
-        print(summary_json(s) if args.json else format_summary(s))
+        print(text)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the Python docs recommend
         try:  # point stdout at devnull so the flush at interpreter exit does not raise again

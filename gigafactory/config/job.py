@@ -76,6 +76,8 @@ class CheckpointConfig:
     every: int = knob(100, "Save a checkpoint every N steps (and at the end); 0 = only at the end.")
     keep: int = knob(2, "Keep the newest K checkpoints.")
     resume: str = knob("auto", "auto = resume from the newest checkpoint in the run directory; never = start fresh.", choices=("auto", "never"))
+    memory_every: int = knob(0, "Also checkpoint to host memory (memory_dir) every N steps: a restart loads the newest of memory and disk (and, under fault tolerance, of its peer groups' memory copies on this host); 0 = off.")
+    memory_dir: str = knob("/dev/shm/gigafactory", "A tmpfs (RAM-backed) directory for memory checkpoints; they outlive the processes, not the machine, and are removed when the run finishes.")
 
 
 @dataclass
@@ -236,6 +238,7 @@ class JobConfig:
             ("training.threads", self.training.threads >= 0, "must be >= 0 (0 = torch's default)"),
             ("checkpoint.every", self.checkpoint.every >= 0, "must be >= 0"),
             ("checkpoint.keep", self.checkpoint.keep > 0, "must be > 0"),
+            ("checkpoint.memory_every", self.checkpoint.memory_every >= 0, "must be >= 0 (0 = off)"),
             ("logging.log_every", self.logging.log_every > 0, "must be > 0"),
         ]
         _check(self, "", checks)

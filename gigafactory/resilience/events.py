@@ -18,6 +18,9 @@ Event kinds written by the resilience modules (`gigafactory report` reads them):
   signal                SIGTERM/SIGINT received (signal, step, grace_s); the run saves and exits
   checkpoint_saved / checkpoint_failed / checkpoint_corrupt / checkpoint_unverified
   stragglers            per-rank mean step times and the slowest ranks
+  resume                a checkpoint was loaded (step, path, source: disk | memory)
+  ft_quorum             fault tolerance: this replica group's quorum changed (group, step, participants)
+  ft_heal               fault tolerance: this group received its state from a live peer (from_step, to_step, bytes)
 """
 
 from __future__ import annotations

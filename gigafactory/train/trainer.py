@@ -27,6 +27,7 @@ from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, Stragg
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train.checkpoint_files import list_checkpoints, remove_stale, usable_checkpoints
 from gigafactory.train.interrupt import StopSignals
+from gigafactory.train.memory_checkpoint import MemoryCheckpoints
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
 from gigafactory.train.preflight import check_run_dir
@@ -115,6 +116,9 @@ class Trainer:
         self.watchdog = Watchdog(r.watchdog_timeout_s, self.rank, self.events,
                                  heartbeat_path=self.run_dir / "heartbeat.json" if self.rank == 0 else None)
         self.ft = ReplicaGroupSync(ft, self, self.events) if ft.enabled else None
+        c = cfg.checkpoint
+        self.memory = MemoryCheckpoints(c.memory_dir, c.memory_every, Path(cfg.logging.run_dir), self.run_dir.name if ft.enabled else None,
+                                        self.events) if c.memory_every else None
         self.group_windows = t.batch_size * t.grad_accum_steps * self.dims.dp  # sequences in one group batch
 
     # ---- state -------------------------------------------------------------------------------------------------
@@ -124,7 +128,7 @@ class Trainer:
         if self.cfg.checkpoint.resume == "never":
             return
         remove_stale(self.ckpt_root)
-        found = list_checkpoints(self.ckpt_root)
+        found = list_checkpoints(self.ckpt_root) + ([p for root in self.memory.roots() for p in list_checkpoints(root)] if self.memory else [])
         if found and self.load_newest_usable() is None:
             raise UserError(f"none of the {len(found)} checkpoint(s) in '{self.ckpt_root}' is usable (see the lines above); "
                             "repair or remove them, or pass --checkpoint.resume never to start over")
@@ -133,10 +137,15 @@ class Trainer:
         """Load the newest checkpoint that verifies (resilience.verify) and loads; each one skipped is reported.
         Returns its path, or None when there is none. Collective."""
         verify = self.cfg.resilience.verify
-        for path in usable_checkpoints(self.ckpt_root, self.events, full=verify == "sha256", verify=verify != "none"):
+        full, check = verify == "sha256", verify != "none"
+        paths = self.memory.candidates(self.ckpt_root, self.events, full, check) if self.memory else \
+            usable_checkpoints(self.ckpt_root, self.events, full=full, verify=check)
+        for path in paths:
             self._check_same_model(path)
             try:
                 self.load(path, keep_data_position)
+                self.events.record("resume", once=True, step=self.step, path=str(path),
+                                   source="memory" if self.memory and self.memory.is_memory(path) else "disk")
                 return path
             except UserError as err:  # files present and verified (or no manifest) but unloadable: damaged
                 self.events.record("checkpoint_corrupt", once=True, path=str(path), problems=[f"load failed: {err}"])
@@ -161,12 +170,12 @@ class Trainer:
             self.train_loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(json.loads(state["guard"] or "{}"), keep_rollback_counts=keep_data_position)
 
-    def save(self) -> Path | None:
-        """Checkpoint now (async: committed in the background as soon as written). A failed save is logged and
-        remembered, and training goes on: the previous checkpoint is intact."""
+    def save(self, checkpointer: ckpt.Checkpointer | None = None) -> Path | None:
+        """Checkpoint now (async: committed in the background as soon as written), to disk or the given (memory)
+        checkpointer. A failed save is logged and remembered, and training goes on: the previous one is intact."""
         train_state = {"step": self.step, "loader": self.train_loader.state_dict(), "guard": json.dumps(self.guard.state_dict())}
         side = {"config.toml": config_to_toml(self.cfg), "tokenizer.json": self.tokenizer_json}
-        return self._guarded(lambda: self.checkpointer.save(self.step, self.model, self.optimizer, train_state, side))
+        return self._guarded(lambda: (checkpointer or self.checkpointer).save(self.step, self.model, self.optimizer, train_state, side))
 
     def finish_saves(self) -> Path | None:
         """Wait for an async save still in flight (the checkpointer stays usable: rollbacks call this mid-run)."""
@@ -238,8 +247,7 @@ class Trainer:
         """One optimizer step, guarded: a NaN/Inf or spiking step is re-run on the same batch; a transient fault keeps
         the re-run, a real anomaly skips the update, rolls back or stops (config)."""
         t, o = self.cfg.training, self.cfg.optimizer
-        if self.ft is not None:
-            self._join_quorum()
+        replica = self._join_quorum() if self.ft is not None else {}
         step = self.step + 1
         self.faults.before_step(step)
         lr = lr_at(self.step, t.steps, o)
@@ -270,12 +278,12 @@ class Trainer:
         if self.ft is not None:  # the data position torchft counts (group batches committed by every group)
             self.train_loader.consumed = self.ft.batches_committed() * self.group_windows
         aux = sum(float(m.last_aux_loss) for m in self.pmodel.moe_layers())
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": aux, "skipped": verdict.action == "skip"}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": aux, "skipped": verdict.action == "skip", **replica}
 
-    def _join_quorum(self) -> None:
+    def _join_quorum(self) -> dict:
         """Start a step under fault tolerance: join the quorum (a group behind its peers heals from one of them); a
         process that did not heal and has not trained yet resumes from disk (the whole job restarted); then point
-        the loader at the group batch this group trains on in this step."""
+        the loader at the group batch this group trains on in this step. Returns what the metrics log about it."""
         first = self.ft.membership is None
         healed = self.ft.start_step(first)
         if first and not healed and self.step == 0 and self.ft.step == 0 and self.cfg.checkpoint.resume != "never":
@@ -283,7 +291,9 @@ class Trainer:
             self.ft.set_position(self.step, self.train_loader.consumed // self.group_windows)
         if first:
             self._started()
-        self.train_loader.consumed = self.ft.group_batch() * self.group_windows
+        group_batch = self.ft.group_batch()
+        self.train_loader.consumed = group_batch * self.group_windows
+        return {"participants": self.ft.manager.num_participants(), "group_batch": group_batch}
 
     def _abandon_step(self, guard_state: dict) -> dict:
         """The quorum failed during this step: drop its gradients; it is retried with the next quorum."""
@@ -386,6 +396,8 @@ class Trainer:
                     progress.print(f"step {self.step}: eval loss {summary['eval'][-1][1]:.4f}")
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.save()
+                elif self.memory and self.memory.due(self.step) and self.step < t.steps:
+                    self.save(self.memory.checkpointer)
             self.save_failure = None  # earlier failed saves were superseded if this one commits
             path = self.save()
             path = self.finish_saves() or path
@@ -393,6 +405,8 @@ class Trainer:
                 raise UserError(f"the final checkpoint (step {self.step}) could not be saved: {self.save_failure.reason}; "
                                 f"{self._newest_hint()} — free space or fix the storage, then run again to resume")
             progress.print(("interrupted: " if self.signals.signum else "") + f"saved checkpoint {path}")
+            if self.memory is not None and self.rank == 0 and self.step >= t.steps:
+                self.memory.remove()
             self.events.record("finish", once=True, step=self.step, interrupted=self.signals.name)
         finally:
             self.watchdog.stop(finished=self.step >= t.steps and self.save_failure is None)
@@ -409,6 +423,8 @@ class Trainer:
     def close(self) -> None:
         """Leave the process groups in order; call on every rank after train() returned."""
         self.checkpointer.close()
+        if self.memory is not None:
+            self.memory.checkpointer.close()
         if self.ft is not None:
             self.ft.shutdown()
         destroy_distributed()

@@ -84,6 +84,19 @@ def test_sigkill_recovers_bitwise(tmp_path, data_cache_module, baseline):
     assert "failures: 1" in report(tmp_path / "run")
 
 
+def test_restart_resumes_from_host_memory_bitwise(tmp_path, data_cache_module, baseline):
+    """Disk checkpoints only at the end, memory checkpoints every 2 steps: a rank killed at step 7 costs one step,
+    not seven; the run equals the uninterrupted one bit for bit, and the memory copy is freed when it finishes."""
+    memory = tmp_path / "shm"
+    proc = train(tmp_path / "run", data_cache_module, "--faults.kill_rank=1", "--faults.kill_step=7", "--checkpoint.every=100",
+                 "--checkpoint.memory_every=2", f"--checkpoint.memory_dir={memory}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path / "run") == baseline
+    resumed = [(e["step"], e["source"]) for e in events(tmp_path / "run") if e["event"] == "resume"]
+    assert resumed == [(6, "memory")]
+    assert not any(memory.rglob("step-*"))
+
+
 def test_hang_detected_and_recovered(tmp_path, data_cache_module, baseline):
     proc = train(tmp_path / "run", data_cache_module, "--faults.hang_rank=1", "--faults.hang_step=5", "--resilience.watchdog_timeout_s=10")
     assert proc.returncode == 0, proc.stderr[-3000:]

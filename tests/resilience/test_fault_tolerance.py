@@ -95,6 +95,18 @@ def test_killed_group_rejoins_from_its_peer_while_the_other_keeps_stepping(tmp_p
     assert after and all(after[s] == r["loss"] for r in metrics(g0) for s in [r["step"]] if s in after)
     w0, w1 = final_weights(g0, STEPS), final_weights(g1, STEPS)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    # Every sample trained exactly once: the group batches the committed steps of both groups trained on are
+    # 0, 1, 2, ... with no gap or repeat, fewer per step while group 1 was down.
+    trained = sorted(r["group_batch"] for g in (g0, g1) for r in metrics(g))
+    assert trained == list(range(len(trained)))
+    assert len(trained) == sum(r["participants"] for r in metrics(g0)) < 2 * STEPS
+    # `gigafactory report` on the run shows the membership, the rejoin and the steps run by one group.
+    report = subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "report", str(run), "--json"], capture_output=True, text=True)
+    summary = json.loads(report.stdout)
+    assert summary["steps"] == STEPS and summary["group_restarts"] == {"0": 0, "1": 1}
+    assert summary["steps_with_fewer_groups"] == heal["to_step"] - kill_step + 1
+    assert [r["group"] for r in summary["rejoins"]] == [1] and summary["rejoins"][0]["rejoin_s"] > 0
+    assert (run / "report" / "membership.png").stat().st_size > 0
     # The NaN injected into group 1's gradient reached both groups through the average; both re-ran the step alike.
     for group in (g0, g1):
         assert [e["step"] for e in events(group) if e["event"] == "transient_fault"] == [nan_step]

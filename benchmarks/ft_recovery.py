@@ -1,0 +1,63 @@
+"""What one replica-group failure costs under torchft, measured on this machine: the simulator's inputs.
+
+Runs `gigafactory train --nproc 2 --fault_tolerance.enabled true` (two replica groups of one process, gloo) at two
+model sizes, SIGKILLs group 1 mid-step, and reads the groups' events:
+
+- detect_s:   kill -> the survivor's first quorum without the dead group (it committed the failed step alone);
+- restart_s:  kill -> the restarted group's processes are up and ask for a quorum (torchrun restart + import +
+              model build);
+- heal_s:     that quorum + receiving model/optimizer/step from the live peer + loading it;
+- bytes:      the state moved; heal_s / bytes across the two sizes gives the transfer's fixed cost and bandwidth.
+
+    python benchmarks/ft_recovery.py            # ~2 minutes on 2 CPU cores; prints one JSON line per size
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SIZES = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "moe_ffn_dim": 128, "vocab_size": 512},
+    "small": {"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "n_experts": 8, "moe_ffn_dim": 512, "vocab_size": 512},
+}
+KILL_STEP, STEPS = 10, 120
+
+
+def read_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def measure(name: str, model: dict, root: Path) -> dict:
+    run = root / name
+    cmd = [sys.executable, "-m", "gigafactory.cli.main", "train", "--nproc=2", *[f"--model.{k}={v}" for k, v in model.items()],
+           "--model.max_seq_len=64", "--data.seq_len=32", "--training.batch_size=4", f"--training.steps={STEPS}", "--training.eval_every=0",
+           "--training.dtype=fp32", f"--checkpoint.every={STEPS}", f"--logging.run_dir={run}", "--logging.progress=false",
+           "--logging.tensorboard=false", "--faults.delay_s=0.1", "--fault_tolerance.enabled=true", "--fault_tolerance.timeout_s=10",
+           "--faults.replica_id=1", f"--faults.kill_step={KILL_STEP}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    g0, g1 = read_events(run / "group0" / "events.jsonl"), read_events(run / "group1" / "events.jsonl")
+    kill = next(e for e in g1 if e["event"] == "fault_injected")["time"]
+    alone = next(e for e in g0 if e["event"] == "ft_quorum" and e["participants"] == 1)
+    heal = next(e for e in g1 if e["event"] == "ft_heal")
+    steps = [json.loads(line) for line in (run / "group0" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    normal = sorted(r["step_time"] for r in steps)[len(steps) // 2]
+    return {"size": name, "bytes": heal["bytes"], "detect_s": round(alone["time"] - kill, 3),
+            "restart_s": round(heal["time"] - heal["quorum_s"] - kill, 3), "heal_s": heal["quorum_s"], "load_s": heal["load_s"],
+            "kill_to_rejoin_s": round(heal["time"] - kill, 3), "median_step_s": round(normal, 4),
+            "survivor_steps_alone": heal["to_step"] - KILL_STEP + 1}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in SIZES.items():
+            print(json.dumps(measure(name, model, Path(tmp))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
