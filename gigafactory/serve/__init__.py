@@ -1,15 +1,16 @@
 """`gigafactory serve`: Grok chat over an OpenAI-compatible HTTP API.
 
 One job per file, read in this order:
-  sequence.py       a request in flight: prompt, sampling, generated ids, incremental text with stop strings
+  sequence.py       a request in flight: prompt, sampling, generated ids, incremental text and stop-string matching
   kv_cache.py       the slot-based KV cache: one cache row per running sequence, a free list of rows
-  model_runner.py   prefill one sequence into its row, decode all running rows in one batched forward
+  model_runner.py   prefill one sequence into its row, decode all running rows in one batched forward, sample
   scheduler.py      continuous batching: admit waiting requests into free rows, retire finished ones, every step
-  engine.py         the loop thread tying the three together; thread-safe submit/abort for the server
-  chat_template.py  messages (system/user/assistant) -> prompt text
+  engine.py         the loop thread tying the three together; submit/abort, bounded queue, deadlines, per-request failures
+  chat_template.py  messages (system/user/assistant) -> prompt token ids (user text never becomes control tokens)
   rollout.py        the phased regional rollout policy (region, percent of users, allowlist, per-region model)
   access.py         API keys and the per-key rate limit
-  metrics.py        Prometheus text for /metrics
-  protocol.py       OpenAI request schemas and error bodies
-  api_server.py     the FastAPI app: routes, streaming, errors
+  metrics.py        /metrics through prometheus_client: counters, gauges, latency histograms, bounded labels
+  protocol.py       OpenAI request schemas (honoured fields only), body checks, error bodies
+  responses.py      submit an admitted request and answer it: one JSON body or a server-sent stream, logprobs
+  api_server.py     the FastAPI app: routes, the admission gate, /health and /ready, errors
 """
