@@ -108,8 +108,9 @@ class Engine:
                 self.step()
             except Exception as err:  # outside any one request: end them all rather than hang every client
                 log.exception("engine loop failed")
+                message = f"engine failure: {type(err).__name__}"
                 for seq in self.scheduler.running + list(self.scheduler.waiting):
-                    self._guard(seq, lambda s=seq: s.fail(f"engine failure: {type(err).__name__}"))
+                    self._guard(seq, lambda s=seq: s.fail(message))
                 self.scheduler.retire()
 
     def _expire(self) -> None:
