@@ -6,6 +6,9 @@
 - User errors: a worker that hits a UserError (bad data, an unusable checkpoint, a stop) writes its one-line message
   to a private file and exits 2; this process then kills the job instead of letting torchrun retry it, prints the line
   and exits 2. Failures that are not the user's (a crash, a hang, a lost rank) are still retried by torchrun.
+- Fault tolerance (fault_tolerance.enabled): the torchft lighthouse runs as a child process (restarted on its port
+  if it dies) and each replica group is a torchrun of its own, restarting on its own; the job has finished when a
+  group has finished training.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as TOML and exit.")
-    parser.add_argument("--nproc", type=int, default=1, help="Processes on this machine: > 1 starts the job under torchrun (one per GPU, or gloo on CPU).")
+    parser.add_argument("--nproc", type=int, default=1, help="Processes on this machine: > 1 starts the job under torchrun (one per GPU, or gloo on CPU); with fault_tolerance.enabled, a torchft lighthouse and one torchrun of nproc / replica_groups processes per replica group.")
     parser.add_argument(ERROR_FILE_FLAG, dest="user_error_file", default="", help=argparse.SUPPRESS)  # set by --nproc for its workers
     add_config_arguments(parser)
     parser.set_defaults(func=run)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--nproc={args.nproc} must be a multiple of fault_tolerance.replica_groups={ft.replica_groups} (one torchrun per group)")
         check_supported(cfg, resolve_dims(cfg, args.nproc // ft.replica_groups if ft.enabled else args.nproc))
         preflight(cfg)
-    if args.nproc > 1 and not under_torchrun:
+    if (args.nproc > 1 or cfg.fault_tolerance.enabled) and not under_torchrun:  # fault tolerance: a lighthouse + torchrun per group
         from gigafactory.cli.local_launch import run_local
 
         return run_local(_worker_argv(), args.nproc, cfg.resilience.max_restarts, cfg.fault_tolerance)
