@@ -146,7 +146,8 @@ def latest_good_checkpoint(ckpt_root: Path, log_event: LogEvent | None = None, f
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, a checkpoints/ directory or a run directory; return one checkpoint."""
+    """Accept a checkpoint directory, a checkpoints/ directory or a run directory (of a fault-tolerant run too: the
+    newest checkpoint of any replica group, all of which hold the same weights); return one checkpoint."""
     p = Path(path).expanduser()
     if (p / ".metadata").is_file():
         return p
@@ -154,6 +155,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(root)
         if found is not None:
             return found
+    groups = [c for c in (latest_checkpoint(g / "checkpoints") for g in sorted(p.glob("group*")) if g.is_dir()) if c is not None]
+    if groups:
+        return max(groups, key=lambda c: c.name)  # step-NNNNNNNN names sort by step
     raise UserError(f"no checkpoint found at '{p}'; pass a run directory or a checkpoints/step-N directory written by `gigafactory train`")
 
 

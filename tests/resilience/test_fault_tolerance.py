@@ -107,6 +107,10 @@ def test_killed_group_rejoins_from_its_peer_while_the_other_keeps_stepping(tmp_p
     assert summary["steps_with_fewer_groups"] == heal["to_step"] - kill_step + 1
     assert [r["group"] for r in summary["rejoins"]] == [1] and summary["rejoins"][0]["rejoin_s"] > 0
     assert (run / "report" / "membership.png").stat().st_size > 0
+    # The run directory is a checkpoint for generate as it is (the newest group checkpoint).
+    gen = subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "generate", "--checkpoint", str(run), "--prompt", "In",
+                          "--max-tokens", "2"], capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr
     # The NaN injected into group 1's gradient reached both groups through the average; both re-ran the step alike.
     for group in (g0, g1):
         assert [e["step"] for e in events(group) if e["event"] == "transient_fault"] == [nan_step]
