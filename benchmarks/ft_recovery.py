@@ -6,8 +6,9 @@ model sizes, SIGKILLs group 1 mid-step, and reads the groups' events:
 - detect_s:   kill -> the survivor's first quorum without the dead group (it committed the failed step alone);
 - restart_s:  kill -> the restarted group's processes are up and ask for a quorum (torchrun restart + import +
               model build);
-- heal_s:     that quorum + receiving model/optimizer/step from the live peer + loading it;
-- bytes:      the state moved; heal_s / bytes across the two sizes gives the transfer's fixed cost and bandwidth.
+- wait_s:     -> the survivor reaches its next step boundary and the quorum with both groups forms;
+- transfer_s: -> the state (model, optimizer, step) has come from the live peer and is loaded (load_s of it);
+- bytes:      the state moved; transfer_s against bytes across the two sizes gives the fixed cost and bandwidth.
 
     python benchmarks/ft_recovery.py            # ~2 minutes on 2 CPU cores; prints one JSON line per size
 """
@@ -25,7 +26,7 @@ SIZES = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "moe_ffn_dim": 128, "vocab_size": 512},
     "small": {"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "n_experts": 8, "moe_ffn_dim": 512, "vocab_size": 512},
 }
-KILL_STEP, STEPS = 10, 120
+KILL_STEP, STEPS = 10, 60
 
 
 def read_events(path: Path) -> list[dict]:
@@ -37,18 +38,21 @@ def measure(name: str, model: dict, root: Path) -> dict:
     cmd = [sys.executable, "-m", "gigafactory.cli.main", "train", "--nproc=2", *[f"--model.{k}={v}" for k, v in model.items()],
            "--model.max_seq_len=64", "--data.seq_len=32", "--training.batch_size=4", f"--training.steps={STEPS}", "--training.eval_every=0",
            "--training.dtype=fp32", f"--checkpoint.every={STEPS}", f"--logging.run_dir={run}", "--logging.progress=false",
-           "--logging.tensorboard=false", "--faults.delay_s=0.1", "--fault_tolerance.enabled=true", "--fault_tolerance.timeout_s=10",
+           "--logging.tensorboard=false", "--logging.log_every=1", "--faults.delay_s=0.1", "--fault_tolerance.enabled=true", "--fault_tolerance.timeout_s=10",
            "--faults.replica_id=1", f"--faults.kill_step={KILL_STEP}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     g0, g1 = read_events(run / "group0" / "events.jsonl"), read_events(run / "group1" / "events.jsonl")
     kill = next(e for e in g1 if e["event"] == "fault_injected")["time"]
     alone = next(e for e in g0 if e["event"] == "ft_quorum" and e["participants"] == 1)
+    rejoined = next(e for e in g0 if e["event"] == "ft_quorum" and e["participants"] == 2 and e["time"] > alone["time"])
     heal = next(e for e in g1 if e["event"] == "ft_heal")
+    ready = heal["time"] - heal["quorum_s"]
     steps = [json.loads(line) for line in (run / "group0" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     normal = sorted(r["step_time"] for r in steps)[len(steps) // 2]
     return {"size": name, "bytes": heal["bytes"], "detect_s": round(alone["time"] - kill, 3),
-            "restart_s": round(heal["time"] - heal["quorum_s"] - kill, 3), "heal_s": heal["quorum_s"], "load_s": heal["load_s"],
+            "restart_s": round(ready - kill, 3), "wait_s": round(rejoined["time"] - ready, 3),
+            "transfer_s": round(heal["time"] - rejoined["time"], 3), "load_s": heal["load_s"],
             "kill_to_rejoin_s": round(heal["time"] - kill, 3), "median_step_s": round(normal, 4),
             "survivor_steps_alone": heal["to_step"] - KILL_STEP + 1}
 

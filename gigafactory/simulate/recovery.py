@@ -83,9 +83,11 @@ class RecoverySpec:
         inside the quorum, before the step's allreduce)."""
         return self.quorum_s + self.transfer_s()
 
-    def rejoin_breakdown(self, class_detect_s: float) -> dict[str, float]:
-        """From the failure to the group stepping again (spare available): the drill's kill-to-rejoin time."""
-        parts = {"detect_s": class_detect_s, "restart_s": self.group_restart_s, "transfer_s": self.transfer_s(), "quorum_s": self.quorum_s}
+    def rejoin_breakdown(self, class_detect_s: float, step_time_s: float = 0.0) -> dict[str, float]:
+        """From the failure to the group stepping again (spare available): the drill's kill-to-rejoin time. A restarted
+        group joins at the survivors' next step boundary: half a step on average (`wait_s`)."""
+        parts = {"detect_s": class_detect_s, "restart_s": self.group_restart_s, "wait_s": step_time_s / 2.0,
+                 "transfer_s": self.transfer_s(), "quorum_s": self.quorum_s}
         return {**parts, "total_s": sum(parts.values()), "bytes": self.state_bytes()}
 
 
