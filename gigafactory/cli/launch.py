@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     parser.add_argument("--queue", help="k8s: gang-scheduler queue (runPolicy.schedulingPolicy.queue, e.g. a Volcano queue).")
     parser.add_argument("--scheduler", help="k8s: pod schedulerName (e.g. volcano); default: set by the operator's gang scheduler.")
     parser.add_argument("--kueue-queue", metavar="QUEUE", help="k8s: Kueue LocalQueue (label kueue.x-k8s.io/queue-name); Kueue admits all pods at once.")
+    parser.add_argument("--exclude", metavar="FILE", help='Keep the job off these nodes: a JSON list of hostnames or {"bad_nodes": [...]} (slurm: #SBATCH --exclude; k8s: node anti-affinity).')
+    parser.add_argument("--lighthouse-port", type=int, default=29510, help="With fault_tolerance.enabled: the torchft lighthouse's port (replica group g rendezvous on --port + g).")
     parser.set_defaults(func=run, train_args=[])
 
 
@@ -61,19 +63,20 @@ def run(args: argparse.Namespace) -> int:
     from gigafactory.launch import build_spec, render_pytorchjob, render_sbatch
 
     argv = ["gigafactory", "launch", args.target, "--nodes", str(args.nodes), "--gpus-per-node", str(args.gpus_per_node)]
-    for flag in ("config", "out", "max_restarts", "name", "image", "partition", "account", "run_dir", "queue", "scheduler", "kueue_queue"):
+    for flag in ("config", "out", "max_restarts", "name", "image", "partition", "account", "run_dir", "queue", "scheduler", "kueue_queue", "exclude"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    for flag, default in (("time", "24:00:00"), ("port", 29400), ("pvc", "gigafactory-runs")):
+    for flag, default in (("time", "24:00:00"), ("port", 29400), ("pvc", "gigafactory-runs"), ("lighthouse_port", 29510)):
         if getattr(args, flag) != default:
-            argv += [f"--{flag}", str(getattr(args, flag))]
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.train_args:
         argv += ["--", *args.train_args]
     spec = build_spec(
         args.target, nodes=args.nodes, gpus_per_node=args.gpus_per_node, config=args.config, train_args=args.train_args,
         max_restarts=args.max_restarts, name=args.name, image=args.image, time=args.time, partition=args.partition,
         account=args.account, pvc=args.pvc, port=args.port, run_dir=args.run_dir, queue=args.queue,
-        scheduler=args.scheduler, kueue_queue=args.kueue_queue, command_line=shlex.join(argv),
+        scheduler=args.scheduler, kueue_queue=args.kueue_queue, command_line=shlex.join(argv), exclude=args.exclude,
+        lighthouse_port=args.lighthouse_port,
     )
     for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -94,5 +97,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out!r}: cannot write ({err.strerror or err})") from None
     if args.target == "slurm":
         out.chmod(out.stat().st_mode | 0o111)
-    print(f"wrote {out} ({spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), layout {spec.layout}); submit with: {submit} {shlex.quote(str(out))}", file=sys.stderr)
+    groups = f" in {spec.groups} replica groups" if spec.fault_tolerant else ""
+    print(f"wrote {out} ({spec.nodes} node(s) x {spec.gpus_per_node} GPU(s){groups}, layout {spec.layout}); submit with: {submit} {shlex.quote(str(out))}", file=sys.stderr)
     return 0

@@ -57,75 +57,107 @@ def _train_argv(spec: LaunchSpec) -> list[str]:
     return ["train", *config, *shared, *spec.train_args]
 
 
-def render_pytorchjob(spec: LaunchSpec) -> str:
+def labels(spec: LaunchSpec) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "gigafactory", "gigafactory/job": spec.name}
+
+
+def node_affinity(hosts: list[str]) -> dict:
+    """--exclude: the pod may not be scheduled on these nodes (hard rule; a running pod is not evicted)."""
+    term = {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": list(hosts)}]}
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+
+
+def config_map(spec: LaunchSpec) -> dict | None:
+    """The job's TOML, mounted read-only at CONFIG_DIR in every pod (None without --config)."""
+    if spec.config_text is None:
+        return None
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{spec.name}-config", "labels": labels(spec)},
+        "data": {CONFIG_KEY: Literal(spec.config_text)},
+    }
+
+
+def pytorchjob(spec: LaunchSpec, *, name: str, nodes: int, port: int, extra_argv: tuple[str, ...] = (),
+               extra_labels: dict[str, str] | None = None) -> dict:
+    """One PyTorchJob of `nodes` pods running torchrun with rendezvous on its worker 0 (the whole job, or one
+    replica group: `extra_argv` then makes it that group, `extra_labels` tell its pods apart)."""
     command = [
-        "torchrun", f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.gpus_per_node}", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={spec.name}-worker-0:{spec.port}", f"--rdzv-id={spec.name}", f"--max-restarts={spec.max_restarts}",
-        "-m", "gigafactory.cli.main", *_train_argv(spec),
+        "torchrun", f"--nnodes={nodes}", f"--nproc-per-node={spec.gpus_per_node}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={name}-worker-0:{port}", f"--rdzv-id={name}", f"--max-restarts={spec.max_restarts}",
+        "-m", "gigafactory.cli.main", *_train_argv(spec), *extra_argv,
     ]
-    labels = {"app.kubernetes.io/name": "gigafactory", "gigafactory/job": spec.name}
+    pod_labels = dict(labels(spec), **(extra_labels or {}))
     mounts = [{"name": "runs", "mountPath": spec.mount}, {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes = [
         {"name": "runs", "persistentVolumeClaim": {"claimName": spec.pvc}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and data loaders need more than the 64 MiB default
     ]
-    documents = []
     if spec.config_text is not None:
-        config_map = f"{spec.name}-config"
-        documents.append({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": config_map, "labels": dict(labels)},
-            "data": {CONFIG_KEY: Literal(spec.config_text)},
-        })
         mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
-        volumes.append({"name": "config", "configMap": {"name": config_map}})
+        volumes.append({"name": "config", "configMap": {"name": f"{spec.name}-config"}})
     container = {
         "name": "pytorch",  # the operator looks for this container name and its port name
         "image": spec.image or "gigafactory:latest",
         "command": command,
-        "ports": [{"name": "pytorchjob-port", "containerPort": spec.port}],
-        "env": [{"name": name, "value": value} for name, value, _ in (*NCCL_ENV, shutdown_env(spec))],
+        "ports": [{"name": "pytorchjob-port", "containerPort": port}],
+        "env": [{"name": env, "value": value} for env, value, _ in (*NCCL_ENV, shutdown_env(spec))],
         "resources": {"limits": {"nvidia.com/gpu": spec.gpus_per_node}},
         "volumeMounts": mounts,
     }
     pod = {"terminationGracePeriodSeconds": spec.stop_lead_s}
     if spec.scheduler:
         pod["schedulerName"] = spec.scheduler
+    if spec.exclude:
+        pod["affinity"] = node_affinity(spec.exclude)
     pod.update(containers=[container], volumes=volumes)
-    scheduling = {"minAvailable": spec.nodes}  # gang: all pods or none
+    scheduling = {"minAvailable": nodes}  # gang: all pods or none
     if spec.queue:
         scheduling["queue"] = spec.queue
-    job_labels = dict(labels, **({KUEUE_LABEL: spec.kueue_queue} if spec.kueue_queue else {}))
-    documents.append({
+    job_labels = dict(pod_labels, **({KUEUE_LABEL: spec.kueue_queue} if spec.kueue_queue else {}))
+    return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": {"name": spec.name, "labels": job_labels},
+        "metadata": {"name": name, "labels": job_labels},
         "spec": {
             "nprocPerNode": str(spec.gpus_per_node),
             "elasticPolicy": {
-                "rdzvBackend": "c10d", "rdzvPort": spec.port,
+                "rdzvBackend": "c10d", "rdzvPort": port,
                 # min = max: the parallel layout is fixed to nodes x GPUs, so the job never runs on fewer nodes.
-                "minReplicas": spec.nodes, "maxReplicas": spec.nodes, "maxRestarts": spec.max_restarts,
+                "minReplicas": nodes, "maxReplicas": nodes, "maxRestarts": spec.max_restarts,
             },
             "runPolicy": {
                 "cleanPodPolicy": "Running",
-                "backoffLimit": spec.nodes * max(1, spec.max_restarts),
+                "backoffLimit": nodes * max(1, spec.max_restarts),
                 "schedulingPolicy": scheduling,
             },
             "pytorchReplicaSpecs": {
                 "Worker": {
-                    "replicas": spec.nodes,
+                    "replicas": nodes,
                     "restartPolicy": "OnFailure",
-                    "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+                    "template": {"metadata": {"labels": pod_labels}, "spec": pod},
                 },
             },
         },
-    })
-    header = (
+    }
+
+
+def render_pytorchjob(spec: LaunchSpec) -> str:
+    if spec.fault_tolerant:
+        from gigafactory.launch.k8s_ft import render_ft
+
+        return render_ft(spec)
+    documents = [doc for doc in (config_map(spec), pytorchjob(spec, name=spec.name, nodes=spec.nodes, port=spec.port)) if doc]
+    return header(spec) + to_yaml(*documents)
+
+
+def header(spec: LaunchSpec, extra: str = "") -> str:
+    """The comment on top of the manifest; `extra` (whole comment lines) follows the job's shape."""
+    return (
         f"# Generated by: {spec.command_line or 'gigafactory launch k8s'}\n"
         f"# {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s) = {spec.world_size} ranks; parallel layout {spec.layout}; "
         f"torchrun restarts: {spec.max_restarts}.\n"
+        f"{extra}"
         f"# Needs the Kubeflow Training Operator (>= v1.7) and a ReadWriteMany PVC named {spec.pvc!r} (run dir, checkpoints,\n"
         f"# data cache, mounted at {spec.mount}). Gang scheduling needs the operator's gang scheduler (Volcano or\n"
         f"# scheduler-plugins) or Kueue. Apply with: kubectl apply -f FILE. See docs/scale-out.md.\n"
     )
-    return header + to_yaml(*documents)

@@ -22,6 +22,8 @@ from pathlib import Path
 from gigafactory.config.job import JobConfig
 from gigafactory.config.loader import add_config_arguments, load_config
 from gigafactory.errors import UserError
+from gigafactory.launch.exclude import read_exclude
+from gigafactory.launch.ft import LIGHTHOUSE_PORT, check_fault_tolerance
 from gigafactory.parallel.dims import AXES, ParallelDims, resolve_dims
 
 DEFAULT_PORT = 29400  # torchrun's default c10d rendezvous port
@@ -95,6 +97,21 @@ class LaunchSpec:
     kueue_queue: str | None = None  # k8s: Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
     command_line: str = ""  # the `gigafactory launch ...` that generated the file
     warnings: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)  # hostnames the job must not run on (--exclude FILE)
+    lighthouse_port: int = LIGHTHOUSE_PORT  # fault tolerance: the torchft lighthouse's port
+
+    @property
+    def fault_tolerant(self) -> bool:
+        return self.cfg.fault_tolerance.enabled
+
+    @property
+    def groups(self) -> int:
+        """Replica groups: independent torchrun jobs of nodes_per_group nodes each (1 without fault tolerance)."""
+        return self.cfg.fault_tolerance.replica_groups if self.fault_tolerant else 1
+
+    @property
+    def nodes_per_group(self) -> int:
+        return self.nodes // self.groups
 
     @property
     def world_size(self) -> int:
@@ -184,9 +201,12 @@ def _check_train_args(train_args: list[str]) -> argparse.Namespace:
     return namespace
 
 
-def _check_layout(cfg: JobConfig, nodes: int, gpus_per_node: int) -> ParallelDims:
+def _check_layout(cfg: JobConfig, nodes: int, gpus_per_node: int, groups: int = 1) -> ParallelDims:
+    """The layout of one torchrun job: the whole job, or one of `groups` replica groups under fault tolerance."""
     world = nodes * gpus_per_node
     where = f"{nodes} node(s) x {gpus_per_node} GPU(s) = {world} processes"
+    if groups > 1:
+        where += f" per replica group ({groups} groups)"
     p = cfg.parallel
     degrees = {axis: getattr(p, axis) for axis in AXES}
     inferred = [axis for axis, d in degrees.items() if d == -1]
@@ -239,10 +259,12 @@ def build_spec(
     scheduler: str | None = None,
     kueue_queue: str | None = None,
     command_line: str = "",
+    exclude: str | None = None,
+    lighthouse_port: int = LIGHTHOUSE_PORT,
 ) -> LaunchSpec:
     """Validate a launch request; raise UserError (one line) on any bad input."""
     _refuse_control_characters(image=image, time=time, partition=partition, account=account, run_dir=run_dir,
-                               config=config, name=name, train_args=train_args, command_line=command_line)
+                               config=config, name=name, train_args=train_args, command_line=command_line, exclude=exclude)
     if target not in ("slurm", "k8s"):
         raise UserError(f"launch target {target!r} must be slurm or k8s")
     if nodes < 1:
@@ -277,7 +299,12 @@ def build_spec(
         config_text = path.read_text()
     cfg = load_config(overrides, config_path=config_path)  # ConfigError (a UserError) names the bad key
 
-    dims = _check_layout(cfg, nodes, gpus_per_node)
+    group_nodes, groups = nodes, 1
+    if cfg.fault_tolerance.enabled:
+        groups = cfg.fault_tolerance.replica_groups
+        group_nodes = check_fault_tolerance(cfg.fault_tolerance, nodes=nodes, port=port, lighthouse_port=lighthouse_port, train_args=train_args)
+    dims = _check_layout(cfg, group_nodes, gpus_per_node, groups)
+    excluded = read_exclude(exclude, _refuse_control_characters) if exclude is not None else []
     restarts = cfg.resilience.max_restarts if max_restarts is None else max_restarts
     spec = LaunchSpec(
         target=target, nodes=nodes, gpus_per_node=gpus_per_node, max_restarts=restarts,
@@ -287,7 +314,12 @@ def build_spec(
         image=image, time=time, partition=partition, account=account, pvc=pvc, port=port,
         run_dir=run_dir, config_run_dir=_config_run_dir(config_text),
         queue=queue, scheduler=scheduler, kueue_queue=kueue_queue, command_line=command_line,
+        exclude=excluded, lighthouse_port=lighthouse_port,
     )
+    if exclude is not None and not excluded:
+        spec.warnings.append(f"--exclude {exclude!r} lists no nodes: nothing is excluded")
+    if groups > 1 and len(f"{spec.name}-g{groups - 1}-worker-{group_nodes - 1}") > 63:
+        raise UserError(f"job name {spec.name!r} is too long for {groups} replica groups' pod names (at most 63 characters); pass a shorter --name")
     if name is not None and spec.name != name:
         raise UserError(f"--name {name!r} must be a DNS label (lowercase letters, digits and '-', <= 40 characters), e.g. {spec.name!r}")
     if target == "slurm" and spec.stop_lead_s > 0xFFFF:  # sbatch --signal's sig_time limit
