@@ -43,8 +43,8 @@ class Engine:
         self.max_waiting = max_waiting
         device = next(model.parameters()).device
         self.kv = SlotKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype)
-        self.runner = ModelRunner(model, self.kv)
         self.scheduler = Scheduler(self.kv)
+        self.runner = ModelRunner(model, self.kv, self.scheduler.prefix)
         self.metrics = metrics or Metrics()
         self._inbox: queue.Queue[Sequence] = queue.Queue()
         self._submit_lock = threading.Lock()
@@ -126,6 +126,7 @@ class Engine:
         for seq in admitted:
             self._guard(seq, lambda s=seq: self._accept(s, self.runner.sample(s, self.runner.prefill(s))))
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids), model=self.name)
+            self.metrics.prefix_cached_tokens.inc(seq.cached_tokens, model=self.name)
             if seq.first_token_at is not None:
                 self.metrics.ttft.observe(seq.first_token_at - seq.arrived, model=self.name)
         decoding = [s for s in self.scheduler.running if s.finish_reason is None and s.output_ids]
@@ -156,6 +157,8 @@ class Engine:
         except Exception as err:
             log.exception("request %s failed", seq.id)
             self.metrics.errors.inc(type="engine_" + type(err).__name__)
+            if seq.slot is not None:
+                self.scheduler.prefix.forget(seq.slot)
             try:
                 seq.fail(f"generation failed: {type(err).__name__}")
             except Exception:  # its callback is what broke: mark it finished so its row is freed

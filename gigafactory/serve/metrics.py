@@ -57,6 +57,8 @@ class Metrics:
         self.requests = _Family(C, p + "requests", "HTTP responses by endpoint and status code.", ("endpoint", "status"), reg)
         self.errors = _Family(C, p + "errors", "Failed requests by error type (the error code, or the engine's).", ("type",), reg)
         self.prompt_tokens = _Family(C, p + "prompt_tokens", "Prompt tokens prefilled.", ("model",), reg)
+        self.prefix_cached_tokens = _Family(C, p + "prefix_cached_tokens", "Prompt tokens taken from the prefix cache "
+                                            "instead of being prefilled.", ("model",), reg)
         self.generation_tokens = _Family(C, p + "generation_tokens", "Tokens generated.", ("model",), reg)
         self.latency = _Family(H, p + "request_latency_seconds", "End-to-end time of a generation request, arrival to "
                                "last byte.", ("model",), reg, buckets=LATENCY_BUCKETS)

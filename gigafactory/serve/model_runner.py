@@ -11,32 +11,42 @@ import torch
 from gigafactory.inference.sampling import sample_next, top_logprobs
 from gigafactory.models import GrokModel
 from gigafactory.serve.kv_cache import SlotKVCache
+from gigafactory.serve.prefix_cache import PrefixCache
 from gigafactory.serve.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: GrokModel, kv: SlotKVCache):
-        self.model, self.kv = model, kv
+    def __init__(self, model: GrokModel, kv: SlotKVCache, prefix: PrefixCache | None = None):
+        self.model, self.kv, self.prefix = model, kv, prefix
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Write the prompt's keys into the sequence's row; the logits for its first token."""
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        positions = torch.arange(len(seq.prompt_ids), device=self.device)[None]
+        """Write the prompt's keys into the sequence's row (after the prefix cache's part, copied if it lives in
+        another row); the logits for its first token."""
+        start = seq.cached_tokens
+        if start and seq.copy_from is not None:
+            if self.prefix is not None and self.prefix.still_holds(seq.copy_from, seq.prompt_ids, start):
+                self.kv.copy_prefix(seq.copy_from, seq.slot, start)
+            else:  # the source row was lost meanwhile (its owner failed): prefill everything
+                start = seq.cached_tokens = 0
+        ids = torch.tensor([seq.prompt_ids[start:]], device=self.device)
+        positions = torch.arange(start, len(seq.prompt_ids), device=self.device)[None]
+        seq.kv_len = len(seq.prompt_ids)
         return self.model(ids, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [hi, V] for one new token of each sequence (row = its slot). Runs rows [0, hi) where hi is past the
-        highest used slot; idle rows in between get a dummy token at position 0 (they write only their own free
-        row) and are ignored."""
+        highest used slot; idle rows in between get a dummy token at the last position (they write only there, in
+        their own free row, which keeps the rest of its content for the prefix cache) and are ignored."""
         hi = max(s.slot for s in seqs) + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
-        positions = torch.zeros(hi, 1, dtype=torch.long)
+        positions = torch.full((hi, 1), self.kv.max_len - 1, dtype=torch.long)
         for s in seqs:
             tokens[s.slot, 0] = s.output_ids[-1]
             positions[s.slot, 0] = s.length - 1
+            s.kv_len = s.length
         return self.model(tokens.to(self.device), positions.to(self.device), self.kv.rows(0, hi))[:, -1]
 
     @torch.no_grad()
@@ -44,6 +54,7 @@ class ModelRunner:
         """One sequence alone, on its own row only: the fallback when a batched decode fails."""
         tokens = torch.tensor([[seq.output_ids[-1]]], device=self.device)
         positions = torch.tensor([[seq.length - 1]], device=self.device)
+        seq.kv_len = seq.length
         return self.model(tokens, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
 
     @staticmethod

@@ -1,16 +1,19 @@
-"""Continuous batching: every step, waiting requests take free cache rows and finished ones give theirs back."""
+"""Continuous batching: every step, waiting requests take free cache rows and finished ones give theirs back.
+Rows are handed out through the prefix cache, so a prompt that starts like a cached one skips that part's prefill."""
 
 from __future__ import annotations
 
 from collections import deque
 
 from gigafactory.serve.kv_cache import SlotKVCache
+from gigafactory.serve.prefix_cache import PrefixCache
 from gigafactory.serve.sequence import Sequence
 
 
 class Scheduler:
     def __init__(self, kv: SlotKVCache, max_prefills_per_step: int = 4):
         self.kv = kv
+        self.prefix = PrefixCache(kv)
         self.max_prefills_per_step = max_prefills_per_step  # bounds how long one step stalls the decoders
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -25,7 +28,7 @@ class Scheduler:
             seq = self.waiting.popleft()
             if seq.finish_reason is not None:  # aborted while it waited
                 continue
-            seq.slot = self.kv.allocate()
+            seq.slot, seq.cached_tokens, seq.copy_from = self.prefix.assign(seq.prompt_ids)
             self.running.append(seq)
             admitted.append(seq)
         return admitted
@@ -33,7 +36,8 @@ class Scheduler:
     def retire(self) -> None:
         """Give back the rows of finished (or aborted) sequences; drop aborted ones that never started."""
         for seq in [s for s in self.running if s.finish_reason is not None]:
-            self.kv.free(seq.slot)
+            written = None if seq.finish_reason == "error" else (seq.prompt_ids + seq.output_ids)[:seq.kv_len]
+            self.prefix.release(seq.slot, written)
             self.running.remove(seq)
         if any(s.finish_reason is not None for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if s.finish_reason is None)

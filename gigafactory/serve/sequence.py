@@ -63,6 +63,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     slot: int | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys/values the prefix cache provides (not prefilled)
+    copy_from: int | None = None  # the row they are copied from, None when they are already in this row
+    kv_len: int = 0  # positions of this row written so far
     finish_reason: str | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

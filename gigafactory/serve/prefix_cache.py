@@ -1,0 +1,71 @@
+"""Prefix caching over the slot KV cache: a prompt that starts like one already in a cache row (a shared system
+prompt, the earlier turns of a chat) copies those keys/values instead of recomputing them.
+
+Each row's content is remembered as a chain of block keys: key_i = hash(key_{i-1}, tokens of block i), BLOCK tokens
+a block, so two rows share a prefix of i blocks exactly when their first i keys are equal. A row keeps its content
+after its sequence finishes (rows are reused without clearing, and idle decode rows write only the last position),
+so a free row with a matching prefix is taken as it is, and a running row's prefix is copied into a free row.
+At least one prompt token is always prefilled: its logits give the first sampled token.
+"""
+
+from __future__ import annotations
+
+from gigafactory.serve.kv_cache import SlotKVCache
+
+BLOCK = 16  # tokens per block: the granularity of matching
+
+
+def block_keys(ids: list[int]) -> list[int]:
+    keys, key = [], 0
+    for start in range(0, len(ids) - BLOCK + 1, BLOCK):
+        key = hash((key, tuple(ids[start:start + BLOCK])))
+        keys.append(key)
+    return keys
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixCache:
+    def __init__(self, kv: SlotKVCache):
+        self.kv = kv
+        self.content: list[list[int]] = [[] for _ in range(kv.n_slots)]  # block keys of what each row holds
+        self.used: set[int] = set()
+
+    def assign(self, prompt: list[int]) -> tuple[int, int, int | None]:
+        """A row for this prompt: (slot, cached prompt tokens, row to copy them from or None when already there)."""
+        wanted = block_keys(prompt[:len(prompt) - 1])  # leave one token to prefill
+        best, donor = 0, None
+        for slot, keys in enumerate(self.content):
+            n = _common(wanted, keys)
+            if n > best or (n == best and n and donor in self.used and slot not in self.used):
+                best, donor = n, slot  # on a tie prefer a free row: no copy needed
+        if best and donor not in self.used:
+            slot, source = self.kv.allocate(donor), None
+        else:
+            slot, source = self.kv.allocate(), donor if best else None
+        self.used.add(slot)
+        self.content[slot] = block_keys(prompt)  # what the row holds once this prompt is prefilled
+        return slot, best * BLOCK, source
+
+    def still_holds(self, slot: int, prompt: list[int], n_tokens: int) -> bool:
+        """Whether `slot` still holds the first n_tokens of prompt (its owner may have failed in the meantime)."""
+        need = n_tokens // BLOCK
+        return _common(block_keys(prompt[:n_tokens]), self.content[slot]) >= need
+
+    def forget(self, slot: int) -> None:
+        """The row's content is unknown (its prefill or decode failed): nobody may copy from it."""
+        self.content[slot] = []
+
+    def release(self, slot: int, ids: list[int] | None) -> None:
+        """The row's sequence is done; `ids` are the tokens whose keys/values it wrote (None: unknown, forget it).
+        The last position is excluded: idle rows in a batched decode write there."""
+        self.used.discard(slot)
+        self.content[slot] = block_keys(ids[: self.kv.max_len - 1]) if ids else []
+        self.kv.free(slot)
