@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--api-keys", metavar="FILE", help="TOML file of API keys (see docs/serve.md); GIGAFACTORY_API_KEYS also adds keys. No keys = open.")
     p.add_argument("--rate-limit", type=float, default=0, help="Requests per minute per API key (0 = unlimited); a key may override it.")
     p.add_argument("--rollout", metavar="FILE", help="Phased rollout policy TOML (see gigafactory/serve/rollout.example.toml); re-read on change or SIGHUP.")
+    p.add_argument("--no-prefix-cache", action="store_true", help="Prefill every prompt in full (no reuse of cached prompt starts).")
     p.add_argument("--trusted-proxies", default="127.0.0.1,::1", metavar="IP[/BITS],...",
                    help="Clients whose region/user headers are believed (your reverse proxy); '' = nobody.")
     p.add_argument("--max-queue", type=int, default=256, help="Requests that may wait for a slot per model; more get 503 + Retry-After.")
@@ -70,7 +71,7 @@ def build_state(args: argparse.Namespace):
         if name in engines:
             raise UserError(f"--checkpoint {spec}: the name '{name}' is taken; write NAME=DIR to give each model its own")
         engines[name] = Engine(loaded.model, loaded.tokenizer, name, n_slots=args.slots, metrics=metrics,
-                               max_waiting=args.max_queue)
+                               max_waiting=args.max_queue, prefix_cache=not args.no_prefix_cache)
     rollout = RolloutPolicy(args.rollout, metrics) if args.rollout else None
     if rollout is not None:
         missing = {r.model for r in [rollout.policy.default, *rollout.policy.regions.values()] if r.model} - set(engines)

@@ -34,7 +34,7 @@ class QueueFull(Exception):
 
 class Engine:
     def __init__(self, model: GrokModel, tokenizer: Tokenizer, name: str, n_slots: int = 16,
-                 metrics: Metrics | None = None, max_waiting: int = 256):
+                 metrics: Metrics | None = None, max_waiting: int = 256, prefix_cache: bool = True):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.text_encoder = plain_text_encoder(tokenizer)  # for user text: never yields control tokens
         self.max_len = model.cfg.max_seq_len
@@ -43,7 +43,7 @@ class Engine:
         self.max_waiting = max_waiting
         device = next(model.parameters()).device
         self.kv = SlotKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype)
-        self.scheduler = Scheduler(self.kv)
+        self.scheduler = Scheduler(self.kv, prefix_cache=prefix_cache)
         self.runner = ModelRunner(model, self.kv, self.scheduler.prefix)
         self.metrics = metrics or Metrics()
         self._inbox: queue.Queue[Sequence] = queue.Queue()

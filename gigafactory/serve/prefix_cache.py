@@ -33,14 +33,14 @@ def _common(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, kv: SlotKVCache):
-        self.kv = kv
+    def __init__(self, kv: SlotKVCache, enabled: bool = True):
+        self.kv, self.enabled = kv, enabled
         self.content: list[list[int]] = [[] for _ in range(kv.n_slots)]  # block keys of what each row holds
         self.used: set[int] = set()
 
     def assign(self, prompt: list[int]) -> tuple[int, int, int | None]:
         """A row for this prompt: (slot, cached prompt tokens, row to copy them from or None when already there)."""
-        wanted = block_keys(prompt[:len(prompt) - 1])  # leave one token to prefill
+        wanted = block_keys(prompt[:len(prompt) - 1]) if self.enabled else []  # leave one token to prefill
         best, donor = 0, None
         for slot, keys in enumerate(self.content):
             n = _common(wanted, keys)

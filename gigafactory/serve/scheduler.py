@@ -11,9 +11,9 @@ from gigafactory.serve.sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, kv: SlotKVCache, max_prefills_per_step: int = 4):
+    def __init__(self, kv: SlotKVCache, max_prefills_per_step: int = 4, prefix_cache: bool = True):
         self.kv = kv
-        self.prefix = PrefixCache(kv)
+        self.prefix = PrefixCache(kv, enabled=prefix_cache)
         self.max_prefills_per_step = max_prefills_per_step  # bounds how long one step stalls the decoders
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
