@@ -6,6 +6,9 @@ session with SLURM_NODEID/SLURM_PROCID set; SIGTERM sent to srun is forwarded to
 `--kill-on-bad-exit=1` a task that exits non-zero (or is killed) ends the others at once. Like slurmstepd, which
 tracks a step's processes in a cgroup, it signals every process of the step (torchrun's workers included, which
 torchrun starts in sessions of their own) and kills whatever is left when the step ends. `scontrol show hostnames` prints the nodes; `scontrol requeue ID` is recorded.
+A step named with `--job-name=NAME` (the fault-tolerant script names its lighthouse and group steps) logs to
+`NAME.node<i>.log` and `NAME.node<i>.pid`; with `--nodelist=a,b` task i gets SLURMD_NODENAME, the i-th host, as on
+real Slurm; every step is recorded in `steps.log`.
 """
 
 from __future__ import annotations
@@ -49,20 +52,29 @@ def kill_tree(pid: int) -> None:
 
 
 def _srun(argv: list[str]) -> int:
-    nodes, kill_on_bad_exit = 1, False
+    nodes, kill_on_bad_exit, name, hosts = 1, False, "", []
     while argv and argv[0].startswith("--"):
         flag = argv.pop(0)
         if flag.startswith("--nodes="):
             nodes = int(flag.split("=", 1)[1])
+        elif flag.startswith("--job-name="):
+            name = flag.split("=", 1)[1] + "."
+        elif flag.startswith("--nodelist="):
+            hosts = flag.split("=", 1)[1].split(",")
         kill_on_bad_exit |= flag == "--kill-on-bad-exit=1"
+    assert not hosts or len(hosts) == nodes, f"srun: --nodelist names {len(hosts)} hosts for --nodes={nodes}"
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us
     log_dir = Path(os.environ["STUB_SLURM_DIR"])
+    with open(log_dir / "steps.log", "a") as f:
+        f.write(f"{name.rstrip('.') or '-'} nodes={nodes} nodelist={','.join(hosts)} kill_on_bad_exit={int(kill_on_bad_exit)}\n")
     tasks = []
     for node in range(nodes):
         env = dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_STEP_ID="0")
-        with open(log_dir / f"node{node}.log", "a") as log:
+        if hosts:
+            env["SLURMD_NODENAME"] = hosts[node]
+        with open(log_dir / f"{name}node{node}.log", "a") as log:
             tasks.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        (log_dir / f"node{node}.pid").write_text(str(tasks[-1].pid))
+        (log_dir / f"{name}node{node}.pid").write_text(str(tasks[-1].pid))
 
     def forward(signum, _frame):  # slurmstepd signals every process of the step, not only the task
         for pid in descendants(os.getpid()):

@@ -1,0 +1,357 @@
+"""`gigafactory launch slurm|k8s` with replica-group fault tolerance (torchft), and `--exclude` bad-node files.
+
+The sbatch script is run as is under the stub Slurm (tests/launch/slurm_stub.py) with the real torchft lighthouse
+binary and fake ranks: each group is its own step with its own rendezvous and replica_id, every rank reaches the
+lighthouse at the address it was given, a failed group is started again while the other is never touched, and
+the time limit / scancel paths still save, requeue or stop. Manifests are checked against the Kubernetes and
+Kubeflow schemas (tests/launch/k8s_schema.py) and for the wiring between the lighthouse Service and the groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gigafactory.launch.spec import _check_train_args
+from tests.launch import slurm_stub
+from tests.launch.test_launch import check_sbatch, launch, load_yaml_documents, pod_of, write_config
+
+FT = "\n[fault_tolerance]\nenabled = true\nreplica_groups = {groups}\n"
+
+
+def ft_config(tmp_path: Path, groups: int = 2, parallel: str = "dp_shard = -1") -> Path:
+    return write_config(tmp_path, parallel=parallel, name="ft.toml", extra=FT.format(groups=groups))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_of(argv: list[str]) -> int:
+    """The replica group a worker command line makes, read by the trainer's own flag parser."""
+    cut = argv.index("train") + 1
+    args = [a for a in argv[cut:] if a not in ("--config",) and not a.endswith(".toml")]
+    return int(vars(_check_train_args(args))["fault_tolerance.replica_id"])
+
+
+# --- Slurm: the script's shape ---------------------------------------------------------------------------------
+
+
+def test_ft_sbatch_has_a_lighthouse_step_and_one_step_per_group(tmp_path, capsys):
+    config = ft_config(tmp_path, groups=3)
+    rc, out, err = launch(capsys, "slurm", "--nodes", "6", "--gpus-per-node", "4", "--config", str(config), "--partition", "gpu")
+    assert rc == 0, err
+    subprocess.run(["bash", "-n"], input=out, text=True, check=True)
+    sbatch = check_sbatch(out, tmp_path)
+    assert sbatch["nodes"] == "6" and "no-kill" in sbatch and sbatch["signal"].startswith("B:USR1@") and "requeue" in sbatch
+    assert "N_GROUPS=3" in out and "NODES_PER_GROUP=2" in out and "--nnodes=2" in out and "--nproc-per-node=4" in out
+    lighthouse_srun = next(line for line in out.splitlines() if "--job-name=lighthouse" in line)
+    assert "--overlap" in lighthouse_srun and "--kill-on-bad-exit" not in lighthouse_srun
+    assert '--bind 0.0.0.0:29510 --min_replicas 1' in out and 'LIGHTHOUSE="http://$LIGHTHOUSE_HOST:29510"' in out
+    # one srun per group, each confined to its group: --kill-on-bad-exit appears only there
+    assert out.count("--kill-on-bad-exit=1") == 1 and '--job-name="group$g"' in out
+    assert "parallel layout dp_shard=8" in out  # the layout is one group's: 2 nodes x 4 GPUs
+
+
+def test_plain_output_has_nothing_of_fault_tolerance(tmp_path, capsys):
+    config = write_config(tmp_path, parallel="dp_shard = -1")
+    for target in ("slurm", "k8s"):
+        rc, out, _ = launch(capsys, target, "--nodes", "2", "--gpus-per-node", "2", "--config", str(config))
+        assert rc == 0 and "lighthouse" not in out and "fault_tolerance" not in out and "no-kill" not in out
+        assert "exclude" not in out and "affinity" not in out
+
+
+# --- Slurm: the script run under the stub, with the real lighthouse -----------------------------------------------
+
+FAKE_RANK = """\
+import json, os, re, signal, socket, sys, time
+from pathlib import Path
+state = Path(os.environ["STUB_SLURM_DIR"])
+argv = sys.argv[1:]
+group = int(next(a for a in argv if a.startswith("--fault_tolerance.replica_id=")).split("=", 1)[1])
+address = next(a for a in argv if a.startswith("--fault_tolerance.lighthouse=")).split("=", 1)[1]
+node = os.environ["SLURM_NODEID"]
+me = f"g{group}-n{node}-{os.getpid()}"
+def stop(signum, frame):
+    (state / f"sigterm-{me}").write_text("")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+host, port = re.fullmatch(r"http://(.+):(\\d+)", address).groups()
+reached = False
+for _ in range(100):  # the lighthouse step starts first, but may still be binding
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        reached = True
+        break
+    except OSError:
+        time.sleep(0.05)
+(state / f"started-{me}").write_text(json.dumps({"argv": argv, "host": os.environ.get("SLURMD_NODENAME"), "lighthouse": reached}))
+fail = state / f"fail-g{group}"
+while True:
+    if node == "0" and fail.exists():
+        fail.unlink()
+        sys.exit(3)  # this group's torchrun gave up: --kill-on-bad-exit ends its step
+    time.sleep(0.05)
+"""
+
+
+def lighthouse_binary() -> str:
+    found = shutil.which("torchft_lighthouse", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if found is None:
+        pytest.skip("torchft (its torchft_lighthouse binary) is not installed")
+    return found
+
+
+def started(state: Path) -> dict[str, dict]:
+    return {p.name.removeprefix("started-"): json.loads(p.read_text()) for p in state.glob("started-*")}
+
+
+def wait_until(proc: subprocess.Popen, what, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "timeout"
+        time.sleep(0.05)
+    return value
+
+
+def run_ft_script(tmp_path: Path, capsys) -> tuple[subprocess.Popen, Path, int]:
+    """4 stub nodes (distinct names, all this machine), 2 groups of 2; returns the batch shell, state dir, lighthouse port."""
+    lighthouse_port = free_port()
+    rc, out, err = launch(capsys, "slurm", "--nodes", "4", "--gpus-per-node", "1", "--name", "ftjob", "--config", str(ft_config(tmp_path)),
+                          "--port", str(free_port()), "--lighthouse-port", str(lighthouse_port), "--max-restarts", "1")
+    assert rc == 0, err
+    script = tmp_path / "job.sbatch"
+    script.write_text(out)
+    fake = tmp_path / "fakepython"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_RANK}")
+    fake.chmod(0o755)
+    state = tmp_path / "slurm"
+    hosts = "localhost,127.0.0.1,127.0.0.2,127.0.0.3"  # node 0 (the lighthouse's) must resolve to this machine
+    env = {**os.environ, **slurm_stub.install(tmp_path / "bin", state, hosts=hosts), "PYTHON": str(fake),
+           "TORCHFT_LIGHTHOUSE": lighthouse_binary(), "SLURM_JOB_NODELIST": "n[0-3]", "SLURM_JOB_ID": "777"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, state, lighthouse_port
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        for pid in slurm_stub.descendants(proc.pid):
+            slurm_stub.kill_tree(pid)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the stub srun needs /proc and PR_SET_CHILD_SUBREAPER")
+def test_ft_sbatch_groups_restart_alone_and_the_time_limit_requeues(tmp_path, capsys):
+    proc, state, lighthouse_port = run_ft_script(tmp_path, capsys)
+    try:
+        first = wait_until(proc, lambda: s if len(s := started(state)) == 4 else None)
+        by_group: dict[int, list[dict]] = {}
+        for who, rec in first.items():
+            assert rec["lighthouse"], f"{who} could not reach the lighthouse at the address it was given"
+            by_group.setdefault(group_of(rec["argv"]), []).append(rec)
+        assert sorted(by_group) == [0, 1] and all(len(recs) == 2 for recs in by_group.values())
+        assert {r["host"] for r in by_group[0]} == {"localhost", "127.0.0.1"} and {r["host"] for r in by_group[1]} == {"127.0.0.2", "127.0.0.3"}
+        endpoints, ids = set(), set()
+        for g, recs in by_group.items():
+            argv = recs[0]["argv"]
+            endpoints.add(next(a for a in argv if a.startswith("--rdzv-endpoint=")))
+            ids.add(next(a for a in argv if a.startswith("--rdzv-id=")))
+            assert "--nnodes=2" in argv and all(r["argv"] == argv for r in recs)  # one rendezvous per group
+            assert f"--fault_tolerance.lighthouse=http://localhost:{lighthouse_port}" in argv
+        assert len(endpoints) == 2 and ids == {"--rdzv-id=777-group0", "--rdzv-id=777-group1"}
+
+        # group 1's torchrun gives up: only its step ends, the script starts it again, group 0 is never touched
+        (state / "fail-g1").write_text("")
+        again = wait_until(proc, lambda: [k for k in started(state) if k.startswith("g1-") and k not in first] if len(started(state)) == 6 else None)
+        assert len(again) == 2 and not list(state.glob("sigterm-*"))
+        steps = (state / "steps.log").read_text().splitlines()
+        assert [s.split()[0] for s in steps].count("group1") == 2 and [s.split()[0] for s in steps].count("group0") == 1
+        assert [s.split()[0] for s in steps].count("lighthouse") == 1 and "kill_on_bad_exit=0" in next(s for s in steps if s.startswith("lighthouse"))
+        group0 = sorted(k for k in first if k.startswith("g0-"))
+        assert all(slurm_stub.descendants(proc.pid).count(int(k.rsplit("-", 1)[1])) == 1 for k in group0)  # still running
+
+        proc.send_signal(signal.SIGUSR1)  # the time limit's warning
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        stop_tree(proc)
+    assert proc.returncode == 0, out
+    live = group0 + again
+    assert sorted(p.name.removeprefix("sigterm-") for p in state.glob("sigterm-*")) == sorted(live), out
+    assert (state / "scontrol.log").read_text() == "requeue 777\n"
+    assert "replica group 1 exited 1; starting it again (run 2)" in out and "requeued" in out
+    with pytest.raises(OSError):  # the lighthouse was stopped with the job
+        socket.create_connection(("127.0.0.1", lighthouse_port), timeout=1).close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the stub srun needs /proc and PR_SET_CHILD_SUBREAPER")
+def test_ft_sbatch_after_scancel_restarts_nothing_and_does_not_requeue(tmp_path, capsys):
+    proc, state, _ = run_ft_script(tmp_path, capsys)
+    try:
+        wait_until(proc, lambda: len(started(state)) == 4)
+        proc.send_signal(signal.SIGTERM)  # scancel: the batch shell gets TERM ...
+        time.sleep(0.5)
+        (state / "fail-g1").write_text("")  # ... a group fails while the job stops: it must not start again
+        wait_until(proc, lambda: not (state / "fail-g1").exists())
+        for pid in slurm_stub.descendants(proc.pid):  # ... and Slurm signals every step itself
+            if b"srun" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        stop_tree(proc)
+    assert len(started(state)) == 4 and not (state / "scontrol.log").exists(), out
+    assert "starting it again" not in out and proc.returncode == 0, out  # group 0 saved and exited 0
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------------------------
+
+
+def test_k8s_ft_lighthouse_service_and_one_pytorchjob_per_group(tmp_path, capsys):
+    from tests.launch.k8s_schema import validate_manifest
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"bad_nodes": ["gpu-17", "gpu-17", "rack2.node-3"], "checked": 64}))
+    rc, out, err = launch(capsys, "k8s", "--nodes", "6", "--gpus-per-node", "8", "--config", str(ft_config(tmp_path, groups=3)),
+                          "--name", "big", "--kueue-queue", "lq", "--exclude", str(bad), "--port", "29600", "--", "--fault_tolerance.min_replicas=2")
+    assert rc == 0, err
+    docs = load_yaml_documents(out)
+    validate_manifest(docs)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service", "PyTorchJob", "PyTorchJob", "PyTorchJob"]
+    _, deployment, service, *jobs = docs
+
+    # the lighthouse: one pod, never two, bound where the Service sends traffic; its knobs from the config
+    lh_pod = deployment["spec"]["template"]
+    (lh,) = lh_pod["spec"]["containers"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= lh_pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= lh_pod["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == lh["ports"][0]["name"] and lh["ports"][0]["containerPort"] == port["port"] == 29510
+    assert lh["command"][:3] == ["torchft_lighthouse", "--bind", "0.0.0.0:29510"] and lh["command"][lh["command"].index("--min_replicas") + 1] == "2"
+    address = f"http://{service['metadata']['name']}:{port['port']}"
+
+    seen = {"group": set(), "endpoint": set(), "id": set(), "port": set(), "name": set()}
+    for job in jobs:
+        spec = job["spec"]
+        pod = pod_of(job)
+        (container,) = pod["containers"]
+        cmd = container["command"]
+        assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2 and spec["runPolicy"]["schedulingPolicy"]["minAvailable"] == 2
+        assert "--nnodes=2" in cmd and f"--fault_tolerance.lighthouse={address}" in cmd
+        assert not service["spec"]["selector"].items() <= spec["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"].items()
+        endpoint = next(a for a in cmd if a.startswith("--rdzv-endpoint="))
+        assert endpoint == f"--rdzv-endpoint={job['metadata']['name']}-worker-0:{spec['elasticPolicy']['rdzvPort']}"
+        assert container["ports"][0]["containerPort"] == spec["elasticPolicy"]["rdzvPort"]
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "lq"
+        assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+            {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["gpu-17", "rack2.node-3"]}]}]
+        for key, value in (("group", group_of(cmd)), ("endpoint", endpoint), ("id", next(a for a in cmd if a.startswith("--rdzv-id="))),
+                           ("port", spec["elasticPolicy"]["rdzvPort"]), ("name", job["metadata"]["name"])):
+            seen[key].add(value)
+    assert seen["group"] == {0, 1, 2} and seen["port"] == {29600, 29601, 29602}
+    assert all(len(values) == 3 for values in seen.values()), seen
+    assert lh_pod["spec"]["affinity"] == pod["affinity"]  # the lighthouse stays off the bad nodes too
+
+
+def test_k8s_ft_with_the_sites_own_lighthouse(tmp_path, capsys):
+    from tests.launch.k8s_schema import validate_manifest
+
+    rc, out, err = launch(capsys, "k8s", "--nodes", "2", "--gpus-per-node", "1", "--config", str(ft_config(tmp_path)),
+                          "--", "--fault_tolerance.lighthouse=http://lh.infra.svc:29510")
+    assert rc == 0, err
+    docs = load_yaml_documents(out)
+    validate_manifest(docs)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob", "PyTorchJob"]
+    for g, job in enumerate(docs[1:]):
+        cmd = pod_of(job)["containers"][0]["command"]
+        assert group_of(cmd) == g and cmd[-1] == "--fault_tolerance.lighthouse=http://lh.infra.svc:29510"
+
+
+# --- --exclude ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [["node-1", "node-2"], {"bad_nodes": ["node-1", "node-2", "node-1"], "verdicts": {}}])
+def test_exclude_reaches_sbatch_and_pod_affinity(tmp_path, capsys, content):
+    from tests.launch.k8s_schema import validate_manifest
+
+    bad = tmp_path / "bad_nodes.json"
+    bad.write_text(json.dumps(content))
+    rc, out, err = launch(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "1", "--exclude", str(bad))
+    assert rc == 0, err
+    assert check_sbatch(out, tmp_path)["exclude"] == "node-1,node-2"
+    rc, out, err = launch(capsys, "k8s", "--nodes", "2", "--gpus-per-node", "1", "--exclude", str(bad))
+    assert rc == 0, err
+    docs = load_yaml_documents(out)
+    validate_manifest(docs)
+    (term,) = pod_of(docs[-1])["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term == {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-1", "node-2"]}]}
+
+
+def test_empty_exclude_list_warns(tmp_path, capsys):
+    bad = tmp_path / "none.json"
+    bad.write_text('{"bad_nodes": []}')
+    rc, out, err = launch(capsys, "slurm", "--nodes", "1", "--gpus-per-node", "1", "--exclude", str(bad))
+    assert rc == 0 and "--exclude" not in out.split("\n", 2)[2] and "lists no nodes" in err
+
+
+# --- errors: one line, exit 2 -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "file not found"),
+    ("[node-1]", "not valid JSON (line 1"),
+    ('{"nodes": ["a"]}', 'needs a "bad_nodes" list (keys found: nodes)'),
+    ('"node-1"', "expected a JSON list of hostname strings"),
+    ("[1, 2]", "expected a JSON list of hostname strings"),
+    ('["ok", "bad\\nline"]', "--exclude 'bad\\nline' contains a newline"),
+    ('["a,b"]', "'a,b' is not a hostname"),
+    ('["x; reboot"]', "'x; reboot' is not a hostname"),
+    ('["-n1"]', "'-n1' is not a hostname"),
+    (json.dumps(["n" * 64]), "at most 63 characters"),
+])
+def test_bad_exclude_files_are_one_line(tmp_path, capsys, content, needle):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    for target in ("slurm", "k8s"):
+        rc, out, err = launch(capsys, target, "--nodes", "1", "--gpus-per-node", "1", "--exclude", str(path))
+        assert rc == 2 and out == ""
+        assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--nodes", "3", "--gpus-per-node", "1"], "--nodes 3 does not split into fault_tolerance.replica_groups=2 equal groups"),
+    (["--nodes", "1", "--gpus-per-node", "2"], "--nodes 1 does not split into fault_tolerance.replica_groups=2"),
+    (["--nodes", "2", "--gpus-per-node", "1", "--", "--fault_tolerance.replica_id=1"], "the launcher gives every replica group its own"),
+    (["--nodes", "2", "--gpus-per-node", "1", "--lighthouse-port", "29401"], "collides with the replica groups' rendezvous ports 29400..29401"),
+    (["--nodes", "2", "--gpus-per-node", "1", "--port", "65535"], "past 65535"),
+    (["--nodes", "2", "--gpus-per-node", "1", "--", "--fault_tolerance.lighthouse=lh:1"], "must be http://HOST:PORT"),
+    (["--nodes", "2", "--gpus-per-node", "8", "--", "--parallel.dp_shard=16"],
+     "needs 16 processes but 1 node(s) x 8 GPU(s) = 8 processes per replica group (2 groups)"),
+])
+def test_bad_fault_tolerant_launches_are_one_line(tmp_path, capsys, argv, needle):
+    config = ft_config(tmp_path)
+    for target in ("slurm", "k8s"):
+        rc, out, err = launch(capsys, target, "--config", str(config), *argv)
+        assert rc == 2 and out == ""
+        assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+
+
+def test_ft_launch_help_and_summary(tmp_path, capsys):
+    out_file = tmp_path / "job.sbatch"
+    rc, out, err = launch(capsys, "slurm", "--nodes", "4", "--gpus-per-node", "2", "--config", str(ft_config(tmp_path)), "--out", str(out_file))
+    assert rc == 0 and out == "" and re.search(r"wrote .* \(4 node\(s\) x 2 GPU\(s\) in 2 replica groups, layout", err)
+    assert os.access(out_file, os.X_OK)
