@@ -100,8 +100,8 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
         """Readiness: every engine thread runs with its model loaded and its queue below the bound; a load balancer
         sends no new traffic while this is 503."""
         problems = [f"model '{n}': engine not running" for n, e in state.engines.items() if not e.alive]
-        problems += [f"model '{n}': queue full ({e.queue_length}/{e.max_waiting})" for n, e in state.engines.items()
-                     if e.queue_length >= e.max_waiting]
+        problems += [f"model '{n}': queue full ({e.backlog}/{e.max_waiting})" for n, e in state.engines.items()
+                     if e.backlog >= e.max_waiting]
         body = {"status": "not ready" if problems else "ready", "problems": problems,
                 "queues": {n: e.queue_length for n, e in state.engines.items()}}
         return JSONResponse(body, status_code=503 if problems else 200)

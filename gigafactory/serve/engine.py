@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The engine already has `max_waiting` requests waiting for a slot: the server answers 503 + Retry-After."""
+    """`max_waiting` requests are already waiting for a slot: the server answers 503 + Retry-After."""
 
 
 class Engine:
@@ -73,8 +73,8 @@ class Engine:
         seq = Sequence(list(prompt_ids), params, self.tokenizer, on_event, stop or [], seed, ignore_eos, logprobs)
         seq.deadline = deadline
         with self._submit_lock:
-            if self.queue_length >= self.max_waiting:
-                raise QueueFull(f"{self.queue_length} requests are already waiting for model '{self.name}'")
+            if self.backlog >= self.max_waiting:
+                raise QueueFull(f"{self.backlog} requests are already waiting for a slot of model '{self.name}'")
             self._inbox.put(seq)
         self._wake.set()
         return seq
@@ -87,6 +87,12 @@ class Engine:
     @property
     def queue_length(self) -> int:
         return len(self.scheduler.waiting) + self._inbox.qsize()
+
+    @property
+    def backlog(self) -> int:
+        """Requests that will still wait once every free row is taken: what the queue bound limits (a burst that
+        free rows can absorb is not refused)."""
+        return max(0, self.queue_length - self.kv.n_free)
 
     @property
     def n_running(self) -> int:

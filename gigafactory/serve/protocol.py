@@ -119,15 +119,22 @@ class ApiError(Exception):
 
 
 def validation_error(err) -> ApiError:
-    """The first pydantic error as one OpenAI-style 400: names the field and what it must be."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    """One pydantic error as an OpenAI-style 400 that names the field and what it must be. For a union (`stop` is a
+    string or a list of strings) the deepest error is the telling one, and the union's branch names leave the path."""
+    errors = err.errors()
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # max() keeps the first of equals
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _branch(p)]
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         return ApiError(400, f"'{param}' is not supported by this server; remove it (see docs/serve.md for the "
                              f"fields it honours)", param=param, code="unsupported_parameter")
     msg = first.get("msg", "invalid request")
     return ApiError(400, f"invalid value for '{param}': {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def _branch(part) -> bool:
+    """A union branch's name in a pydantic error path ("str", "list[TextPart]", "constrained-str"), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part)
 
 
 def parse_body(body: bytes) -> dict:
