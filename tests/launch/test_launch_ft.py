@@ -207,13 +207,55 @@ def test_ft_sbatch_after_scancel_restarts_nothing_and_does_not_requeue(tmp_path,
         (state / "fail-g1").write_text("")  # ... a group fails while the job stops: it must not start again
         wait_until(proc, lambda: not (state / "fail-g1").exists())
         for pid in slurm_stub.descendants(proc.pid):  # ... and Slurm signals every step itself
-            if b"srun" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGTERM)
+            try:
+                if b"srun" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGTERM)
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a process that ended meanwhile (the watch loop's sleep)
         out, _ = proc.communicate(timeout=30)
     finally:
         stop_tree(proc)
     assert len(started(state)) == 4 and not (state / "scontrol.log").exists(), out
     assert "starting it again" not in out and proc.returncode == 0, out  # group 0 saved and exited 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the stub srun needs /proc and PR_SET_CHILD_SUBREAPER")
+def test_ft_sbatch_trains_two_replica_groups_in_one_quorum(tmp_path, capsys):
+    """The real thing, small (about 15 s): the generated script under the stub Slurm runs the lighthouse, two real
+    torchrun rendezvous and trainers (1 node x 1 process per group, gloo); both groups train every step in a quorum
+    of two, so the flags, the quoting and the lighthouse address work as written."""
+    from gigafactory.resilience.events import read_events
+    from tests.conftest import TINY_MODEL
+    from tests.launch.test_multinode import small_corpus
+
+    run_dir, steps = tmp_path / "run", 4
+    flags = [f"--model.{k}={v}" for k, v in TINY_MODEL.items()] + [
+        "--model.aux_loss_weight=0", "--model.router_z_loss_weight=0", f"--data.inputs={small_corpus(tmp_path / 'small.jsonl')}",
+        f"--data.cache_dir={tmp_path / 'cache'}", "--data.seq_len=32", "--training.batch_size=4", f"--training.steps={steps}",
+        "--training.eval_every=0", "--training.dtype=fp32", "--training.device=cpu", "--optimizer.warmup_steps=2",
+        f"--checkpoint.every={steps}", f"--logging.run_dir={run_dir}", "--logging.log_every=1", "--logging.tensorboard=false",
+        "--logging.progress=false", "--resilience.term_grace_s=30", "--resilience.straggler_every=0",
+        "--fault_tolerance.enabled=true", "--fault_tolerance.replica_groups=2",
+    ]
+    script = tmp_path / "job.sbatch"
+    rc, _, err = launch(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "1", "--port", str(free_port()), "--lighthouse-port", str(free_port()),
+                        "--name", "ftdrill", "--time", "10", "--out", str(script), "--", *flags)
+    assert rc == 0, err
+    state = tmp_path / "slurm"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(slurm_stub.install(tmp_path / "bin", state, hosts="localhost,127.0.0.1"), PYTHON=sys.executable, SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="n[0-1]", TORCHFT_LIGHTHOUSE=lighthouse_binary())
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    why = proc.stdout + "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(state.glob("*.log")))
+    assert proc.returncode == 0, why
+    assert sorted(line.split()[0] for line in (state / "steps.log").read_text().splitlines()) == ["group0", "group1", "lighthouse"]
+    losses = {}
+    for g in (0, 1):
+        records = [json.loads(line) for line in (run_dir / f"group{g}" / "metrics.jsonl").read_text().splitlines()]
+        losses[g] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        quorums = [e for e in read_events(run_dir / f"group{g}" / "events.jsonl") if e["event"] == "ft_quorum"]
+        assert quorums and all(e["participants"] == 2 for e in quorums), (quorums, why)
+    assert [step for step, _ in losses[0]] == list(range(1, steps + 1)) and losses[0] == losses[1]
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------------------------
