@@ -17,13 +17,14 @@ from tests.serve.conftest import make_state, running_server
 
 
 def test_client_disconnecting_in_prefill_touches_no_other_stream(loaded):
-    """20 streams are decoding when one more client arrives and leaves during its own prefill: all 20 complete."""
+    """Streams are decoding when one more client arrives and leaves during its own prefill: all 20 complete."""
     state = make_state(loaded, n_slots=24)
     engine = state.engines["grok-tiny"]
-    prefill, decode, in_prefill = engine.runner.prefill, engine.runner.decode, threading.Event()
+    prefill, decode, in_prefill, others = engine.runner.prefill, engine.runner.decode, threading.Event(), []
 
     def prefill_until_aborted(seq):  # hold the leaving client's prefill until the server has noticed it left
         if seq.params.max_tokens == 7:
+            others.append(engine.n_running - 1)  # requests in flight beside it
             in_prefill.set()
             deadline = time.monotonic() + 10
             while seq.finish_reason is None and time.monotonic() < deadline:
@@ -38,12 +39,12 @@ def test_client_disconnecting_in_prefill_touches_no_other_stream(loaded):
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=25)) as client:
                 async def stream(i):
-                    req = {"prompt": f"And {i}", "max_tokens": 40, "stream": True, "ignore_eos": True, "temperature": 0}
+                    req = {"prompt": f"And {i}", "max_tokens": 50, "stream": True, "ignore_eos": True, "temperature": 0}
                     async with client.stream("POST", "/v1/completions", json=req) as r:
                         return r.status_code, [line async for line in r.aiter_lines() if line]
                 tasks = [asyncio.create_task(stream(i)) for i in range(20)]
                 deadline = time.monotonic() + 20
-                while engine.n_running < 20:
+                while engine.n_running < 4:  # some are decoding (others may still be arriving)
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.005)
                 body = json.dumps({"prompt": "In", "max_tokens": 7}).encode()
@@ -61,7 +62,7 @@ def test_client_disconnecting_in_prefill_touches_no_other_stream(loaded):
         assert status == 200 and lines[-1] == "data: [DONE]", lines
         assert not any('"error"' in line for line in lines), lines
         assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
-    assert engine.kv.n_free == engine.kv.n_slots
+    assert engine.kv.n_free == engine.kv.n_slots and others[0] >= 4
 
 
 def test_tiny_temperature_is_greedy_not_nan():
