@@ -57,7 +57,7 @@ def test_client_disconnecting_in_prefill_touches_no_other_stream(loaded):
                 leaving.close()  # the client goes away in the middle of its prefill
                 return await asyncio.gather(*tasks)
 
-        results = asyncio.run(main())
+        results = asyncio.run(asyncio.wait_for(main(), 60))
     for status, lines in results:
         assert status == 200 and lines[-1] == "data: [DONE]", lines
         assert not any('"error"' in line for line in lines), lines

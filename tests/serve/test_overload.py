@@ -40,7 +40,7 @@ def test_full_queue_is_503_with_retry_after_and_ready_says_so(loaded):
                 release.set()
                 return refused, ready, health, await asyncio.gather(running, *waiting)
 
-        refused, ready, health, served = asyncio.run(main())
+        refused, ready, health, served = asyncio.run(asyncio.wait_for(main(), 60))
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
         assert refused.json()["error"]["code"] == "overloaded"
         assert ready.status_code == 503 and "queue full" in ready.json()["problems"][0]
