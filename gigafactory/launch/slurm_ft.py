@@ -8,6 +8,7 @@ Why this shape (docs/scale-out.md, "Fault-tolerant replica groups"):
   node takes out its group, not the job.
 - The lighthouse is a step of its own on the first node (`--overlap`, so it shares that node with group 0), started
   again if it exits: the groups' managers ride out its restart (quorum retries).
+- Every step names its task count (--ntasks): srun would otherwise take the allocation's SLURM_NTASKS (all nodes).
 - Stopping is the plain script's: USR1 before the time limit sends SIGTERM to every group's step, the ranks save,
   then the job is requeued; TERM (scancel, preemption) only stops restarts, since Slurm signals every task itself.
 """
@@ -68,7 +69,7 @@ start_group() {{
   local hosts=("${{NODES[@]:g * NODES_PER_GROUP:NODES_PER_GROUP}}")
   local nodelist
   nodelist=$(IFS=,; echo "${{hosts[*]}}")
-  srun --job-name="group$g" --nodes={npg} --ntasks-per-node=1 --nodelist="$nodelist" --kill-on-bad-exit=1 --cpu-bind=none{container} \\
+  srun --job-name="group$g" --nodes={npg} --ntasks={npg} --ntasks-per-node=1 --nodelist="$nodelist" --kill-on-bad-exit=1 --cpu-bind=none{container} \\
     "$PYTHON" -m torch.distributed.run \\
       --nnodes={npg} \\
       --nproc-per-node={gpus} \\
