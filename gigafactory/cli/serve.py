@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {', '.join(state.engines)} on http://{args.host}:{args.port}/ "
           f"({'API keys required' if state.keys else 'no API keys: open to anyone who can reach it'})", flush=True)
     # timeout_graceful_shutdown: SIGTERM drains streams, but idle or stalled connections cannot hold it forever.
+    # proxy_headers=False: uvicorn would replace the peer address with X-Forwarded-For from a local proxy, and the
+    # trust check (--trusted-proxies) must see the proxy itself.
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+                timeout_graceful_shutdown=args.shutdown_timeout, proxy_headers=False)
     return 0

@@ -89,7 +89,9 @@ def test_serve_process_answers_reloads_on_sighup_and_stops_despite_a_stalled_cli
                 time.sleep(0.1)
         body = {"prompt": "In", "max_tokens": 2}
         assert httpx.post(url + "/v1/completions", json=body, headers={"X-Region": "GB"}).status_code == 403
-        assert httpx.post(url + "/v1/completions", json=body, headers={"X-Region": "US"}).status_code == 200
+        # a proxy on this machine sets the region and X-Forwarded-For: the trust check must see the proxy, not the client
+        proxied = {"X-Region": "US", "X-Forwarded-For": "203.0.113.9"}
+        assert httpx.post(url + "/v1/completions", json=body, headers=proxied).status_code == 200
         os.kill(proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
         while 'gigafactory_serve_rollout_reloads_total{result="ok"} 1' not in httpx.get(url + "/metrics").text:
