@@ -10,7 +10,9 @@ model sizes, SIGKILLs group 1 mid-step, and reads the groups' events:
 - transfer_s: -> the state (model, optimizer, step) has come from the live peer and is loaded (load_s of it);
 - bytes:      the state moved; transfer_s against bytes across the two sizes gives the fixed cost and bandwidth.
 
-    python benchmarks/ft_recovery.py            # ~2 minutes on 2 CPU cores; prints one JSON line per size
+    python benchmarks/ft_recovery.py            # a few minutes on 2 CPU cores; one JSON line per size, then the
+                                                # simulator's prediction of each kill-to-rejoin time
+    python benchmarks/ft_recovery.py --from OUT # the prediction again from saved output
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SIZES = {
     "small": {"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "n_experts": 8, "moe_ffn_dim": 512, "vocab_size": 512},
 }
 KILL_STEP, STEPS = 10, 60
+HEARTBEAT_TIMEOUT_S = 3.0  # the lighthouse `train --nproc` starts (fault_tolerance.heartbeat_timeout_ms default)
 
 
 def read_events(path: Path) -> list[dict]:
@@ -57,10 +60,39 @@ def measure(name: str, model: dict, root: Path) -> dict:
             "survivor_steps_alone": heal["to_step"] - KILL_STEP + 1}
 
 
+def predict(rows: list[dict]) -> list[dict]:
+    """The simulator's model of a rejoin (gigafactory.simulate.recovery.RecoverySpec.rejoin_breakdown) with constants
+    from these runs: restart time from the smallest size, transfer bandwidth and fixed cost from the line through
+    (bytes, transfer_s) of the sizes; it then predicts every size's kill-to-rejoin time."""
+    from gigafactory.simulate.recovery import RecoverySpec
+
+    (b0, t0), (b1, t1) = [(r["bytes"], r["transfer_s"]) for r in (rows[0], rows[-1])]
+    per_byte = (t1 - t0) / (b1 - b0)
+    overhead = max(0.0, t0 - b0 * per_byte)
+    quorum = max(0.0, min(r["detect_s"] for r in rows) - HEARTBEAT_TIMEOUT_S)  # what detection takes beyond the heartbeat timeout
+    out = []
+    for r in rows:
+        spec = RecoverySpec(recovery="replica", replica_group_gpus=1, params=float(r["bytes"]), state_bytes_per_param=1.0,
+                            peer_gbps_per_gpu=1.0 / per_byte / 1e9, transfer_overhead_s=overhead, quorum_s=quorum,
+                            group_restart_s=rows[0]["restart_s"])
+        parts = spec.rejoin_breakdown(class_detect_s=0.0, step_time_s=r["median_step_s"])
+        out.append({"size": r["size"], "measured_s": r["kill_to_rejoin_s"], "predicted_s": round(parts["total_s"], 3),
+                    "error": round(parts["total_s"] / r["kill_to_rejoin_s"] - 1, 3), "peer_MBps": round(1e-6 / per_byte, 1),
+                    "overhead_s": round(overhead, 3), "quorum_s": round(quorum, 3)})
+    return out
+
+
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, model in SIZES.items():
-            print(json.dumps(measure(name, model, Path(tmp))), flush=True)
+    if len(sys.argv) > 2 and sys.argv[1] == "--from":  # re-analyse saved output lines
+        rows = [json.loads(line) for line in Path(sys.argv[2]).read_text().splitlines() if line.startswith('{"size"')]
+    else:
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, model in SIZES.items():
+                rows.append(measure(name, model, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+    for row in predict(rows):
+        print(json.dumps({"prediction": row}), flush=True)
 
 
 if __name__ == "__main__":
