@@ -2,7 +2,8 @@
 
 `spec.build_spec` validates the request (node and GPU counts, the config, the parallel layout against
 nodes x GPUs, the time limit against the SIGTERM grace) and returns a `LaunchSpec`; `slurm.render_sbatch` and
-`k8s.render_pytorchjob` (PyYAML) turn it into text. See docs/scale-out.md.
+`k8s.render_pytorchjob` (PyYAML) turn it into text; with fault_tolerance.enabled they hand over to `slurm_ft` and
+`k8s_ft` (a torchft lighthouse plus one torchrun job per replica group). See docs/scale-out.md.
 """
 
 from gigafactory.launch.k8s import render_pytorchjob

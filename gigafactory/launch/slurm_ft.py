@@ -62,8 +62,13 @@ start_lighthouse() {{
 {start_lighthouse}
 }}
 
-# Group g: nodes g*{npg} .. g*{npg}+{npg_minus_1}; its torchrun agents restart its workers (up to {restarts} times) without
-# touching the other groups; when they give up, --kill-on-bad-exit ends this step only.
+# Before any group starts, the lighthouse must answer (up to 60 s): a node without torchft fails here, in one line.
+wait_for_lighthouse() {{
+{wait_lighthouse}
+}}
+
+# Group g: {npg} node(s) from node g*{npg} of the allocation; its torchrun agents restart its workers (up to {restarts}
+# times) without touching the other groups; when they give up, --kill-on-bad-exit ends this step only.
 start_group() {{
   local g=$1
   local hosts=("${{NODES[@]:g * NODES_PER_GROUP:NODES_PER_GROUP}}")
@@ -83,6 +88,11 @@ start_group() {{
 }}
 
 start_lighthouse
+if ! wait_for_lighthouse; then
+  echo "job $SLURM_JOB_ID: the torchft lighthouse did not start at $LIGHTHOUSE (is torchft installed on the nodes? TORCHFT_LIGHTHOUSE names its binary)" >&2
+  if [[ -n "$LIGHTHOUSE_PID" ]]; then kill -TERM "$LIGHTHOUSE_PID" 2>/dev/null || true; fi
+  exit 1
+fi
 for ((g = 0; g < N_GROUPS; g++)); do start_group "$g"; done
 
 # Watch the steps (polled, so the traps run within a second). A group whose step ended non-zero starts again, up
@@ -140,6 +150,13 @@ def render_sbatch_ft(spec: LaunchSpec, script_name: str = "job.sbatch") -> str:
                          f"(the layout is per group), lighthouse {'on the first node, port ' + str(spec.lighthouse_port) if own else ft.lighthouse}.\n")
     if own:
         address = f'LIGHTHOUSE="http://$LIGHTHOUSE_HOST:{spec.lighthouse_port}"'
+        wait = ("  local i\n"
+                "  for ((i = 0; i < 600; i++)); do\n"
+                f'    if (exec 3<>"/dev/tcp/$LIGHTHOUSE_HOST/{spec.lighthouse_port}") 2>/dev/null; then return 0; fi\n'
+                '    if ! kill -0 "$LIGHTHOUSE_PID" 2>/dev/null; then return 1; fi\n'
+                "    sleep 0.1\n"
+                "  done\n"
+                "  return 1")
         command = " ".join(shlex.quote(a) for a in lighthouse_command(ft, spec.lighthouse_port)[1:])
         container = fields["container"].replace("\n  ", "\n    ")
         start = (f'  srun --job-name=lighthouse --nodes=1 --ntasks=1 --nodelist="$LIGHTHOUSE_HOST" --overlap --cpu-bind=none{container} \\\n'
@@ -148,11 +165,12 @@ def render_sbatch_ft(spec: LaunchSpec, script_name: str = "job.sbatch") -> str:
     else:  # the site's own lighthouse
         address = f"LIGHTHOUSE={shlex.quote(ft.lighthouse)}"
         start = "  :  # fault_tolerance.lighthouse names a lighthouse run elsewhere"
+        wait = "  :  # its availability is the site's"
     flags = " ".join(group_flags('"$g"', '"$LIGHTHOUSE"'))  # expanded by the shell, per group
     body = _BODY.format(
-        lead=spec.stop_lead_s, grace=spec.grace_s, groups=spec.groups, npg=spec.nodes_per_group, npg_minus_1=spec.nodes_per_group - 1,
+        lead=spec.stop_lead_s, grace=spec.grace_s, groups=spec.groups, npg=spec.nodes_per_group,
         nodes=spec.nodes, lighthouse_bin=lighthouse_command(ft, spec.lighthouse_port)[0], lighthouse_address=address,
-        start_lighthouse=start, gpus=spec.gpus_per_node, port=spec.port, restarts=spec.max_restarts,
+        start_lighthouse=start, wait_lighthouse=wait, gpus=spec.gpus_per_node, port=spec.port, restarts=spec.max_restarts,
         container=fields["container"].replace("\n  ", "\n      "), train=fields["train"], group_flags=flags,
     )
     return HEAD.format(**fields) + body

@@ -2,7 +2,8 @@
 
 Every check fails with a one-line `UserError` (exit code 2 from the CLI): node and GPU counts, the config file,
 the extra train flags, and the parallel layout, whose degrees must multiply to nodes x GPUs per node (at most one
--1, inferred by `resolve_dims`, which also checks tp/ep/pp/cp against the model).
+-1, inferred by `resolve_dims`, which also checks tp/ep/pp/cp against the model). Under fault tolerance the layout
+is one replica group's, and ft.py checks the groups; `--exclude` files are read by exclude.py.
 
 The spec also fixes what both launchers must agree on: the run directory (one per job, so two jobs never resume
 from each other's checkpoints) and the stop budget (how long before a time limit or eviction the trainer gets
@@ -318,7 +319,9 @@ def build_spec(
     )
     if exclude is not None and not excluded:
         spec.warnings.append(f"--exclude {exclude!r} lists no nodes: nothing is excluded")
-    if groups > 1 and len(f"{spec.name}-g{groups - 1}-worker-{group_nodes - 1}") > 63:
+    if cfg.fault_tolerance.enabled and groups == 1:
+        spec.warnings.append("fault_tolerance.replica_groups=1: with one replica group there is no peer to keep training or to heal from")
+    if target == "k8s" and groups > 1 and len(f"{spec.name}-g{groups - 1}-worker-{group_nodes - 1}") > 63:
         raise UserError(f"job name {spec.name!r} is too long for {groups} replica groups' pod names (at most 63 characters); pass a shorter --name")
     if name is not None and spec.name != name:
         raise UserError(f"--name {name!r} must be a DNS label (lowercase letters, digits and '-', <= 40 characters), e.g. {spec.name!r}")

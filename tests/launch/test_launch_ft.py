@@ -1,4 +1,4 @@
-"""`gigafactory launch slurm|k8s` with replica-group fault tolerance (torchft), and `--exclude` bad-node files.
+"""`gigafactory launch slurm|k8s` with replica-group fault tolerance (torchft).
 
 The sbatch script is run as is under the stub Slurm (tests/launch/slurm_stub.py) with the real torchft lighthouse
 binary and fake ranks: each group is its own step with its own rendezvous and replica_id, every rank reaches the
@@ -335,56 +335,7 @@ def test_k8s_ft_with_the_sites_own_lighthouse(tmp_path, capsys):
         assert group_of(cmd) == g and cmd[-1] == "--fault_tolerance.lighthouse=http://lh.infra.svc:29510"
 
 
-# --- --exclude ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("content", [["node-1", "node-2"], {"bad_nodes": ["node-1", "node-2", "node-1"], "verdicts": {}}])
-def test_exclude_reaches_sbatch_and_pod_affinity(tmp_path, capsys, content):
-    from tests.launch.k8s_schema import validate_manifest
-
-    bad = tmp_path / "bad_nodes.json"
-    bad.write_text(json.dumps(content))
-    rc, out, err = launch(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "1", "--exclude", str(bad))
-    assert rc == 0, err
-    assert check_sbatch(out, tmp_path)["exclude"] == "node-1,node-2"
-    rc, out, err = launch(capsys, "k8s", "--nodes", "2", "--gpus-per-node", "1", "--exclude", str(bad))
-    assert rc == 0, err
-    docs = load_yaml_documents(out)
-    validate_manifest(docs)
-    (term,) = pod_of(docs[-1])["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert term == {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-1", "node-2"]}]}
-
-
-def test_empty_exclude_list_warns(tmp_path, capsys):
-    bad = tmp_path / "none.json"
-    bad.write_text('{"bad_nodes": []}')
-    rc, out, err = launch(capsys, "slurm", "--nodes", "1", "--gpus-per-node", "1", "--exclude", str(bad))
-    assert rc == 0 and "--exclude" not in out.split("\n", 2)[2] and "lists no nodes" in err
-
-
 # --- errors: one line, exit 2 -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("content,needle", [
-    (None, "file not found"),
-    ("[node-1]", "not valid JSON (line 1"),
-    ('{"nodes": ["a"]}', 'needs a "bad_nodes" list (keys found: nodes)'),
-    ('"node-1"', "expected a JSON list of hostname strings"),
-    ("[1, 2]", "expected a JSON list of hostname strings"),
-    ('["ok", "bad\\nline"]', "--exclude 'bad\\nline' contains a newline"),
-    ('["a,b"]', "'a,b' is not a hostname"),
-    ('["x; reboot"]', "'x; reboot' is not a hostname"),
-    ('["-n1"]', "'-n1' is not a hostname"),
-    (json.dumps(["n" * 64]), "at most 63 characters"),
-])
-def test_bad_exclude_files_are_one_line(tmp_path, capsys, content, needle):
-    path = tmp_path / "bad.json"
-    if content is not None:
-        path.write_text(content)
-    for target in ("slurm", "k8s"):
-        rc, out, err = launch(capsys, target, "--nodes", "1", "--gpus-per-node", "1", "--exclude", str(path))
-        assert rc == 2 and out == ""
-        assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -405,8 +356,25 @@ def test_bad_fault_tolerant_launches_are_one_line(tmp_path, capsys, argv, needle
         assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the stub srun needs /proc and PR_SET_CHILD_SUBREAPER")
+def test_ft_sbatch_without_a_lighthouse_binary_fails_before_any_group(tmp_path, capsys):
+    rc, out, err = launch(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "1", "--config", str(ft_config(tmp_path)),
+                          "--lighthouse-port", str(free_port()))
+    assert rc == 0, err
+    script = tmp_path / "job.sbatch"
+    script.write_text(out)
+    state = tmp_path / "slurm"
+    env = {**os.environ, **slurm_stub.install(tmp_path / "bin", state, hosts="localhost,127.0.0.1"),
+           "TORCHFT_LIGHTHOUSE": str(tmp_path / "no-such-binary"), "SLURM_JOB_NODELIST": "n[0-1]", "SLURM_JOB_ID": "9"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "the torchft lighthouse did not start at http://localhost:" in proc.stderr, proc
+    assert [line.split()[0] for line in (state / "steps.log").read_text().splitlines()] == ["lighthouse"]
+
+
 def test_ft_launch_help_and_summary(tmp_path, capsys):
     out_file = tmp_path / "job.sbatch"
     rc, out, err = launch(capsys, "slurm", "--nodes", "4", "--gpus-per-node", "2", "--config", str(ft_config(tmp_path)), "--out", str(out_file))
     assert rc == 0 and out == "" and re.search(r"wrote .* \(4 node\(s\) x 2 GPU\(s\) in 2 replica groups, layout", err)
     assert os.access(out_file, os.X_OK)
+    rc, _, err = launch(capsys, "slurm", "--nodes", "1", "--gpus-per-node", "1", "--config", str(ft_config(tmp_path, groups=1)))
+    assert rc == 0 and "warning: fault_tolerance.replica_groups=1" in err
