@@ -14,7 +14,9 @@ repeated. With every group alive the order equals a run with dp = replica_groups
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from datetime import timedelta
 
 import torch
@@ -60,6 +62,13 @@ def _nbytes(value) -> int:
     return 0
 
 
+class _AcceleratorOnlyNotes(logging.Filter):
+    """Drop torchft's per-quorum note that the NCCL flight recorder cannot be reset (always true on CPU)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "flight recorder" not in record.getMessage()
+
+
 class ReplicaGroupSync:
     """One rank's torchft Manager plus what the trainer needs around it (data index, gradient sync, heal)."""
 
@@ -70,6 +79,9 @@ class ReplicaGroupSync:
             raise UserError("fault_tolerance.enabled needs fault_tolerance.lighthouse=http://HOST:PORT (a running torchft "
                             "lighthouse); `gigafactory train --nproc N` starts one")
         self.cfg, self.trainer, self.events = cfg, trainer, events
+        logging.getLogger("torchft.manager").addFilter(_AcceleratorOnlyNotes())
+        # torchft deserialises a peer's state from a read-only buffer and copies it into the model at once
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
         self.healed: dict | None = None  # set by the peer-state callback during a quorum
         self.membership: tuple[int, int] | None = None
         store_host, store_port = self._group_store(trainer.rank)
