@@ -73,7 +73,10 @@ class ReplicaGroupSync:
     """One rank's torchft Manager plus what the trainer needs around it (data index, gradient sync, heal)."""
 
     def __init__(self, cfg: FaultToleranceConfig, trainer, events: EventLog):
-        import torchft
+        try:
+            import torchft
+        except ImportError:
+            raise UserError("fault_tolerance.enabled needs torchft: pip install 'gigafactory[ft]' (torchft==0.2.0)") from None
 
         if not cfg.lighthouse:
             raise UserError("fault_tolerance.enabled needs fault_tolerance.lighthouse=http://HOST:PORT (a running torchft "
@@ -88,7 +91,15 @@ class ReplicaGroupSync:
         device = trainer.device.type
         pg = torchft.ProcessGroupNCCL(timeout=timedelta(seconds=cfg.timeout_s)) if device == "cuda" else \
             torchft.ProcessGroupGloo(timeout=timedelta(seconds=cfg.timeout_s))
-        self.manager = torchft.Manager(
+        try:
+            self.manager = self._manager(torchft, pg, store_host, store_port)
+        except Exception as err:  # noqa: BLE001 - torchft raises plain RuntimeErrors for unreachable servers
+            raise UserError(f"cannot join the torchft lighthouse at {cfg.lighthouse} ({str(err).splitlines()[0][:160]}); "
+                            "check fault_tolerance.lighthouse or start one (torchft_lighthouse --min_replicas 1)") from None
+
+    def _manager(self, torchft, pg, store_host: str, store_port: int):
+        cfg, trainer = self.cfg, self.trainer
+        return torchft.Manager(
             pg=pg, load_state_dict=self._load_peer_state, state_dict=self._peer_state, min_replica_size=cfg.min_replicas,
             use_async_quorum=False,  # heal before the forward pass, so a rejoining group trains in the step it joins
             timeout=timedelta(seconds=cfg.timeout_s), quorum_timeout=timedelta(seconds=cfg.quorum_timeout_s),
