@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--api-keys", metavar="FILE", help="TOML file of API keys (see docs/serve.md); GIGAFACTORY_API_KEYS also adds keys. No keys = open.")
     p.add_argument("--rate-limit", type=float, default=0, help="Requests per minute per API key (0 = unlimited); a key may override it.")
     p.add_argument("--rollout", metavar="FILE", help="Phased rollout policy TOML (see gigafactory/serve/rollout.example.toml); re-read on change or SIGHUP.")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="Prompt tokens prefilled per engine step: a long prompt is spread over steps so running streams keep decoding.")
     p.add_argument("--no-prefix-cache", action="store_true", help="Prefill every prompt in full (no reuse of cached prompt starts).")
     p.add_argument("--trusted-proxies", default="127.0.0.1,::1", metavar="IP[/BITS],...",
                    help="Clients whose region/user headers are believed (your reverse proxy); '' = nobody.")
@@ -49,6 +50,8 @@ def build_state(args: argparse.Namespace):
         raise UserError(f"--rate-limit {args.rate_limit} must be >= 0 (0 = unlimited)")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} must be in 0..65535")
+    if args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk {args.prefill_chunk} must be >= 1")
     if args.max_queue < 1:
         raise UserError(f"--max-queue {args.max_queue} must be >= 1")
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
@@ -71,7 +74,8 @@ def build_state(args: argparse.Namespace):
         if name in engines:
             raise UserError(f"--checkpoint {spec}: the name '{name}' is taken; write NAME=DIR to give each model its own")
         engines[name] = Engine(loaded.model, loaded.tokenizer, name, n_slots=args.slots, metrics=metrics,
-                               max_waiting=args.max_queue, prefix_cache=not args.no_prefix_cache)
+                               max_waiting=args.max_queue, prefix_cache=not args.no_prefix_cache,
+                               prefill_chunk=args.prefill_chunk)
     rollout = RolloutPolicy(args.rollout, metrics) if args.rollout else None
     if rollout is not None:
         missing = {r.model for r in [rollout.policy.default, *rollout.policy.regions.values()] if r.model} - set(engines)

@@ -34,13 +34,15 @@ class QueueFull(Exception):
 
 class Engine:
     def __init__(self, model: GrokModel, tokenizer: Tokenizer, name: str, n_slots: int = 16,
-                 metrics: Metrics | None = None, max_waiting: int = 256, prefix_cache: bool = True):
+                 metrics: Metrics | None = None, max_waiting: int = 256, prefix_cache: bool = True,
+                 prefill_chunk: int = 512):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.text_encoder = plain_text_encoder(tokenizer)  # for user text: never yields control tokens
         self.max_len = model.cfg.max_seq_len
         # An upper bound on the input bytes one token covers: text longer than max_len x this cannot fit the context.
         self.max_token_bytes = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) or 1
         self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
         device = next(model.parameters()).device
         self.kv = SlotKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype)
         self.scheduler = Scheduler(self.kv, prefix_cache=prefix_cache)
@@ -126,15 +128,17 @@ class Engine:
                 self._guard(seq, lambda s=seq: s.expire())
 
     def step(self) -> None:
-        """One engine step: prefill newly admitted sequences, then one batched decode for all running ones."""
+        """One engine step: up to `prefill_chunk` prompt tokens of admitted sequences (in arrival order), then one
+        batched decode for all running ones that have their first token."""
         t0 = time.perf_counter()
         admitted = self.scheduler.admit()
-        for seq in admitted:
-            self._guard(seq, lambda s=seq: self._accept(s, self.runner.sample(s, self.runner.prefill(s))))
-            self.metrics.prompt_tokens.inc(len(seq.prompt_ids), model=self.name)
-            self.metrics.prefix_cached_tokens.inc(seq.cached_tokens, model=self.name)
-            if seq.first_token_at is not None:
-                self.metrics.ttft.observe(seq.first_token_at - seq.arrived, model=self.name)
+        budget = self.prefill_chunk  # prompt tokens per step: a long prompt is spread over steps, decodes go on
+        for seq in [s for s in self.scheduler.running if s.finish_reason is None and s.prefilled < len(s.prompt_ids)]:
+            if budget <= 0:
+                break
+            before = seq.prefilled or seq.cached_tokens
+            self._guard(seq, lambda s=seq: self._prefill(s, budget))
+            budget -= max(1, seq.prefilled - before)
         decoding = [s for s in self.scheduler.running if s.finish_reason is None and s.output_ids]
         if decoding:
             for seq, logits, greedy in self._decode(decoding):
@@ -142,6 +146,16 @@ class Engine:
         self.scheduler.retire()
         self.metrics.step(self.name, time.perf_counter() - t0, len(admitted) + len(decoding), self.queue_length,
                           self.n_running)
+
+    def _prefill(self, seq: Sequence, budget: int) -> None:
+        logits = self.runner.prefill(seq, budget)
+        if logits is None:  # more chunks to come
+            return
+        self.metrics.prompt_tokens.inc(len(seq.prompt_ids), model=self.name)
+        self.metrics.prefix_cached_tokens.inc(seq.cached_tokens, model=self.name)
+        self._accept(seq, self.runner.sample(seq, logits))
+        if seq.first_token_at is not None:
+            self.metrics.ttft.observe(seq.first_token_at - seq.arrived, model=self.name)
 
     def _decode(self, seqs: list[Sequence]):
         """(sequence, its logits row, the batch argmax or None) for each sequence whose forward succeeded."""

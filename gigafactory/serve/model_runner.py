@@ -21,19 +21,25 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Write the prompt's keys into the sequence's row (after the prefix cache's part, copied if it lives in
-        another row); the logits for its first token."""
-        start = seq.cached_tokens
-        if start and seq.copy_from is not None:
-            if self.prefix is not None and self.prefix.still_holds(seq.copy_from, seq.prompt_ids, start):
-                self.kv.copy_prefix(seq.copy_from, seq.slot, start)
-            else:  # the source row was lost meanwhile (its owner failed): prefill everything
-                start = seq.cached_tokens = 0
-        ids = torch.tensor([seq.prompt_ids[start:]], device=self.device)
-        positions = torch.arange(start, len(seq.prompt_ids), device=self.device)[None]
-        seq.kv_len = len(seq.prompt_ids)
-        return self.model(ids, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
+    def prefill(self, seq: Sequence, budget: int) -> torch.Tensor | None:
+        """Write the next chunk of at most `budget` prompt tokens into the sequence's row (the first chunk starts after
+        the prefix cache's part, copied in if it lives in another row). The logits for its first token once the
+        whole prompt is in, else None."""
+        if seq.prefilled == 0 and seq.cached_tokens:
+            if seq.copy_from is not None:
+                held = self.prefix.available(seq.copy_from, seq.prompt_ids, seq.cached_tokens) if self.prefix else 0
+                seq.cached_tokens = held  # the source may hold less than planned (failed, or still prefilling)
+                if held:
+                    self.kv.copy_prefix(seq.copy_from, seq.slot, held)
+            seq.prefilled = seq.cached_tokens
+        start, end = seq.prefilled, min(len(seq.prompt_ids), seq.prefilled + budget)
+        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        logits = self.model(ids, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
+        seq.prefilled = seq.kv_len = end
+        if self.prefix is not None:
+            self.prefix.wrote(seq.slot, end)
+        return logits if end == len(seq.prompt_ids) else None
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -5,7 +5,8 @@ Each row's content is remembered as a chain of block keys: key_i = hash(key_{i-1
 a block, so two rows share a prefix of i blocks exactly when their first i keys are equal. A row keeps its content
 after its sequence finishes (rows are reused without clearing, and idle decode rows write only the last position),
 so a free row with a matching prefix is taken as it is, and a running row's prefix is copied into a free row.
-At least one prompt token is always prefilled: its logits give the first sampled token.
+At least one prompt token is always prefilled: its logits give the first sampled token. A row whose prompt is still
+being prefilled in chunks lends only the blocks already written.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class PrefixCache:
     def __init__(self, kv: SlotKVCache, enabled: bool = True):
         self.kv, self.enabled = kv, enabled
         self.content: list[list[int]] = [[] for _ in range(kv.n_slots)]  # block keys of what each row holds
+        self.written = [0] * kv.n_slots  # positions of that content actually written (a chunked prefill is partial)
         self.used: set[int] = set()
 
     def assign(self, prompt: list[int]) -> tuple[int, int, int | None]:
@@ -52,20 +54,27 @@ class PrefixCache:
             slot, source = self.kv.allocate(), donor if best else None
         self.used.add(slot)
         self.content[slot] = block_keys(prompt)  # what the row holds once this prompt is prefilled
+        self.written[slot] = best * BLOCK if source is None else 0
         return slot, best * BLOCK, source
 
-    def still_holds(self, slot: int, prompt: list[int], n_tokens: int) -> bool:
-        """Whether `slot` still holds the first n_tokens of prompt (its owner may have failed in the meantime)."""
-        need = n_tokens // BLOCK
-        return _common(block_keys(prompt[:n_tokens]), self.content[slot]) >= need
+    def available(self, slot: int, prompt: list[int], n_tokens: int) -> int:
+        """How many of the first n_tokens of prompt row `slot` holds now, in whole blocks: fewer when its owner's
+        chunked prefill has not reached them yet, none when its owner failed."""
+        blocks = min(n_tokens, self.written[slot]) // BLOCK
+        return BLOCK * min(blocks, _common(block_keys(prompt[:blocks * BLOCK]), self.content[slot]))
+
+    def wrote(self, slot: int, n_tokens: int) -> None:
+        """The row's owner has written positions [0, n_tokens) of its content."""
+        self.written[slot] = n_tokens
 
     def forget(self, slot: int) -> None:
         """The row's content is unknown (its prefill or decode failed): nobody may copy from it."""
-        self.content[slot] = []
+        self.content[slot], self.written[slot] = [], 0
 
     def release(self, slot: int, ids: list[int] | None) -> None:
         """The row's sequence is done; `ids` are the tokens whose keys/values it wrote (None: unknown, forget it).
         The last position is excluded: idle rows in a batched decode write there."""
         self.used.discard(slot)
-        self.content[slot] = block_keys(ids[: self.kv.max_len - 1]) if ids else []
+        kept = ids[: self.kv.max_len - 1] if ids else []
+        self.content[slot], self.written[slot] = block_keys(kept), len(kept)
         self.kv.free(slot)

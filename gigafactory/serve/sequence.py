@@ -66,6 +66,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose keys/values the prefix cache provides (not prefilled)
     copy_from: int | None = None  # the row they are copied from, None when they are already in this row
     kv_len: int = 0  # positions of this row written so far
+    prefilled: int = 0  # prompt tokens in the row (a long prompt is prefilled in chunks over several steps)
     finish_reason: str | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

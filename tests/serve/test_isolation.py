@@ -22,14 +22,14 @@ def test_client_disconnecting_in_prefill_touches_no_other_stream(loaded):
     engine = state.engines["grok-tiny"]
     prefill, decode, in_prefill, others = engine.runner.prefill, engine.runner.decode, threading.Event(), []
 
-    def prefill_until_aborted(seq):  # hold the leaving client's prefill until the server has noticed it left
+    def prefill_until_aborted(seq, *args):  # hold the leaving client's prefill until the server has noticed it left
         if seq.params.max_tokens == 7:
             others.append(engine.n_running - 1)  # requests in flight beside it
             in_prefill.set()
             deadline = time.monotonic() + 10
             while seq.finish_reason is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-        return prefill(seq)
+        return prefill(seq, *args)
 
     engine.runner.prefill = prefill_until_aborted
     engine.runner.decode = lambda seqs: time.sleep(0.02) or decode(seqs)  # the 20 are still decoding meanwhile
