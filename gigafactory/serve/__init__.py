@@ -3,7 +3,8 @@
 One job per file, read in this order:
   sequence.py       a request in flight: prompt, sampling, generated ids, incremental text and stop-string matching
   kv_cache.py       the slot-based KV cache: one cache row per running sequence, a free list of rows
-  model_runner.py   prefill one sequence into its row, decode all running rows in one batched forward, sample
+  prefix_cache.py   which row already holds the start of a prompt (shared system prompts, earlier chat turns)
+  model_runner.py   prefill a chunk of one prompt into its row, decode all running rows in one forward, sample
   scheduler.py      continuous batching: admit waiting requests into free rows, retire finished ones, every step
   engine.py         the loop thread tying the three together; submit/abort, bounded queue, deadlines, per-request failures
   chat_template.py  messages (system/user/assistant) -> prompt token ids (user text never becomes control tokens)
