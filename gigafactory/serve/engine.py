@@ -145,7 +145,7 @@ class Engine:
                 self._guard(seq, lambda s=seq, lg=logits, g=greedy: self._accept(s, self.runner.sample(s, lg, g)))
         self.scheduler.retire()
         self.metrics.step(self.name, time.perf_counter() - t0, len(admitted) + len(decoding), self.queue_length,
-                          self.n_running)
+                          self.n_running, 1 - self.kv.n_free / self.kv.n_slots)
 
     def _prefill(self, seq: Sequence, budget: int) -> None:
         logits = self.runner.prefill(seq, budget)

@@ -98,6 +98,7 @@ def test_metrics_histograms_errors_and_queue(server):
                    'gigafactory_serve_errors_total{type="unsupported_parameter"}',
                    'gigafactory_serve_queue_length{model="grok-tiny"}',
                    'gigafactory_serve_running_requests{model="grok-tiny"}',
+                   'gigafactory_serve_kv_cache_usage_ratio{model="grok-tiny"}',
                    'gigafactory_serve_requests_total{endpoint="/v1/completions",status="400"}'):
         assert series in text, series
     itl = next(line for line in text.splitlines()
