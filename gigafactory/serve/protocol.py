@@ -16,6 +16,7 @@ from gigafactory.serve.sequence import MAX_STOP_CHARS
 
 MAX_JSON_DEPTH = 32  # deeper bodies are refused before validation (json.loads recurses; 1000 levels raise)
 MAX_LOGIT_BIAS = 300  # OpenAI's own bound on logit_bias entries
+MAX_N = 16  # choices per request
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
@@ -33,7 +34,7 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_N)  # choices: n sequences, seeds seed, seed+1, ...
     stream: bool = False
     stream_options: dict[Literal["include_usage"], bool] | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None

@@ -33,29 +33,43 @@ def _failure(finish: str, text: str, timeout_s: float | None) -> ApiError:
 
 async def respond(request: Request, state, engine: Engine, req, ids: list[int], params: SamplingParams,
                   stop: list[str], chat: bool, started: float):
-    """Submit the request and answer it, streamed or whole. `started` is time.perf_counter() at arrival."""
+    """Submit the request (n sequences for n choices, seeds seed+i) and answer it, streamed or whole. `started` is
+    time.perf_counter() at arrival. One failing choice fails the request; the others are aborted with it."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     deadline = started + state.request_timeout if state.request_timeout else None
+    k = req.top_logprobs_k()
+
+    def callback(index: int):
+        return lambda text, fin: loop.call_soon_threadsafe(events.put_nowait, (index, text, fin))
+
+    seqs = []
     try:
-        seq = engine.submit(ids, params, lambda text, fin: loop.call_soon_threadsafe(events.put_nowait, (text, fin)),
-                            stop, req.seed, req.ignore_eos, req.top_logprobs_k(), deadline)
+        for i in range(req.n):
+            seed = None if req.seed is None else req.seed + i
+            seqs.append(engine.submit(ids, params, callback(i), stop, seed, req.ignore_eos, k, deadline))
     except QueueFull as err:
+        for seq in seqs:
+            engine.abort(seq)
         state.metrics.rejected.inc(model=engine.name)
         raise ApiError(503, f"the server is at capacity ({err}); retry in {QUEUE_FULL_RETRY_S} s", code="overloaded",
                        headers={"Retry-After": str(QUEUE_FULL_RETRY_S)}) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
-    fmt = _Formatter(engine.tokenizer, seq, chat)
+    fmts = [_Formatter(engine.tokenizer, seq, chat, i) for i, seq in enumerate(seqs)]
 
     def usage():
-        n = len(seq.output_ids)
+        n = sum(len(seq.output_ids) for seq in seqs)
         return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
     def finished(finish: str) -> None:
         state.metrics.latency.observe(time.perf_counter() - started, model=engine.name)
         if finish in ("error", "timeout"):
             state.metrics.errors.inc(type=finish)
+
+    def abort_all() -> None:
+        for seq in seqs:
+            engine.abort(seq)  # a client that went away frees its slots; no-op once finished
 
     if req.stream:
         async def sse():
@@ -65,62 +79,73 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
                 return f"data: {json.dumps(obj)}\n\n"
             try:
                 if chat:
-                    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-                while True:
-                    text, finish = await events.get()
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None} for i in range(len(seqs))])
+                running = len(seqs)
+                while running:
+                    i, text, finish = await events.get()
                     if finish in ("error", "timeout"):
                         finished(finish)
                         yield f"data: {json.dumps(_failure(finish, text, state.request_timeout).body())}\n\n"
                         break
                     if text or finish:
-                        yield chunk([fmt.choice(text, finish, delta=True)])
-                    if finish:
+                        yield chunk([fmts[i].choice(text, finish, delta=True)])
+                    running -= finish is not None
+                    if not running:
                         finished(finish)
                         if req.include_usage():
                             yield chunk([], usage=usage())
-                        break
                 yield "data: [DONE]\n\n"
             finally:
-                engine.abort(seq)  # a client that went away mid-stream frees its slot; no-op once finished
+                abort_all()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    pieces, finish, checked = [], None, time.monotonic()
+    pieces: list[list[str]] = [[] for _ in seqs]
+    finishes: list[str | None] = [None] * len(seqs)
+    checked = time.monotonic()
     try:
-        while finish is None:
+        while None in finishes:
             try:
-                text, finish = await asyncio.wait_for(events.get(), timeout=0.25)
-                pieces.append(text)
+                i, text, finish = await asyncio.wait_for(events.get(), timeout=0.25)
+                pieces[i].append(text)
+                finishes[i] = finish
+                if finish in ("error", "timeout"):
+                    break
             except TimeoutError:
                 pass
-            if finish is None and time.monotonic() - checked >= 0.25:  # has the client gone? (every 0.25 s)
+            if time.monotonic() - checked >= 0.25:  # has the client gone? (every 0.25 s)
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)
     finally:
-        engine.abort(seq)
-    finished(finish)
-    if finish in ("error", "timeout"):
-        return _failure(finish, pieces[-1], state.request_timeout).response()
+        abort_all()
+    failed = next((i for i, f in enumerate(finishes) if f in ("error", "timeout")), None)
+    finished(finishes[failed] if failed is not None else "stop")
+    if failed is not None:
+        return _failure(finishes[failed], pieces[failed][-1], state.request_timeout).response()
     return {"id": rid, "object": kind, "created": created, "model": engine.name,
-            "choices": [fmt.choice("".join(pieces), finish, delta=False)], "usage": usage()}
+            "choices": [fmt.choice("".join(p), f, delta=False) for fmt, p, f in zip(fmts, pieces, finishes)],
+            "usage": usage()}
 
 
 class _Formatter:
     """OpenAI's choice objects, with logprobs when asked: chat's `content` list, or completions' legacy columns."""
 
-    def __init__(self, tokenizer: Tokenizer, seq: Sequence, chat: bool):
-        self.tokenizer, self.seq, self.chat = tokenizer, seq, chat
+    def __init__(self, tokenizer: Tokenizer, seq: Sequence, chat: bool, index: int = 0):
+        self.tokenizer, self.seq, self.chat, self.index = tokenizer, seq, chat, index
         self.sent = 0  # logprob entries already sent (streaming)
         self.offset = 0  # characters already sent (completions' text_offset)
 
     def choice(self, text: str, finish: str | None, delta: bool) -> dict:
         logprobs = self._logprobs()
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if delta:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": self.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                    "finish_reason": finish}
+        return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
 
     def _logprobs(self) -> dict | None:
         """The entries of the tokens generated since the last call (all of them for a whole answer)."""

@@ -46,3 +46,20 @@ def test_logit_bias_penalties_and_min_p_are_honoured(server, loaded):
     body = {"prompt": "In the beginning", "max_tokens": 5, "temperature": 0.7, "seed": 2, "presence_penalty": 1.5,
             "frequency_penalty": -0.5, "min_p": 0.1}
     assert httpx.post(url + "/v1/completions", json=body).status_code == 200
+
+
+def test_n_choices_are_independent_seeded_samples(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model="grok-tiny", prompt="And God said", max_tokens=6, temperature=1.0, extra_body={"ignore_eos": True})
+    out = client.completions.create(n=3, seed=10, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 18
+    singles = [client.completions.create(n=1, seed=10 + i, **kw).choices[0].text for i in range(3)]
+    assert [c.text for c in out.choices] == singles  # choice i is the request with seed + i
+
+    stream = client.chat.completions.create(model="grok-tiny", stream=True, n=2, max_tokens=4, temperature=0.9, seed=1,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "Who made light?"}])
+    chunks = list(stream)
+    finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert set(finishes) == {0, 1} and chunks[-1].usage.completion_tokens >= 2
