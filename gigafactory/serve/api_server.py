@@ -145,7 +145,10 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
         ids = await asyncio.to_thread(template.encode, messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _sampling(engine, req, ids, max_tokens, "messages")
-        return await respond(request, state, engine, req, ids, params, req.stop_list() + template.stop, True, started)
+        # with role tokens, one of them starting the next turn ends the answer (the model must not write the user's)
+        stop_ids = frozenset(template.role_ids.values()) if template.special else frozenset()
+        return await respond(request, state, engine, req, ids, params, req.stop_list() + template.stop, True, started,
+                             stop_ids)
 
     return app
 

@@ -69,10 +69,12 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[str, str | None], None],
                stop: list[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
-               logprobs: int | None = None, deadline: float | None = None) -> Sequence:
+               logprobs: int | None = None, deadline: float | None = None,
+               stop_ids: frozenset[int] = frozenset()) -> Sequence:
         """Queue a request; `on_event(text_delta, finish_reason)` is called from the engine thread. `deadline` is a
         time.perf_counter() value after which the request ends with finish reason "timeout". Raises QueueFull."""
-        seq = Sequence(list(prompt_ids), params, self.tokenizer, on_event, stop or [], seed, ignore_eos, logprobs)
+        seq = Sequence(list(prompt_ids), params, self.tokenizer, on_event, stop or [], seed, ignore_eos, logprobs,
+                       stop_ids)
         seq.deadline = deadline
         with self._submit_lock:
             if self.backlog >= self.max_waiting:

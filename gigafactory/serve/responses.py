@@ -32,7 +32,7 @@ def _failure(finish: str, text: str, timeout_s: float | None) -> ApiError:
 
 
 async def respond(request: Request, state, engine: Engine, req, ids: list[int], params: SamplingParams,
-                  stop: list[str], chat: bool, started: float):
+                  stop: list[str], chat: bool, started: float, stop_ids: frozenset[int] = frozenset()):
     """Submit the request (n sequences for n choices, seeds seed+i) and answer it, streamed or whole. `started` is
     time.perf_counter() at arrival. One failing choice fails the request; the others are aborted with it."""
     loop = asyncio.get_running_loop()
@@ -47,7 +47,7 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
     try:
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i
-            seqs.append(engine.submit(ids, params, callback(i), stop, seed, req.ignore_eos, k, deadline))
+            seqs.append(engine.submit(ids, params, callback(i), stop, seed, req.ignore_eos, k, deadline, stop_ids))
     except QueueFull as err:
         for seq in seqs:
             engine.abort(seq)

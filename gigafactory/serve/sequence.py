@@ -59,6 +59,7 @@ class Sequence:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
+    stop_ids: frozenset[int] = frozenset()  # tokens that end the answer like [EOS] (chat: the role tokens)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -93,7 +94,7 @@ class Sequence:
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
-        if token_id == eos_id and not self.ignore_eos:
+        if (token_id == eos_id or token_id in self.stop_ids) and not self.ignore_eos:
             return self._finish("stop")
         self.output_ids.append(token_id)
         delta = self._decode_new(final=False)

@@ -88,3 +88,18 @@ def test_eos_and_context_end_a_request(loaded):
     for _ in range(4):
         seq.append(70, eos_id=2, max_len=64)
     assert seq.finish_reason == "length" and len(seq.output_ids) == 4
+
+
+def test_a_role_token_ends_a_chat_answer(loaded):
+    """With role tokens, the model starting a new turn ends its answer (it must not write the user's turn)."""
+    from gigafactory.serve.chat_template import ChatTemplate
+
+    tok = loaded.tokenizer
+    template = ChatTemplate(tok, tok)
+    assert template.special
+    events: list = []
+    seq = Sequence([5], SamplingParams(temperature=0, max_tokens=100), tok, lambda t, f: events.append((t, f)),
+                   stop_ids=frozenset(template.role_ids.values()))
+    seq.append(tok.encode("Yes").ids[0], eos_id=2, max_len=64)
+    seq.append(tok.token_to_id("<|user|>"), eos_id=2, max_len=64)
+    assert seq.finish_reason == "stop" and len(seq.output_ids) == 1 and events[-1] == ("", "stop")
