@@ -137,11 +137,11 @@ class FaultToleranceConfig:
     replica_groups: int = knob(2, "Replica groups; `train --nproc N` gives each N / replica_groups processes. The global batch is this many group batches.")
     replica_id: int = knob(0, "This process's replica group, 0 .. replica_groups-1 (set per group by the launcher).")
     min_replicas: int = knob(1, "Groups that must be in a step's quorum for it to commit; below it the live groups wait.")
-    lighthouse: str = knob("", "The torchft lighthouse address (http://host:port); `train --nproc` starts one and fills it in.")
+    lighthouse: str = knob("", "The torchft lighthouse address (http://host:port); `train --nproc` and `gigafactory launch` start one and fill it in.")
     timeout_s: float = knob(30.0, "Cross-group collectives, commit votes and peer state transfer fail after this long (a dead or hung peer group is dropped then).")
     quorum_timeout_s: float = knob(120.0, "How long a group waits for a quorum to form before failing the step.")
-    join_timeout_ms: int = knob(2000, "Lighthouse started by `train --nproc`: how long a quorum waits for heartbeating groups that have not asked to join.")
-    heartbeat_timeout_ms: int = knob(3000, "Lighthouse started by `train --nproc`: a group silent this long is considered dead.")
+    join_timeout_ms: int = knob(2000, "Lighthouse started by `train --nproc` or `gigafactory launch`: how long a quorum waits for heartbeating groups that have not asked to join.")
+    heartbeat_timeout_ms: int = knob(3000, "Lighthouse started by `train --nproc` or `gigafactory launch`: a group silent this long is considered dead.")
 
     def validate(self) -> None:
         _check(self, "fault_tolerance.", [
