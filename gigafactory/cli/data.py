@@ -23,17 +23,18 @@ def register(subparsers) -> None:
     prep.add_argument("inputs", nargs="*", help="Text files (.txt, .jsonl, optionally .gz); none = the shipped KJV corpus.")
     prep.add_argument("--tokenizer", default="", help="tokenizer.json to use; empty = train one of --vocab-size.")
     prep.add_argument("--vocab-size", type=int, default=4096, help="Vocabulary size (also picks uint16 vs uint32 shards).")
-    prep.add_argument("--val-fraction", type=float, default=0.02, help="Fraction of documents held out for evaluation.")
-    prep.add_argument("--seed", type=int, default=1234, help="Seed of the train/val document split.")
+    prep.add_argument("--val-fraction", type=float, default=0.02, help="Fraction of the tokens held out for evaluation (whole blocks of up to 4096 tokens, chosen with --seed).")
+    prep.add_argument("--seed", type=int, default=1234, help="Seed of the train/val split.")
     prep.add_argument("--cache-dir", default="~/.cache/gigafactory", help="Directory under which the prepared dataset is written.")
     prep.set_defaults(func=run_prepare)
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
-    from gigafactory.data.corpus import input_paths, read_documents
+    from gigafactory.data.corpus import input_paths, read_chunks
     from gigafactory.data.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(read_documents(input_paths(args.inputs)), args.vocab_size, Path(args.out))
+    texts = (text for text, _ in read_chunks(input_paths(args.inputs)))  # ~1 MB at a time: memory stays bounded
+    tokenizer = train_tokenizer(texts, args.vocab_size, Path(args.out))
     print(f"wrote {args.out} ({tokenizer.get_vocab_size()} tokens)")
     return 0
 
