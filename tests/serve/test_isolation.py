@@ -11,6 +11,7 @@ import time
 import httpx
 import torch
 
+from gigafactory.inference.generate import generate_tokens
 from gigafactory.inference.sampling import SamplingParams, sample_next
 from gigafactory.serve.engine import Engine
 from tests.serve.conftest import make_state, running_server
@@ -122,3 +123,34 @@ def test_a_failing_request_ends_alone(loaded):
     assert events[2][-1] == ("generation failed: ValueError", "error")
     assert all(len(s.output_ids) == 6 for n, s in enumerate(seqs) if n not in (2, 4))
     assert engine.kv.n_free == 4
+
+
+def test_a_failing_batched_decode_is_retried_row_by_row(loaded):
+    """The batched forward raises (say, one row's numbers break it): each row is decoded alone and only the row that
+    still fails ends with an error; the others finish with the same tokens as ever."""
+    tok = loaded.tokenizer
+    engine = Engine(loaded.model, tok, "t", n_slots=4)
+    decode_one = engine.runner.decode_one
+
+    def broken_batch(seqs):
+        raise RuntimeError("batched forward failed")
+
+    def one(seq):
+        if seq.params.max_tokens == 9:
+            raise RuntimeError("this row is the culprit")
+        return decode_one(seq)
+
+    engine.runner.decode, engine.runner.decode_one = broken_batch, one
+    ids = tok.encode("In the beginning").ids
+    params = [SamplingParams(temperature=0, max_tokens=9 if n == 1 else 6) for n in range(3)]
+    done = threading.Semaphore(0)
+    engine.start()
+    try:
+        seqs = [engine.submit(ids, p, lambda text, fin: fin and done.release(), ignore_eos=True) for p in params]
+        for _ in seqs:
+            assert done.acquire(timeout=30)
+    finally:
+        engine.stop()
+    expected = list(generate_tokens(loaded.model, ids, SamplingParams(temperature=0, max_tokens=6), stop_at_eos=False))
+    assert [s.finish_reason for s in seqs] == ["length", "error", "length"]
+    assert seqs[0].output_ids == seqs[2].output_ids == expected
