@@ -56,6 +56,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Trainer:
+    """Pre-training as is; post-training (gigafactory/posttrain) subclasses it and overrides the hooks build_data,
+    val_loader and initial_weights, so SFT runs on the same loop, layouts, checkpoints and resilience."""
+
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         if cfg.training.threads:
@@ -81,18 +84,8 @@ class Trainer:
             self.run_dir = self.run_dir / f"group{ft.replica_id}"
         self.ckpt_root = self.run_dir / "checkpoints"
 
-        d = cfg.data
-        # One process per machine tokenizes; the others wait and then find it in the cache.
-        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        if self.world_size > 1 and not first_on_node:
-            dist.barrier()
-        self.dataset_dir = prepare_dataset(d.inputs, cfg.model.vocab_size, d.cache_dir, d.val_fraction, d.seed, d.tokenizer)
-        if self.world_size > 1 and first_on_node:
-            dist.barrier()
-        self.tokenizer_json = load_tokenizer(self.dataset_dir / "tokenizer.json").to_str()
-        t = cfg.training
-        self.train_loader = PackedSequenceLoader(open_split(self.dataset_dir, "train"), d.seq_len, t.batch_size, d.seed, self.dp_rank, self.dims.dp)
-        self.val_tokens = open_split(self.dataset_dir, "val")
+        d, t = cfg.data, cfg.training
+        self.build_data()
 
         self.pmodel = build_parallel_model(cfg, self.dims, self.mesh, self.device, self.dtype)
         self.sequence_parallel = sequence_parallel(cfg, self.dims)
@@ -121,15 +114,41 @@ class Trainer:
                                         self.events) if c.memory_every else None
         self.group_windows = t.batch_size * t.grad_accum_steps * self.dims.dp  # sequences in one group batch
 
+    # ---- hooks (overridden by post-training) ---------------------------------------------------------------------
+    def build_data(self) -> None:
+        """Set tokenizer_json and train_loader (its next_batch gives (inputs, targets[, positions, doc_ids]))."""
+        d, t = self.cfg.data, self.cfg.training
+        # One process per machine tokenizes; the others wait and then find it in the cache.
+        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if self.world_size > 1 and not first_on_node:
+            dist.barrier()
+        self.dataset_dir = prepare_dataset(d.inputs, self.cfg.model.vocab_size, d.cache_dir, d.val_fraction, d.seed, d.tokenizer)
+        if self.world_size > 1 and first_on_node:
+            dist.barrier()
+        self.tokenizer_json = load_tokenizer(self.dataset_dir / "tokenizer.json").to_str()
+        self.train_loader = PackedSequenceLoader(open_split(self.dataset_dir, "train"), d.seq_len, t.batch_size, d.seed, self.dp_rank, self.dims.dp)
+        self.val_tokens = open_split(self.dataset_dir, "val")
+
+    def val_loader(self):
+        """A fresh, unshuffled loader over the held-out data (this rank's slice)."""
+        t = self.cfg.training
+        return PackedSequenceLoader(self.val_tokens, self.cfg.data.seq_len, t.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)
+
+    def initial_weights(self) -> None:
+        """Called when the run starts with nothing to resume (weights are then init_weights'): pre-training keeps
+        them; fine-tuning loads its base checkpoint's."""
+
     # ---- state -------------------------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
         """Load the newest checkpoint that verifies and loads, falling back past damaged ones (each reported). A run
         that has checkpoints but none usable stops: starting over must be asked for (checkpoint.resume=never)."""
         if self.cfg.checkpoint.resume == "never":
-            return
+            return self.initial_weights()
         remove_stale(self.ckpt_root)
         found = list_checkpoints(self.ckpt_root) + ([p for root in self.memory.roots() for p in list_checkpoints(root)] if self.memory else [])
-        if found and self.load_newest_usable() is None:
+        if not found:
+            return self.initial_weights()
+        if self.load_newest_usable() is None:
             raise UserError(f"none of the {len(found)} checkpoint(s) in '{self.ckpt_root}' is usable (see the lines above); "
                             "repair or remove them, or pass --checkpoint.resume never to start over")
 
@@ -196,17 +215,22 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def loss_on(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token loss of this rank's part of the batch (its sequence chunks under context parallel)."""
+    def loss_on(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean token loss of this rank's part of the batch (its sequence chunks under context parallel). Packed
+        documents (SFT) come with per-document positions and document ids; targets of -100 add no loss."""
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        positions = torch.arange(inputs.shape[1], device=self.device).expand_as(inputs)
+        if positions is None:
+            positions = torch.arange(inputs.shape[1], device=self.device).expand_as(inputs)
+        positions = positions.to(self.device)
+        doc_ids = None if doc_ids is None else doc_ids.to(self.device)
         if self.dims.cp > 1:
             cp_rank = self.mesh["cp"].get_local_rank()
             inputs, targets, positions = (shard_sequence(x, cp_rank, self.dims.cp) for x in (inputs, targets, positions))
         if self.sequence_parallel:  # the head sees this TP rank's slice of the sequence
             targets = slice_sequence(targets, self.mesh["tp"].get_local_rank(), self.dims.tp)
         with self.autocast():
-            return self.pmodel.parts[0](inputs, positions, targets_BS=targets)
+            return self.pmodel.parts[0](inputs, positions, targets_BS=targets, **({} if doc_ids is None else {"doc_ids_BS": doc_ids}))
 
     def pipeline_loss(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> float:
         """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0)."""
@@ -324,7 +348,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.training
-        loader = PackedSequenceLoader(self.val_tokens, self.cfg.data.seq_len, t.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)
+        loader = self.val_loader()
         self.model.eval()
         n_batches = min(t.eval_batches, max(1, loader.n_windows // (t.batch_size * self.dims.dp)))
         if self.pmodel.schedule is not None:

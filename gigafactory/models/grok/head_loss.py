@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # a target that adds no loss (prompt tokens in SFT, padding); F.cross_entropy's default
 _LOGITS_PER_CHUNK = 1 << 22  # 16 MiB of fp32 logits per chunk (about a CPU's cache), but at least 128 tokens
 
 
@@ -20,6 +21,7 @@ def head_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: t
                        softcap: float = 0.0, chunk_tokens: int = 0) -> torch.Tensor:
     """Mean over tokens of -log softmax(logits)[target], logits = cap*tanh(((h*multiplier) W^T)/cap) (no cap if 0).
 
+    Targets equal to IGNORE_INDEX count neither in the sum nor in the mean (0 if every target is ignored).
     Equal to F.cross_entropy on the model's logits; matmuls run in the autocast dtype when autocast is on."""
     device = h_TD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_TD.dtype
@@ -32,13 +34,17 @@ def head_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: t
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_TD, weight_VD, targets_T, multiplier, softcap, dtype, chunk, want):
-        T = h_TD.shape[0]
+        valid_T = targets_T != IGNORE_INDEX
+        n_valid = int(valid_T.sum())
+        masked = n_valid < len(targets_T)
+        if masked:
+            targets_T = targets_T.masked_fill(~valid_T, 0)
         w_VD = weight_VD.to(dtype)
         loss = torch.zeros((), device=h_TD.device, dtype=torch.float32)
         want_h, want_w = want
         grad_h_TD = torch.empty_like(h_TD) if want_h else None
         grad_w_VD = torch.zeros(weight_VD.shape, device=weight_VD.device, dtype=torch.float32) if want_w else None
-        for start in range(0, T, chunk):
+        for start in range(0, len(targets_T), chunk):
             h_CD = (h_TD[start:start + chunk] * multiplier).to(dtype)
             targets_C = targets_T[start:start + chunk]
             logits_CV = (h_CD @ w_VD.t()).float()
@@ -46,11 +52,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 tanh_CV = torch.tanh(logits_CV / softcap)
                 logits_CV = tanh_CV * softcap
             lse_C = torch.logsumexp(logits_CV, dim=-1)
-            loss += (lse_C - logits_CV.gather(1, targets_C[:, None]).squeeze(1)).sum()
+            nll_C = lse_C - logits_CV.gather(1, targets_C[:, None]).squeeze(1)
+            valid_C = valid_T[start:start + chunk] if masked else None
+            loss += (nll_C if valid_C is None else nll_C * valid_C).sum()
             if not (want_h or want_w):
                 continue
             grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
             grad_CV[torch.arange(len(targets_C), device=grad_CV.device), targets_C] -= 1.0
+            if valid_C is not None:
+                grad_CV.mul_(valid_C[:, None])
             if softcap:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
                 grad_CV.mul_(1.0 - tanh_CV.square_())
             grad_CV = grad_CV.to(dtype)  # the dtype the forward matmul ran in
@@ -59,8 +69,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if want_w:  # accumulated in fp32 in place
                 grad_w_VD.addmm_(grad_CV.t().float(), h_CD.float())
         ctx.save_for_backward(grad_h_TD, grad_w_VD)
-        ctx.weight_dtype, ctx.n_tokens = weight_VD.dtype, T
-        return loss / T
+        ctx.weight_dtype, ctx.n_tokens = weight_VD.dtype, max(n_valid, 1)
+        return loss / max(n_valid, 1)
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -19,7 +19,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from gigafactory.models.config import ModelConfig
-from gigafactory.models.grok.head_loss import head_cross_entropy
+from gigafactory.models.grok.head_loss import IGNORE_INDEX, head_cross_entropy
 from gigafactory.models.grok.moe import MoE, gated_activation
 
 
@@ -68,10 +68,14 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def causal_block_mask(positions_BS: torch.Tensor) -> BlockMask:
-    """FlexAttention's sparse mask for 'key position <= query position' (absolute positions, per row)."""
+def causal_block_mask(positions_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> BlockMask:
+    """FlexAttention's sparse mask for 'key position <= query position' (absolute positions, per row), and with
+    document ids also 'same document' (packed conversations never see each other)."""
     B, S = positions_BS.shape
-    mask_mod = lambda b, h, q, k: positions_BS[b, k] <= positions_BS[b, q]  # noqa: E731
+    if doc_ids_BS is None:
+        mask_mod = lambda b, h, q, k: positions_BS[b, k] <= positions_BS[b, q]  # noqa: E731
+    else:
+        mask_mod = lambda b, h, q, k: (positions_BS[b, k] <= positions_BS[b, q]) & (doc_ids_BS[b, k] == doc_ids_BS[b, q])  # noqa: E731
     return create_block_mask(mask_mod, B, None, S, S, device=positions_BS.device)
 
 
@@ -104,8 +108,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.kv_gather = None  # set by gigafactory/parallel/context_parallel.py
 
-    def forward(self, x_BSD, cos, sin, positions_BS, cache_kv=None, block_mask: BlockMask | None = None):
-        """block_mask (from causal_block_mask) selects the fused FlexAttention path for capped logits."""
+    def forward(self, x_BSD, cos, sin, positions_BS, cache_kv=None, block_mask: BlockMask | None = None, doc_ids_BS=None):
+        """block_mask (from causal_block_mask) selects the fused FlexAttention path for capped logits. doc_ids_BS
+        (packed documents, eager path) restricts attention to the query's own document."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         # Heads are local here (tensor parallel shards them), so count them from the projected widths.
@@ -118,7 +123,7 @@ class Attention(nn.Module):
         if block_mask is not None:  # GrokModel passes one only without a KV cache or context parallel
             out = self._attend_flex(q, k, v, block_mask)
         else:
-            out = self._attend(q, k, v, positions_BS, cache_kv)
+            out = self._attend(q, k, v, positions_BS, cache_kv, doc_ids_BS)
         return self.wo(out.transpose(1, 2).reshape(B, S, n_heads * self.head_dim))
 
     def _attend_flex(self, q_BHSD, k_BGSD, v_BGSD, block_mask: BlockMask) -> torch.Tensor:
@@ -128,7 +133,7 @@ class Attention(nn.Module):
         return flex(q_BHSD, k_BGSD, v_BGSD, score_mod=lambda score, b, h, q_idx, k_idx: cap * torch.tanh(score / cap),
                     block_mask=block_mask, scale=self.scale, enable_gqa=q_BHSD.shape[1] != k_BGSD.shape[1])
 
-    def _attend(self, q, k, v, positions_BS, cache_kv) -> torch.Tensor:
+    def _attend(self, q, k, v, positions_BS, cache_kv, doc_ids_BS=None) -> torch.Tensor:
         """Attention with an explicit mask on absolute positions (KV cache, context parallel, CPU): [B, H, S, Dh]."""
         B, n_heads, S, _ = q.shape
         n_kv = k.shape[1]
@@ -144,6 +149,10 @@ class Attention(nn.Module):
             k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
             key_pos_BK = torch.arange(k.shape[2], device=k.device).expand(B, -1)
         mask_BSK = key_pos_BK[:, None, :] <= positions_BS[:, :, None]  # causal on absolute positions
+        if doc_ids_BS is not None:  # packed documents: keys of the query's own document only (full sequence here)
+            if cache_kv is not None or self.kv_gather is not None:
+                raise ValueError("document-masked attention needs the whole sequence (no KV cache, no context parallel)")
+            mask_BSK = mask_BSK & (doc_ids_BS[:, None, :] == doc_ids_BS[:, :, None])
 
         if not self.softcap:  # no cap: the fused kernel is exact and faster
             return F.scaled_dot_product_attention(
@@ -185,8 +194,9 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.post_moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, h, cos, sin, positions, cache_kv=None, block_mask=None):
-        a = self.attn(self.pre_attn_norm(h), cos, sin, positions, cache_kv, block_mask)
+    def forward(self, h, cos, sin, positions, cache_kv=None, block_mask=None, doc_ids=None):
+        # doc_ids as a keyword: sequence parallel's input layouts cover the six positional arguments
+        a = self.attn(self.pre_attn_norm(h), cos, sin, positions, cache_kv, block_mask, doc_ids_BS=doc_ids)
         h = h + (self.post_attn_norm(a) if self.sandwich else a)
         m = self.pre_moe_norm(h)
         f = self.moe(m)
@@ -206,9 +216,11 @@ class GrokModel(nn.Module):
         self.context_parallel = False  # set by gigafactory/parallel/context_parallel.py (attention then runs eager)
 
     def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                targets_BS: torch.Tensor | None = None):
+                targets_BS: torch.Tensor | None = None, doc_ids_BS: torch.Tensor | None = None):
         """Logits [B, S, V]. Without a cache, positions default to 0..S-1; with one, pass each row's positions.
-        With targets, the mean cross-entropy instead: on CPUs fused with the head, chunk by chunk (head_loss.py).
+        With targets, the mean cross-entropy over targets != IGNORE_INDEX instead: on CPUs fused with the head, chunk
+        by chunk (head_loss.py). doc_ids_BS (packed documents, e.g. SFT conversations): attention stays within a
+        document; give each document positions from 0 to make its tokens see exactly what they would alone.
 
         A pipeline stage (gigafactory/parallel/pipeline.py) holds some of the layers: after the first stage the input
         is hidden states [B, S, D] (floating point), and before the last stage (norm is None) it returns them."""
@@ -218,10 +230,10 @@ class GrokModel(nn.Module):
             positions_BS = torch.arange(S, device=h.device).expand(B, S)
         cos, sin = rope_cos_sin(positions_BS, self.cfg.resolved_head_dim, self.cfg.rope_theta)
         flex = kv_cache is None and not self.context_parallel and use_flex(self.cfg, h.device)
-        block_mask = causal_block_mask(positions_BS) if flex else None
+        block_mask = causal_block_mask(positions_BS, doc_ids_BS) if flex else None
         for i, layer in self.layers.items():
             cache_kv = None if kv_cache is None else (kv_cache.k[int(i)], kv_cache.v[int(i)])
-            h = layer(h, cos, sin, positions_BS, cache_kv, block_mask)
+            h = layer(h, cos, sin, positions_BS, cache_kv, block_mask, doc_ids=None if flex else doc_ids_BS)
         if self.norm is None:
             return h
         h = self.norm(h)
@@ -235,7 +247,7 @@ class GrokModel(nn.Module):
             cap = self.cfg.final_logit_softcap
             logits = cap * torch.tanh(logits / cap)
         if targets_BS is not None:  # CUDA: whole logits (measured 6x faster there than 128-token chunks)
-            return F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+            return F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten(), ignore_index=IGNORE_INDEX)
         return logits
 
     @torch.no_grad()

@@ -1,0 +1,141 @@
+"""Chat data for supervised fine-tuning: OpenAI-style `{"messages": [...]}` JSONL -> packed, loss-masked sequences.
+
+Conversations are packed whole into rows of seq_len + 1 tokens (inputs and shifted targets), first fit in a seeded
+order, the rest of a row padded. Each token carries its conversation's id and its position within the conversation
+(from 0), so document-masked attention (models/grok/model.py) makes every token see exactly what it would if its
+conversation were alone. Targets are IGNORE_INDEX except on tokens an assistant wrote. The loader's state is the
+count of rows consumed, as PackedSequenceLoader's, so a run resumes at the same place with any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gigafactory.data.chat import ROLES, ChatTemplate
+from gigafactory.data.tokenizer import PAD_ID
+from gigafactory.errors import UserError
+from gigafactory.models.grok.head_loss import IGNORE_INDEX
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
+    """The conversations of a JSONL file, each line {"messages": [{"role", "content"}, ...]} with an assistant turn."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"chat data '{p}' not found; pass a .jsonl file of {{\"messages\": [...]}} lines")
+    conversations = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{p}:{n}: not a JSON object with a 'messages' list") from None
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+                raise UserError(f"{p}:{n}: each message must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise UserError(f"{p}:{n}: the conversation has no assistant turn to learn from")
+            conversations.append(messages)
+    if not conversations:
+        raise UserError(f"chat data '{p}' has no conversations")
+    return conversations
+
+
+@dataclass
+class PackedRows:
+    """[N, seq_len + 1] arrays: token ids, trained (assistant-written) flags, conversation ids, positions."""
+
+    tokens: np.ndarray
+    trained: np.ndarray
+    doc_ids: np.ndarray
+    positions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def pack_conversations(encoded: list[tuple[list[int], list[bool]]], seq_len: int) -> PackedRows:
+    """First-fit packing of whole conversations into rows of seq_len + 1 tokens; a longer one is cut to a row.
+    Conversations left without a trained token by the cut are dropped. Padding is a document of its own."""
+    width = seq_len + 1
+    rows: list[list[tuple[list[int], list[bool]]]] = []
+    room: list[int] = []
+    for ids, trained in encoded:
+        ids, trained = ids[:width], trained[:width]
+        if not any(trained[1:]):  # nothing left to learn (the first token is never a target)
+            continue
+        i = next((r for r, free in enumerate(room) if free >= len(ids)), None)
+        if i is None:
+            rows.append([]), room.append(width)
+            i = len(rows) - 1
+        rows[i].append((ids, trained))
+        room[i] -= len(ids)
+    if not rows:
+        raise UserError(f"no conversation has an assistant token within data.seq_len={seq_len}; raise data.seq_len")
+    out = PackedRows(np.full((len(rows), width), PAD_ID, np.int64), np.zeros((len(rows), width), bool),
+                     np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width), np.int64))
+    for r, row in enumerate(rows):
+        at = 0
+        for doc, (ids, trained) in enumerate(row):
+            n = len(ids)
+            out.tokens[r, at:at + n], out.trained[r, at:at + n] = ids, trained
+            out.doc_ids[r, at:at + n], out.positions[r, at:at + n] = doc, np.arange(n)
+            at += n
+        out.doc_ids[r, at:], out.positions[r, at:] = len(row), np.arange(width - at)
+    return out
+
+
+def build_rows(conversations: list[list[dict]], template: ChatTemplate, seq_len: int, seed: int) -> PackedRows:
+    """Encode with the serving chat template, then pack in a seeded order (the same on every rank)."""
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    return pack_conversations([template.encode_conversation(conversations[i]) for i in order], seq_len)
+
+
+def split_conversations(conversations: list[list[dict]], val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded val_fraction of the conversations (at least one when there are two or more)."""
+    n_val = min(len(conversations) - 1, max(1 if val_fraction > 0 else 0, round(len(conversations) * val_fraction)))
+    held = set(np.random.default_rng([seed, 1]).permutation(len(conversations))[:n_val].tolist())
+    return [c for i, c in enumerate(conversations) if i not in held], [c for i, c in enumerate(conversations) if i in held]
+
+
+class PackedChatLoader:
+    """Batches of (inputs, targets, positions, doc_ids), each [batch_size, seq_len], for this data-parallel rank."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True):
+        self.batch_size, self.seed, self.dp_rank, self.dp_size, self.shuffle = batch_size, seed, dp_rank, dp_size, shuffle
+        self.seq_len = rows.tokens.shape[1] - 1
+        self.n_windows = len(rows)
+        same_doc = rows.doc_ids[:, 1:] == rows.doc_ids[:, :-1]
+        self.inputs, self.positions, self.doc_ids = rows.tokens[:, :-1], rows.positions[:, :-1], rows.doc_ids[:, :-1]
+        self.targets = np.where(rows.trained[:, 1:] & same_doc, rows.tokens[:, 1:], IGNORE_INDEX)
+        self.consumed = 0  # rows consumed by all ranks together
+        self._epoch, self._perm = -1, None
+
+    def _row(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.n_windows)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return int(self._perm[offset])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = self.consumed + self.dp_rank * self.batch_size
+        idx = np.asarray([self._row(start + i) for i in range(self.batch_size)])
+        self.consumed += self.batch_size * self.dp_size
+        return tuple(torch.from_numpy(a[idx]) for a in (self.inputs, self.targets, self.positions, self.doc_ids))
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seq_len": self.seq_len, "n_windows": self.n_windows, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seq_len", "n_windows", "seed"):
+            if state[key] != getattr(self, key):
+                raise UserError(f"checkpoint data loader has {key}={state[key]} but this run has {getattr(self, key)}; "
+                                "resume with the same chat data and data.seq_len/data.seed, or start a new run directory")
+        self.consumed = int(state["consumed"])

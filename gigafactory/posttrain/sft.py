@@ -1,0 +1,81 @@
+"""Supervised fine-tuning: train.trainer.Trainer with packed, loss-masked conversations and pre-trained weights.
+
+Everything else is the pre-training loop's: layouts (data, FSDP, tensor/sequence, expert parallel), checkpoints
+and resume, resilience, metrics. The checkpoints it writes are ordinary ones (config.toml, tokenizer.json), so
+generate, serve and export load them as they load pre-trained ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gigafactory.config.job import JobConfig
+from gigafactory.config.loader import load_config
+from gigafactory.data.chat import ChatTemplate
+from gigafactory.data.sft import PackedChatLoader, build_rows, read_chat_jsonl, split_conversations
+from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
+from gigafactory.errors import UserError
+from gigafactory.train.checkpoint import load_checkpoint
+from gigafactory.train.checkpoint_files import resolve_checkpoint
+from gigafactory.train.trainer import Trainer
+
+# Fine-tuning settings that differ from pre-training's; a --section.key flag still wins.
+SFT_DEFAULTS = {"optimizer.lr": 3e-4, "optimizer.warmup_steps": 5, "optimizer.weight_decay": 0.0, "training.steps": 100,
+                "training.eval_every": 25}
+
+
+@dataclass
+class SFTData:
+    """What `gigafactory sft` adds to a job config."""
+
+    base: Path  # the pre-trained checkpoint directory (config.toml, tokenizer.json, DCP shards)
+    chat_jsonl: str  # OpenAI-style {"messages": [...]} lines
+    val_fraction: float = 0.05  # held-out conversations for the eval loss (assistant tokens only)
+
+
+def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, overrides: dict | None = None) -> tuple[Path, JobConfig]:
+    """The base checkpoint and the job config: its config.toml, SFT_DEFAULTS, then the user's flags/overrides."""
+    base = resolve_checkpoint(base_checkpoint)
+    if not (base / "config.toml").is_file() or not (base / "tokenizer.json").is_file():
+        raise UserError(f"checkpoint '{base}' lacks config.toml or tokenizer.json; it was not written by `gigafactory train`")
+    given = set(vars(args)) if args is not None else set()
+    given |= set(overrides or {})
+    values = {k: v for k, v in SFT_DEFAULTS.items() if k not in given}
+    values["logging.run_dir"] = run_dir or str(Path(base_checkpoint).expanduser().resolve()) + "-sft"
+    values.update(overrides or {})
+    if args is not None and "logging.run_dir" in vars(args):
+        values.pop("logging.run_dir")
+    cfg = load_config(args, config_path=str(base / "config.toml"), overrides=values)
+    return base, cfg
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, cfg: JobConfig, sft: SFTData):
+        self.sft = sft
+        super().__init__(cfg)
+
+    def build_data(self) -> None:
+        if self.dims.cp > 1 or self.dims.pp > 1:
+            raise UserError("sft does not run with parallel.cp > 1 or parallel.pp > 1 yet (document masks cannot reach "
+                            "gathered keys or later pipeline stages); use data, FSDP, tensor or expert parallelism")
+        tokenizer = load_tokenizer(self.sft.base / "tokenizer.json")
+        if tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
+            raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is {self.cfg.model.vocab_size}")
+        self.tokenizer_json = tokenizer.to_str()
+        template = ChatTemplate(tokenizer, plain_text_encoder(tokenizer))
+        d, t = self.cfg.data, self.cfg.training
+        train, held = split_conversations(read_chat_jsonl(self.sft.chat_jsonl), self.sft.val_fraction, d.seed)
+        self.train_loader = PackedChatLoader(build_rows(train, template, d.seq_len, d.seed), t.batch_size, d.seed, self.dp_rank, self.dims.dp)
+        self.val_rows = build_rows(held, template, d.seq_len, d.seed) if held else None
+        if self.val_rows is None and t.eval_every:
+            raise UserError("no held-out conversations for the eval loss; add conversations, raise --val-fraction, or pass --training.eval_every 0")
+
+    def val_loader(self) -> PackedChatLoader:
+        return PackedChatLoader(self.val_rows, self.cfg.training.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)
+
+    def initial_weights(self) -> None:
+        """A fresh SFT run starts from the pre-trained weights (the optimizer starts fresh)."""
+        self._check_same_model(self.sft.base)
+        load_checkpoint(self.sft.base, self.model)
+        self.events.record("sft_init", once=True, path=str(self.sft.base))
