@@ -141,11 +141,8 @@ def pytorchjob(spec: LaunchSpec, *, name: str, nodes: int, port: int, extra_argv
     }
 
 
-def render_pytorchjob(spec: LaunchSpec) -> str:
-    if spec.fault_tolerant:
-        from gigafactory.launch.k8s_ft import render_ft
-
-        return render_ft(spec)
+def render_pytorchjob_plain(spec: LaunchSpec) -> str:
+    """The manifest of a job without fault tolerance (launch/__init__.py picks k8s_ft's for one with it)."""
     documents = [doc for doc in (config_map(spec), pytorchjob(spec, name=spec.name, nodes=spec.nodes, port=spec.port)) if doc]
     return header(spec) + to_yaml(*documents)
 

@@ -137,9 +137,6 @@ def head_fields(spec: LaunchSpec, script_name: str, extra_sbatch: tuple[str, ...
     )
 
 
-def render_sbatch(spec: LaunchSpec, script_name: str = "job.sbatch") -> str:
-    if spec.fault_tolerant:
-        from gigafactory.launch.slurm_ft import render_sbatch_ft
-
-        return render_sbatch_ft(spec, script_name)
+def render_sbatch_plain(spec: LaunchSpec, script_name: str = "job.sbatch") -> str:
+    """The sbatch script of a job without fault tolerance (launch/__init__.py picks slurm_ft's for one with it)."""
     return _TEMPLATE.format(**head_fields(spec, script_name))
