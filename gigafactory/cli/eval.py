@@ -1,0 +1,48 @@
+"""`gigafactory eval`: held-out perplexity and the KJV instruction task's exact match for a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gigafactory.errors import UserError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        allow_abbrev=False,
+        help="Evaluate a checkpoint: held-out perplexity and the KJV instruction task (exact match).",
+        description=("Held-out perplexity of the pre-training data and the KJV instruction task's exact match (greedy, "
+                     "serve's chat template) and answer loss; writes JSON and a markdown table. --write-task DIR "
+                     "writes the task's train/test chat files (for `gigafactory sft --data`) instead."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", metavar="RUN", help="Run directory or checkpoints/step-N directory.")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
+    parser.add_argument("--limit", type=int, default=200, help="Test items of the KJV task to score (at most 200).")
+    parser.add_argument("--ppl-batches", type=int, default=8, help="Held-out batches (of 4 sequences) for the perplexity.")
+    parser.add_argument("--out", default="", help="JSON file to write (a .md table beside it); default RUN/eval-step-N.json.")
+    parser.add_argument("--write-task", metavar="DIR", default="", help="Write kjv-train.jsonl and kjv-test.jsonl to DIR and exit.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigafactory.posttrain.evaluate import evaluate_checkpoint, table, write_results
+    from gigafactory.posttrain.tasks import write_task
+
+    if args.write_task:
+        for name, path in write_task(args.write_task).items():
+            print(f"{name}: {path} ({sum(1 for _ in path.open())} items)")
+        return 0
+    if not args.checkpoint:
+        raise UserError("eval needs --checkpoint RUN (or --write-task DIR)")
+    if args.limit < 1 or args.ppl_batches < 1:
+        raise UserError("--limit and --ppl-batches must be >= 1")
+    result = evaluate_checkpoint(args.checkpoint, args.device, args.limit, args.ppl_batches)
+    ckpt = Path(result["checkpoint"])
+    out = Path(args.out).expanduser() if args.out else ckpt.parent.parent / f"eval-{ckpt.name}.json"
+    json_path, md_path = write_results(result, out)
+    print(table(result))
+    print(f"wrote {json_path} and {md_path}")
+    return 0

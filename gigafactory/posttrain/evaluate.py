@@ -1,0 +1,106 @@
+"""`gigafactory eval`: held-out perplexity of the pre-training data, and the KJV instruction task (tasks.py): its
+exact match under greedy decoding with serve's chat template, and the loss of its answers (which moves before
+exact match does). Results go to a JSON file and a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from gigafactory.data.chat import ChatTemplate
+from gigafactory.data.loader import PackedSequenceLoader
+from gigafactory.data.sft import PackedChatLoader, pack_conversations
+from gigafactory.data.shards import open_split, prepare_dataset
+from gigafactory.data.tokenizer import plain_text_encoder
+from gigafactory.errors import UserError
+from gigafactory.inference.generate import LoadedModel, generate_tokens, load_for_inference
+from gigafactory.inference.sampling import SamplingParams
+from gigafactory.models.grok.head_loss import IGNORE_INDEX
+from gigafactory.posttrain.tasks import build_task, exact_match
+
+
+@torch.no_grad()
+def heldout_perplexity(loaded: LoadedModel, batches: int, batch_size: int = 4) -> dict:
+    """exp(mean token loss) over the first `batches` batches of the pre-training data's held-out split, tokenized
+    with the checkpoint's own tokenizer (the same ids, so the same split, as pre-training's)."""
+    d = loaded.config.data
+    dataset = prepare_dataset(d.inputs, loaded.config.model.vocab_size, d.cache_dir, d.val_fraction, d.seed,
+                              str(loaded.checkpoint / "tokenizer.json"))
+    val = open_split(dataset, "val")
+    if (len(val) - 1) // d.seq_len < 1:
+        raise UserError(f"the held-out split has {len(val)} tokens, less than one sequence of {d.seq_len + 1}; raise data.val_fraction")
+    batch_size = min(batch_size, (len(val) - 1) // d.seq_len)
+    loader = PackedSequenceLoader(val, d.seq_len, batch_size, 0, shuffle=False)
+    n = min(batches, loader.n_windows // batch_size)
+    device = next(loaded.model.parameters()).device
+    losses = [float(loaded.model(x.to(device), targets_BS=y.to(device))) for x, y in (loader.next_batch() for _ in range(n))]
+    loss = sum(losses) / len(losses)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n * batch_size * d.seq_len}
+
+
+@torch.no_grad()
+def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16) -> dict:
+    """Exact match (greedy) overall and per kind, and the mean loss of the answer tokens (with their [EOS]). An
+    item whose prompt and answer do not fit the model's context counts as a miss (reported as too_long)."""
+    tok = loaded.tokenizer
+    template = ChatTemplate(tok, plain_text_encoder(tok))
+    device = next(loaded.model.parameters()).device
+    hits: dict[str, list[bool]] = {}
+    examples, too_long = [], 0
+    for item in items:
+        prompt = template.encode(item["messages"][:-1])
+        answer_len = len(template.encoder.encode(item["answer"]).ids)
+        if len(prompt) + answer_len >= loaded.model.cfg.max_seq_len:  # cannot be answered in this context: a miss
+            too_long += 1
+            hits.setdefault(item["kind"], []).append(False)
+            continue
+        out = list(generate_tokens(loaded.model, prompt, SamplingParams(temperature=0.0, max_tokens=max(max_new_tokens, answer_len + 4))))
+        prediction = tok.decode(out)
+        hits.setdefault(item["kind"], []).append(exact_match(prediction, item["answer"]))
+        if len(examples) < 5:
+            examples.append({"question": item["messages"][-2]["content"], "answer": item["answer"], "prediction": prediction})
+    seq_len = loaded.model.cfg.max_seq_len - 1
+    rows = pack_conversations([template.encode_conversation(item["messages"]) for item in items], seq_len)
+    loader = PackedChatLoader(rows, 1, 0, shuffle=False)
+    total = count = 0.0
+    for _ in range(len(rows)):
+        x, y, pos, doc = (t.to(device) for t in loader.next_batch())
+        n = int((y != IGNORE_INDEX).sum())
+        total += float(loaded.model(x, pos, targets_BS=y, doc_ids_BS=doc)) * n
+        count += n
+    every = [h for hs in hits.values() for h in hs]
+    return {"exact_match": sum(every) / len(every), "items": len(every), "too_long": too_long, "answer_loss": total / max(count, 1),
+            "by_kind": {k: {"exact_match": sum(v) / len(v), "items": len(v)} for k, v in sorted(hits.items())},
+            "examples": examples}
+
+
+def evaluate_checkpoint(path: str, device: str = "cpu", limit: int = 200, ppl_batches: int = 8) -> dict:
+    loaded = load_for_inference(path, device)
+    test = build_task()["test"][:limit]
+    if not test:
+        raise UserError("--limit must be at least 1")
+    return {"checkpoint": str(loaded.checkpoint), "heldout": heldout_perplexity(loaded, ppl_batches),
+            "kjv_task": task_scores(loaded, test)}
+
+
+def table(result: dict) -> str:
+    """A markdown table of the headline numbers."""
+    h, t = result["heldout"], result["kjv_task"]
+    lines = ["| metric | value |", "|---|---|",
+             f"| held-out loss | {h['loss']:.4f} |", f"| held-out perplexity | {h['perplexity']:.2f} |",
+             f"| KJV task exact match ({t['items']} items) | {t['exact_match']:.3f} |",
+             *(f"| - {k} ({v['items']}) | {v['exact_match']:.3f} |" for k, v in t["by_kind"].items()),
+             f"| KJV task answer loss | {t['answer_loss']:.4f} |"]
+    return "\n".join(lines)
+
+
+def write_results(result: dict, out: Path) -> tuple[Path, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    md = out.with_suffix(".md")
+    md.write_text(f"Evaluation of `{result['checkpoint']}`\n\n{table(result)}\n")
+    return out, md

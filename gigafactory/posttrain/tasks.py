@@ -1,0 +1,78 @@
+"""A task measurable here: instructions built from the shipped KJV corpus, split by sentence, scored by exact match.
+
+The corpus keeps chapters, not verse numbers (data/corpus/README.md), so the unit is the sentence: two kinds of
+item ask the model what pre-training could have taught it and SFT teaches it to answer in a fixed format:
+  reference:  Which book and chapter says "<sentence>"?        ->  <Book> <chapter>
+  continue:   Quote what follows in <Book> <chapter>: "<s>"     ->  <the next sentence>
+Each sentence (by its text) is assigned to train or test by a seeded hash; an item belongs to the split of every sentence it
+shows, and items touching both splits are dropped, so no test answer or question appears in the training set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from gigafactory.data.corpus import SHIPPED_CORPUS
+
+SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
+MIN_CHARS, MAX_CHARS = 20, 120  # short sentences: a tiny model's context and a fair exact match
+
+
+def chapters() -> list[tuple[str, list[str]]]:
+    """(reference "Book N", its sentences) for every chapter of the shipped corpus, in order."""
+    out = []
+    with gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8") as f:
+        for line in f:
+            head, _, body = json.loads(line)["text"].partition("\n\n")
+            out.append((head.strip(), [s.strip() for s in SENTENCE_END.split(body) if s.strip()]))
+    return out
+
+
+def _item(kind: str, question: str, answer: str) -> dict:
+    return {"kind": kind, "answer": answer,
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def build_task(test_fraction: float = 0.1, seed: int = 0, max_train: int = 4000, max_test: int = 200) -> dict[str, list[dict]]:
+    """{"train": [...], "test": [...]}: items with chat `messages` (the answer as the assistant turn) and `answer`."""
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    book = chapters()
+    where = Counter(s for _, sentences in book for s in set(sentences))
+    for ref, sentences in book:
+        # by the text, so a sentence the Bible repeats lands in one split wherever it occurs
+        is_test = [zlib.crc32(f"{seed}|{s}".encode()) < test_fraction * 2**32 for s in sentences]
+        ok = [MIN_CHARS <= len(s) <= MAX_CHARS for s in sentences]
+        for i, s in enumerate(sentences):
+            if not ok[i]:
+                continue
+            if where[s] == 1:  # a sentence found in several chapters has no single right reference
+                splits["test" if is_test[i] else "train"].append(_item("reference", f'Which book and chapter says "{s}"?', ref))
+            if i + 1 < len(sentences) and ok[i + 1] and is_test[i] == is_test[i + 1]:
+                splits["test" if is_test[i] else "train"].append(
+                    _item("continue", f'Quote what follows in {ref}: "{s}"', sentences[i + 1]))
+    pick = np.random.default_rng([seed, 1])
+    return {name: [items[j] for j in sorted(pick.permutation(len(items))[:cap])]
+            for (name, items), cap in zip(splits.items(), (max_train, max_test))}
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Equal after trimming and collapsing whitespace (case and punctuation count: a quote must be exact)."""
+    return " ".join(prediction.split()) == " ".join(answer.split())
+
+
+def write_task(out_dir: str | Path, **kwargs) -> dict[str, Path]:
+    """kjv-train.jsonl and kjv-test.jsonl (chat lines `gigafactory sft` reads, plus kind and answer)."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, items in build_task(**kwargs).items():
+        paths[name] = out / f"kjv-{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(item) + "\n" for item in items))
+    return paths

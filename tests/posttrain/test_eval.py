@@ -1,0 +1,47 @@
+"""The KJV instruction task (split by sentence, exact match) and `gigafactory eval`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from gigafactory.cli.main import main
+from gigafactory.posttrain.tasks import build_task, exact_match
+
+QUOTED = re.compile(r'"(.*)"')
+
+
+def test_task_split_never_shows_a_test_sentence_in_training():
+    task = build_task()
+    assert len(task["train"]) == 4000 and len(task["test"]) == 200
+    def sentences(item):  # what an item shows: its quoted sentence and, for "continue", the answer
+        shown = {QUOTED.search(item["messages"][0]["content"]).group(1)}
+        return shown | ({item["answer"]} if item["kind"] == "continue" else set())
+    train = set().union(*(sentences(i) for i in task["train"]))
+    test = set().union(*(sentences(i) for i in task["test"]))
+    assert not train & test
+    assert {i["kind"] for i in task["test"]} == {"reference", "continue"}
+    assert build_task() == task  # deterministic: the same items on every machine
+
+
+def test_exact_match_is_exact_up_to_whitespace():
+    assert exact_match("  Genesis 1\n", "Genesis 1")
+    assert not exact_match("Genesis 1.", "Genesis 1") and not exact_match("genesis 1", "Genesis 1")
+
+
+def test_eval_cli_writes_json_and_table(pretrained, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "6", "--ppl-batches", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    h, t = result["heldout"], result["kjv_task"]
+    assert h["perplexity"] > 1 and abs(h["perplexity"] - 2.718281828 ** h["loss"]) < 1e-6 * h["perplexity"]
+    assert t["items"] == 6 and 0 <= t["exact_match"] <= 1 and t["answer_loss"] > 0
+    assert "| held-out perplexity |" in printed and out.with_suffix(".md").is_file()
+
+
+def test_write_task_gives_chat_files_sft_reads(tmp_path):
+    from gigafactory.data.sft import read_chat_jsonl
+
+    assert main(["eval", "--write-task", str(tmp_path)]) == 0
+    assert len(read_chat_jsonl(tmp_path / "kjv-train.jsonl")) == 4000
