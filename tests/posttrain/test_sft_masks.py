@@ -112,3 +112,21 @@ def test_packed_conversations_match_separate_runs(template, softcap):
             at += len(ids)
     second = slice(len(encoded[0][0]), at)
     assert (packed[second] - unmasked[second]).abs().max().item() > 1e-3  # without the mask it would differ
+
+
+def test_flex_document_mask_equals_eager(template, monkeypatch):
+    """The FlexAttention block mask (CUDA's path) with document ids computes the eager path's attention; run
+    uncompiled on CPU without gradients, as tests/models does for the causal mask."""
+    import dataclasses
+
+    import gigafactory.models.grok.model as model_mod
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(model_mod, "_compiled_flex_attention", lambda: flex_attention)
+    encoded = [template.encode_conversation(c) for c in CONVERSATIONS]
+    inputs, _, positions, doc_ids = PackedChatLoader(pack_conversations(encoded, 127), 1, 0, shuffle=False).next_batch()
+    eager = tiny_model(max_seq_len=128).float()
+    flex = GrokModel(dataclasses.replace(eager.cfg, attn_impl="flex"))
+    flex.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(flex(inputs, positions, doc_ids_BS=doc_ids), eager(inputs, positions, doc_ids_BS=doc_ids), atol=1e-4, rtol=1e-4)
