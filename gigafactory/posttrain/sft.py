@@ -34,15 +34,17 @@ class SFTData:
     val_fraction: float = 0.05  # held-out conversations for the eval loss (assistant tokens only)
 
 
-def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, overrides: dict | None = None) -> tuple[Path, JobConfig]:
-    """The base checkpoint and the job config: its config.toml, SFT_DEFAULTS, then the user's flags/overrides."""
+def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, overrides: dict | None = None,
+               defaults: dict | None = None, suffix: str = "-sft") -> tuple[Path, JobConfig]:
+    """The base checkpoint and the job config: its config.toml, `defaults` (SFT_DEFAULTS), then the user's flags and
+    overrides; the run directory defaults to the base run's path + suffix."""
     base = resolve_checkpoint(base_checkpoint)
     if not (base / "config.toml").is_file() or not (base / "tokenizer.json").is_file():
         raise UserError(f"checkpoint '{base}' lacks config.toml or tokenizer.json; it was not written by `gigafactory train`")
     given = set(vars(args)) if args is not None else set()
     given |= set(overrides or {})
-    values = {k: v for k, v in SFT_DEFAULTS.items() if k not in given}
-    values["logging.run_dir"] = run_dir or str(Path(base_checkpoint).expanduser().resolve()) + "-sft"
+    values = {k: v for k, v in (SFT_DEFAULTS if defaults is None else defaults).items() if k not in given}
+    values["logging.run_dir"] = run_dir or str(Path(base_checkpoint).expanduser().resolve()) + suffix
     values.update(overrides or {})
     if args is not None and "logging.run_dir" in vars(args):
         values.pop("logging.run_dir")

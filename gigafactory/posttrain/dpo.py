@@ -1,0 +1,137 @@
+"""Direct preference optimisation on the pre-training Trainer: the policy starts from a checkpoint (pre-trained or
+SFT); the reference is that same checkpoint, frozen, its log-probabilities computed once and cached in the run
+directory (so a resumed run, whose model is the policy by then, reads them instead of recomputing them).
+
+loss(pair) = -(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z),  z = beta * ((pi_c - pi_r) - (ref_c - ref_r))
+(Rafailov et al. 2023; ls > 0 is conservative DPO for noisy labels). loss_type "ipo" is (z / beta - 1 / (2 beta))^2
+(Azar et al. 2023), "hinge" max(0, 1 - z) (SLiC). Rewards beta * (pi - ref) of the chosen and rejected replies,
+their margin and how often the chosen one wins are logged each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gigafactory.data.chat import ChatTemplate
+from gigafactory.data.preference import PackedPairLoader, pack_pairs, read_preference_jsonl, sequence_logps
+from gigafactory.data.sft import split_conversations
+from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
+from gigafactory.errors import UserError
+from gigafactory.parallel.distributed import all_reduce_mean
+from gigafactory.posttrain.options import DPOOptions
+from gigafactory.posttrain.sft import SFTData, SFTTrainer
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, opts: DPOOptions) -> tuple[torch.Tensor, dict]:
+    """Mean loss over pairs and the reward statistics (summed log-probabilities in, one per pair)."""
+    z = opts.beta * ((pi_c - pi_r) - (ref_c - ref_r))
+    if opts.loss_type == "sigmoid":
+        losses = -(1 - opts.label_smoothing) * F.logsigmoid(z) - opts.label_smoothing * F.logsigmoid(-z)
+    elif opts.loss_type == "ipo":
+        losses = (z / opts.beta - 1 / (2 * opts.beta)) ** 2
+    else:
+        losses = torch.relu(1 - z)
+    chosen, rejected = (opts.beta * (pi_c - ref_c)).detach(), (opts.beta * (pi_r - ref_r)).detach()
+    stats = {"reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item(),
+             "reward_margin": (chosen - rejected).mean().item(), "reward_accuracy": (chosen > rejected).float().mean().item()}
+    return losses.mean(), stats
+
+
+class DPOTrainer(SFTTrainer):
+    """SFTTrainer's checkpoint-as-initial-weights, with pairs instead of conversations and the DPO loss."""
+
+    def __init__(self, cfg, data: SFTData, opts: DPOOptions):
+        opts.validate()
+        self.opts, self.ref_logps, self.step_stats = opts, None, []
+        super().__init__(cfg, data)
+
+    def build_data(self) -> None:
+        if self.dims.cp > 1 or self.dims.pp > 1 or self.dims.tp > 1:
+            raise UserError("dpo runs with data-parallel, FSDP and expert-parallel layouts only (it needs whole-sequence "
+                            "logits on every rank); use parallel.tp=1, cp=1, pp=1")
+        tokenizer = load_tokenizer(self.sft.base / "tokenizer.json")
+        self.tokenizer_json = tokenizer.to_str()
+        template = ChatTemplate(tokenizer, plain_text_encoder(tokenizer))
+        d, t = self.cfg.data, self.cfg.training
+        pairs = read_preference_jsonl(self.sft.chat_jsonl)
+        self.data_key = hashlib.sha256(Path(self.sft.chat_jsonl).expanduser().read_bytes() + f"|{d.seq_len}".encode()).hexdigest()[:16]
+        for k, p in enumerate(pairs):
+            p["index"] = k
+        train, held = split_conversations(pairs, self.sft.val_fraction, d.seed)
+        self.n_pairs = len(pairs)
+        self.splits = {}
+        for name, subset in (("train", train), ("val", held)):
+            if subset:
+                self.splits[name] = pack_pairs(subset, template, d.seq_len)
+        self.train_loader = PackedPairLoader(*self.splits["train"], t.batch_size, d.seed, self.dp_rank, self.dims.dp)
+        if "val" not in self.splits and t.eval_every:
+            raise UserError("no held-out pairs for the eval loss; add pairs, raise --val-fraction, or pass --training.eval_every 0")
+
+    def val_loader(self) -> PackedPairLoader:
+        return PackedPairLoader(*self.splits["val"], self.cfg.training.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)
+
+    # ---- the frozen reference -----------------------------------------------------------------------------------
+    @property
+    def ref_path(self) -> Path:
+        return self.run_dir / f"reference-logps-{self.data_key}.pt"
+
+    def initial_weights(self) -> None:
+        """Load the starting checkpoint, then score every pair with it once: that model is the reference."""
+        super().initial_weights()
+        ref = torch.zeros(self.n_pairs, 2)
+        self.model.eval()
+        with torch.no_grad():
+            for rows, docs in self.splits.values():  # every rank scores every row (FSDP forwards stay in lockstep)
+                loader = PackedPairLoader(rows, docs, 1, 0, shuffle=False)
+                for _ in range(loader.n_windows):
+                    batch = loader.next_batch()
+                    logps, pair_docs = self.pair_logps(*batch), batch[4].to(self.device)
+                    ok = pair_docs[..., 2] >= 0
+                    ref[pair_docs[..., 2][ok].cpu()] = logps[ok].float().cpu()
+        self.model.train()
+        self.ref_logps = ref
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.ref_path.with_suffix(".tmp")
+            torch.save(ref, tmp)
+            tmp.replace(self.ref_path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def maybe_resume(self) -> None:
+        super().maybe_resume()
+        if self.ref_logps is None:  # resumed: the model is the policy now, so the reference comes from the cache
+            if not self.ref_path.is_file():
+                raise UserError(f"resuming DPO needs the cached reference log-probs '{self.ref_path}' (same data and data.seq_len); "
+                                "start a new run directory")
+            self.ref_logps = torch.load(self.ref_path)
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+    def pair_logps(self, inputs, targets, positions, doc_ids, pair_docs) -> torch.Tensor:
+        """[B, P, 2]: summed log-probs of the chosen and rejected replies of each pair slot (garbage where unused)."""
+        inputs, targets, positions, doc_ids, pair_docs = (x.to(self.device) for x in (inputs, targets, positions, doc_ids, pair_docs))
+        with self.autocast():
+            logits = self.pmodel.parts[0](inputs, positions, doc_ids_BS=doc_ids)
+        seq = sequence_logps(logits, targets, doc_ids, 2 * pair_docs.shape[1])
+        return torch.stack([seq.gather(1, pair_docs[..., side].clamp(min=0)) for side in (0, 1)], -1)
+
+    def loss_on(self, inputs, targets, positions=None, doc_ids=None, pair_docs=None) -> torch.Tensor:
+        logps = self.pair_logps(inputs, targets, positions, doc_ids, pair_docs)
+        ok = pair_docs[..., 2].to(self.device) >= 0
+        ref = self.ref_logps.to(self.device)[pair_docs[..., 2].to(self.device)[ok]]
+        loss, stats = dpo_loss(logps[ok][:, 0], logps[ok][:, 1], ref[:, 0], ref[:, 1], self.opts)
+        if torch.is_grad_enabled():
+            self.step_stats.append(stats)
+        return loss
+
+    def train_step(self) -> dict:
+        values = super().train_step()
+        if self.step_stats:  # this step's microbatches (and a re-run's), averaged over the data-parallel ranks
+            for key in self.step_stats[0]:
+                values[key] = all_reduce_mean(sum(s[key] for s in self.step_stats) / len(self.step_stats), self.device)
+            self.step_stats = []
+        return values
