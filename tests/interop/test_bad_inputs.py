@@ -216,3 +216,14 @@ def test_import_grok1_refuses_a_binary_tokenizer(released, tmp_path, capsys):  #
                                   "--model-config", str(_grok1_model_toml(tmp_path)), "--tokenizer", str(tmp_path / "tok.json")])
     assert "tok.json' is corrupt" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_exports_written_before_issue_18_still_import(tmp_path, capsys):
+    """They said model_type "git" (no auto_map) and, for sglang-grok, router_logit_softcapping 30 for a model with 0."""
+    trained_checkpoint(tmp_path / "run", "grok-tiny")
+    export_checkpoint(tmp_path / "run", "sglang-grok", tmp_path / "export", dtype="fp32")
+    config = _config(tmp_path / "export")
+    del config["auto_map"]
+    _set_config(tmp_path / "export", {**config, "model_type": "git", "router_logit_softcapping": 30.0})
+    assert main(["import", "hf", "--from", str(tmp_path / "export"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "router_softcap = 0.0" in (tmp_path / "out/checkpoints/step-00000000/config.toml").read_text()
