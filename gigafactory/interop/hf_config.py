@@ -113,7 +113,8 @@ def _check_fields(fmt: str, config: dict, where: str) -> None:
          "only plain rope (rope_type default) is modelled"),
         ("sliding_window", config.get("sliding_window") is None, "sliding-window attention is not modelled"),
         ("attn_output_multiplier", config.get("attn_output_multiplier", 1.0) == 1.0,
-         "vLLM scales the attention output by it and hpcai-tech's code the attention logits; Gigafactory models neither"),
+         "vLLM scales the attention output by it, hpcai-tech's code the attention logits, so its meaning depends on where "
+         "the file came from; import the original release with `gigafactory import grok1`"),
         ("attn_logit_softcapping_method", config.get("attn_logit_softcapping_method", "tanh") == "tanh", "only the tanh cap is modelled"),
         ("attn_temperature_len", isinstance(temp, (int, float)) and not isinstance(temp, bool) and temp <= 0,
          "Grok-2's attention temperature is not modelled"),
