@@ -85,7 +85,7 @@ def pack_pairs(pairs: list[dict], template: ChatTemplate, seq_len: int) -> tuple
 
 
 class PackedPairLoader:
-    """Batches of (inputs, targets, positions, doc_ids, pair_docs) for this data-parallel rank; state as
+    """Batches of (inputs, targets, positions, doc_ids, pair_docs, n) for this data-parallel rank; state as
     PackedChatLoader's (rows consumed by all ranks together)."""
 
     def __init__(self, rows: PackedRows, pair_docs: np.ndarray, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
@@ -105,11 +105,10 @@ class PackedPairLoader:
         self.rows.consumed = value
 
     def next_batch(self):
+        """(inputs, targets, positions, doc_ids, pair_docs, n): n is the pair count of the micro-batch on all ranks."""
         r = self.rows
-        start = r.consumed + r.dp_rank * r.batch_size
-        idx = np.asarray([r._row(start + i) for i in range(r.batch_size)])
-        r.consumed += r.batch_size * r.dp_size
-        return tuple(torch.from_numpy(a[idx]) for a in (r.inputs, r.targets, r.positions, r.doc_ids, self.pair_docs))
+        idx, n = r.next_rows((self.pair_docs[..., 2] >= 0).sum(1))
+        return (*(torch.from_numpy(a[idx]) for a in (r.inputs, r.targets, r.positions, r.doc_ids, self.pair_docs)), n)
 
     def state_dict(self) -> dict:
         return self.rows.state_dict()

@@ -104,7 +104,8 @@ def split_conversations(conversations: list[list[dict]], val_fraction: float, se
 
 
 class PackedChatLoader:
-    """Batches of (inputs, targets, positions, doc_ids), each [batch_size, seq_len], for this data-parallel rank."""
+    """Batches of (inputs, targets, positions, doc_ids), each [batch_size, seq_len], for this data-parallel rank,
+    and the micro-batch's trained-token count over all ranks."""
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True):
         self.batch_size, self.seed, self.dp_rank, self.dp_size, self.shuffle = batch_size, seed, dp_rank, dp_size, shuffle
@@ -113,6 +114,7 @@ class PackedChatLoader:
         same_doc = rows.doc_ids[:, 1:] == rows.doc_ids[:, :-1]
         self.inputs, self.positions, self.doc_ids = rows.tokens[:, :-1], rows.positions[:, :-1], rows.doc_ids[:, :-1]
         self.targets = np.where(rows.trained[:, 1:] & same_doc, rows.tokens[:, 1:], IGNORE_INDEX)
+        self.weights = (self.targets != IGNORE_INDEX).sum(1)  # what a row adds to the loss's denominator
         self.consumed = 0  # rows consumed by all ranks together
         self._epoch, self._perm = -1, None
 
@@ -124,11 +126,18 @@ class PackedChatLoader:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
         return int(self._perm[offset])
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        start = self.consumed + self.dp_rank * self.batch_size
-        idx = np.asarray([self._row(start + i) for i in range(self.batch_size)])
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(inputs, targets, positions, doc_ids, n): n is the trained-token count of this micro-batch on all ranks
+        together, so each rank can weight its loss to make the step's loss the global token mean in any layout."""
+        idx, n = self.next_rows(self.weights)
+        return (*(torch.from_numpy(a[idx]) for a in (self.inputs, self.targets, self.positions, self.doc_ids)), n)
+
+    def next_rows(self, weights: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """This rank's rows of the next micro-batch, and the sum of `weights` over every rank's rows of it."""
+        every = [self._row(self.consumed + i) for i in range(self.batch_size * self.dp_size)]
         self.consumed += self.batch_size * self.dp_size
-        return tuple(torch.from_numpy(a[idx]) for a in (self.inputs, self.targets, self.positions, self.doc_ids))
+        mine = np.asarray(every[self.dp_rank * self.batch_size:(self.dp_rank + 1) * self.batch_size])
+        return mine, torch.tensor(float(weights[every].sum()))
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seq_len": self.seq_len, "n_windows": self.n_windows, "seed": self.seed}

@@ -88,7 +88,7 @@ class DPOTrainer(SFTTrainer):
             for rows, docs in self.splits.values():  # every rank scores every row (FSDP forwards stay in lockstep)
                 loader = PackedPairLoader(rows, docs, 1, 0, shuffle=False)
                 for _ in range(loader.n_windows):
-                    batch = loader.next_batch()
+                    batch = loader.next_batch()[:5]
                     logps, pair_docs = self.pair_logps(*batch), batch[4].to(self.device)
                     ok = pair_docs[..., 2] >= 0
                     ref[pair_docs[..., 2][ok].cpu()] = logps[ok].float().cpu()
@@ -119,14 +119,15 @@ class DPOTrainer(SFTTrainer):
         seq = sequence_logps(logits, targets, doc_ids, 2 * pair_docs.shape[1])
         return torch.stack([seq.gather(1, pair_docs[..., side].clamp(min=0)) for side in (0, 1)], -1)
 
-    def loss_on(self, inputs, targets, positions=None, doc_ids=None, pair_docs=None) -> torch.Tensor:
+    def loss_on(self, inputs, targets, positions=None, doc_ids=None, pair_docs=None, n_global=None) -> torch.Tensor:
+        """The mean over this rank's pairs, reweighted by its share of the micro-batch's pairs (as SFT's tokens)."""
         logps = self.pair_logps(inputs, targets, positions, doc_ids, pair_docs)
         ok = pair_docs[..., 2].to(self.device) >= 0
         ref = self.ref_logps.to(self.device)[pair_docs[..., 2].to(self.device)[ok]]
         loss, stats = dpo_loss(logps[ok][:, 0], logps[ok][:, 1], ref[:, 0], ref[:, 1], self.opts)
         if torch.is_grad_enabled():
             self.step_stats.append(stats)
-        return loss
+        return loss * (float(ok.sum()) * self.dims.dp / float(n_global))
 
     def train_step(self) -> dict:
         values = super().train_step()

@@ -68,7 +68,7 @@ def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16
     loader = PackedChatLoader(rows, 1, 0, shuffle=False)
     total = count = 0.0
     for _ in range(len(rows)):
-        x, y, pos, doc = (t.to(device) for t in loader.next_batch())
+        x, y, pos, doc = (t.to(device) for t in loader.next_batch()[:4])
         n = int((y != IGNORE_INDEX).sum())
         total += float(loaded.model(x, pos, targets_BS=y, doc_ids_BS=doc)) * n
         count += n

@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from gigafactory.config.job import JobConfig
 from gigafactory.config.loader import load_config
 from gigafactory.data.chat import ChatTemplate
 from gigafactory.data.sft import PackedChatLoader, build_rows, read_chat_jsonl, split_conversations
 from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
+from gigafactory.models.grok.head_loss import IGNORE_INDEX
+from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.train.checkpoint import load_checkpoint
 from gigafactory.train.checkpoint_files import resolve_checkpoint
 from gigafactory.train.trainer import Trainer
@@ -72,6 +76,17 @@ class SFTTrainer(Trainer):
         self.val_rows = build_rows(held, template, d.seq_len, d.seed) if held else None
         if self.val_rows is None and t.eval_every:
             raise UserError("no held-out conversations for the eval loss; add conversations, raise --val-fraction, or pass --training.eval_every 0")
+
+    def loss_on(self, inputs, targets, positions=None, doc_ids=None, n_global=None) -> torch.Tensor:
+        """The rank's token mean, reweighted by its share of the micro-batch's trained tokens (n_global over every
+        rank): the mean over ranks that the gradient averaging forms is then the global token mean, as on one
+        process, however unevenly the assistant tokens fall on the ranks."""
+        loss = super().loss_on(inputs, targets, positions, doc_ids)
+        if n_global is None:
+            return loss
+        sp = self.dims.tp if self.sequence_parallel else 1  # each TP rank's loss covers its slice of the sequence
+        local = slice_sequence(targets, self.mesh["tp"].get_local_rank(), sp) if sp > 1 else targets
+        return loss * (float((local != IGNORE_INDEX).sum()) * self.dims.dp * sp / float(n_global))
 
     def val_loader(self) -> PackedChatLoader:
         return PackedChatLoader(self.val_rows, self.cfg.training.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)

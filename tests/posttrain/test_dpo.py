@@ -38,7 +38,7 @@ def test_dpo_loss_equals_direct_computation():
 def test_packed_pair_logps_match_separate_sequences(template):  # noqa: F811
     rows, docs = pack_pairs(PAIRS, template, 127)
     assert len(rows) == 1 and docs.shape[1] == 2  # all four sequences share one row
-    inputs, targets, positions, doc_ids, pair_docs = PackedPairLoader(rows, docs, 1, 0, shuffle=False).next_batch()
+    inputs, targets, positions, doc_ids, pair_docs, _ = PackedPairLoader(rows, docs, 1, 0, shuffle=False).next_batch()
     model = tiny_model(max_seq_len=128)
     with torch.no_grad():
         seq = sequence_logps(model(inputs, positions, doc_ids_BS=doc_ids), targets, doc_ids, 4)[0]

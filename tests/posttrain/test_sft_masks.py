@@ -70,7 +70,7 @@ def test_loss_and_gradient_ignore_everything_but_assistant_tokens(template):
     cross-entropy of the assistant tokens alone."""
     def batch(last_user: str):
         conv = CONVERSATIONS[1] + [{"role": "user", "content": last_user}]
-        return PackedChatLoader(pack_conversations([template.encode_conversation(conv)], 63), 1, 0, shuffle=False).next_batch()
+        return PackedChatLoader(pack_conversations([template.encode_conversation(conv)], 63), 1, 0, shuffle=False).next_batch()[:4]
 
     def loss_and_grads(inputs, targets, positions, doc_ids):
         model = tiny_model(aux_loss_weight=0.0, router_z_loss_weight=0.0)  # router regularisers see every token by design
@@ -99,7 +99,7 @@ def test_loss_and_gradient_ignore_everything_but_assistant_tokens(template):
 def test_packed_conversations_match_separate_runs(template, softcap):
     encoded = [template.encode_conversation(c) for c in CONVERSATIONS]
     loader = PackedChatLoader(pack_conversations(encoded, 127), 1, 0, shuffle=False)
-    inputs, targets, positions, doc_ids = loader.next_batch()
+    inputs, targets, positions, doc_ids, _ = loader.next_batch()
     assert doc_ids[0, 0] != doc_ids[0, len(encoded[0][0])]  # both conversations share the row
     model = tiny_model(attn_softcap=softcap, max_seq_len=128)
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_flex_document_mask_equals_eager(template, monkeypatch):
 
     monkeypatch.setattr(model_mod, "_compiled_flex_attention", lambda: flex_attention)
     encoded = [template.encode_conversation(c) for c in CONVERSATIONS]
-    inputs, _, positions, doc_ids = PackedChatLoader(pack_conversations(encoded, 127), 1, 0, shuffle=False).next_batch()
+    inputs, _, positions, doc_ids = PackedChatLoader(pack_conversations(encoded, 127), 1, 0, shuffle=False).next_batch()[:4]
     eager = tiny_model(max_seq_len=128).float()
     flex = GrokModel(dataclasses.replace(eager.cfg, attn_impl="flex"))
     flex.load_state_dict(eager.state_dict())

@@ -1,0 +1,50 @@
+"""SFT and DPO train alike on one process and on two (FSDP; tensor + sequence parallel for SFT): per-step losses
+equal to fp32 rounding, because each rank weights its loss by its share of the micro-batch's tokens (or pairs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.posttrain.parity_runner import run
+
+COMMON = {"training.steps": 3, "training.eval_every": 3, "training.eval_batches": 1, "logging.log_every": 1,
+          "training.dtype": "fp32", "checkpoint.every": 0}
+LAYOUTS = {"fsdp": {"parallel.dp_shard": 2, "training.batch_size": 2},
+           "tp_sp": {"parallel.tp": 2, "parallel.dp_shard": 1, "training.batch_size": 4}}
+
+
+def losses(run_dir: Path) -> tuple[dict, list]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}, [r["eval_loss"] for r in recs if "eval_loss" in r]
+
+
+def test_two_process_layouts_match_one_process(pretrained, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Quote verse {i}", "chosen": v, "rejected": v.replace("e", "a")}) + "\n"
+                             for i, v in enumerate(["Jesus wept.", "For God so loved the world.", "The LORD is my shepherd."] * 7)))
+    chat = str(pretrained / "chat.jsonl")
+    jobs = [{"name": f"sft-{n}", "kind": "sft", "data": chat, "overrides": {**COMMON, **o}} for n, o in LAYOUTS.items()]
+    jobs.append({"name": "dpo-fsdp", "kind": "dpo", "data": str(pairs), "overrides": {**COMMON, **LAYOUTS["fsdp"], "data.seq_len": 128}})
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"checkpoint": str(pretrained / "pre"), "runs": jobs}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(Path(__file__).with_name("parity_runner.py")), str(spec)],
+                            capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run(str(pretrained / "pre"), tmp_path, {"name": "sft-one", "kind": "sft", "overrides": {**COMMON, "training.batch_size": 4}, "data": chat})
+    run(str(pretrained / "pre"), tmp_path, {"name": "dpo-one", "kind": "dpo", "data": str(pairs),
+                                            "overrides": {**COMMON, "training.batch_size": 4, "data.seq_len": 128}})
+    for one, many in (("sft-one", "sft-fsdp"), ("sft-one", "sft-tp_sp"), ("dpo-one", "dpo-fsdp")):
+        (ref, ref_eval), (got, got_eval) = losses(tmp_path / one), losses(tmp_path / many)
+        assert sorted(got) == [1, 2, 3]
+        for step in ref:
+            assert got[step] == pytest.approx(ref[step], rel=2e-5), (many, step)
+        assert got_eval[-1] == pytest.approx(ref_eval[-1], rel=2e-5), many
