@@ -67,12 +67,34 @@ def exact_match(prediction: str, answer: str) -> bool:
     return " ".join(prediction.split()) == " ".join(answer.split())
 
 
+def corrupt(item: dict, rng: np.random.Generator) -> str:
+    """A wrong answer close to the right one: a neighbouring chapter, or the verse with two words swapped."""
+    if item["kind"] == "reference":
+        book, _, chapter = item["answer"].rpartition(" ")
+        return f"{book} {int(chapter) + 1 if chapter == '1' or rng.random() < 0.5 else int(chapter) - 1}"
+    words = item["answer"].split()
+    if len(words) < 2:
+        return item["answer"] + " " + item["answer"]
+    i = int(rng.integers(0, len(words) - 1))
+    words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words) if words != item["answer"].split() else item["answer"] + " and"
+
+
+def preference_pairs(items: list[dict], seed: int = 0) -> list[dict]:
+    """DPO pairs from task items: chosen = the answer, rejected = corrupt(answer)."""
+    rng = np.random.default_rng([seed, 2])
+    return [{"prompt": item["messages"][:-1], "chosen": item["answer"], "rejected": corrupt(item, rng)} for item in items]
+
+
 def write_task(out_dir: str | Path, **kwargs) -> dict[str, Path]:
-    """kjv-train.jsonl and kjv-test.jsonl (chat lines `gigafactory sft` reads, plus kind and answer)."""
+    """kjv-train.jsonl and kjv-test.jsonl (chat lines `gigafactory sft` reads, plus kind and answer), and
+    kjv-pairs.jsonl (DPO pairs from the training items)."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    task = build_task(**kwargs)
+    files = {**task, "pairs": preference_pairs(task["train"])}
     paths = {}
-    for name, items in build_task(**kwargs).items():
+    for name, records in files.items():
         paths[name] = out / f"kjv-{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(item) + "\n" for item in items))
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
     return paths

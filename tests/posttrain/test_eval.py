@@ -41,7 +41,10 @@ def test_eval_cli_writes_json_and_table(pretrained, tmp_path, capsys):
 
 
 def test_write_task_gives_chat_files_sft_reads(tmp_path):
+    from gigafactory.data.preference import read_preference_jsonl
     from gigafactory.data.sft import read_chat_jsonl
 
     assert main(["eval", "--write-task", str(tmp_path)]) == 0
     assert len(read_chat_jsonl(tmp_path / "kjv-train.jsonl")) == 4000
+    pairs = read_preference_jsonl(tmp_path / "kjv-pairs.jsonl")  # DPO: the answer against a near miss
+    assert len(pairs) == 4000 and all(p["chosen"] != p["rejected"] for p in pairs)
