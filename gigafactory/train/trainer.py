@@ -116,7 +116,7 @@ class Trainer:
 
     # ---- hooks (overridden by post-training) ---------------------------------------------------------------------
     def build_data(self) -> None:
-        """Set tokenizer_json and train_loader (its next_batch gives (inputs, targets[, positions, doc_ids]))."""
+        """Set tokenizer_json and train_loader; a loader's next_batch() tuple is loss_on's arguments."""
         d, t = self.cfg.data, self.cfg.training
         # One process per machine tokenizes; the others wait and then find it in the cache.
         first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
@@ -230,7 +230,7 @@ class Trainer:
         if self.sequence_parallel:  # the head sees this TP rank's slice of the sequence
             targets = slice_sequence(targets, self.mesh["tp"].get_local_rank(), self.dims.tp)
         with self.autocast():
-            return self.pmodel.parts[0](inputs, positions, targets_BS=targets, **({} if doc_ids is None else {"doc_ids_BS": doc_ids}))
+            return self.pmodel.parts[0](inputs, positions, targets_BS=targets, doc_ids_BS=doc_ids)
 
     def pipeline_loss(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> float:
         """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0)."""
