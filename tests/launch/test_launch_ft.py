@@ -123,7 +123,14 @@ def reachable(port: int) -> bool:
 
 
 def started(state: Path) -> dict[str, dict]:
-    return {p.name.removeprefix("started-"): json.loads(p.read_text()) for p in state.glob("started-*")}
+    """The fake ranks that have started (a file still being written counts on the next poll)."""
+    out = {}
+    for p in state.glob("started-*"):
+        try:
+            out[p.name.removeprefix("started-")] = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def wait_until(proc: subprocess.Popen, what, timeout: float = 30):

@@ -22,7 +22,7 @@ from tests.conftest import TINY_MODEL
 
 pytest.importorskip("torchft")
 
-STEPS = 60
+STEPS = 80
 
 
 def flags(run_dir: Path, data_cache: str, steps: int) -> list[str]:
@@ -73,8 +73,11 @@ def test_two_groups_train_what_one_data_parallel_job_trains(tmp_path, data_cache
 
 def test_killed_group_rejoins_from_its_peer_while_the_other_keeps_stepping(tmp_path, data_cache):
     run = tmp_path / "drill"
-    kill_step, nan_step = 8, 45
+    kill_step, nan_step = 8, 70
+    # A lighthouse that drops a silent group after 1 s: the killed group takes longer than that to come back (process
+    # start alone is ~4 s here), so group 0 steps alone for a while whatever the machine's load.
     train(run, data_cache, "--fault_tolerance.enabled=true", "--fault_tolerance.timeout_s=10", "--faults.delay_s=0.1",
+          "--fault_tolerance.heartbeat_timeout_ms=1000", "--fault_tolerance.join_timeout_ms=500",
           "--faults.replica_id=1", f"--faults.kill_step={kill_step}", f"--faults.nan_step={nan_step}", steps=STEPS)
     g0, g1 = run / "group0", run / "group1"
     # Group 0 never restarted and committed every step exactly once.
@@ -86,7 +89,7 @@ def test_killed_group_rejoins_from_its_peer_while_the_other_keeps_stepping(tmp_p
     # Group 1 restarted and healed from the live peer: weights, optimizer and step, not a disk checkpoint.
     ev1 = events(g1)
     heal = next(e for e in ev1 if e["event"] == "ft_heal")
-    assert heal["attempt"] == 1 and heal["from_step"] == 0 and kill_step <= heal["to_step"] < STEPS // 2
+    assert heal["attempt"] == 1 and heal["from_step"] == 0 and kill_step <= heal["to_step"] < nan_step
     assert heal["bytes"] > 0
     restart = next(e for e in ev1 if e["event"] == "restart")
     assert restart["resumed_step"] == heal["to_step"] and restart["steps_lost"] == 0
