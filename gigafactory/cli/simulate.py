@@ -19,6 +19,9 @@ from gigafactory.simulate.recovery import RecoverySpec
 
 SPECS = (("cluster", ClusterSpec), ("job", JobSpec), ("sim", SimSpec), ("recovery", RecoverySpec))
 RENAMED = {"checkpoint_interval_s": "checkpoint-interval"}
+# Defaults that depend on another flag: replica groups keep today's async disk saves (issue 20's design); a job
+# restarted as a whole is priced with the trainer's default, synchronous saves.
+DEFAULT_NOTES = {"checkpoint_mode": "sync with --recovery job-restart, async with --recovery replica"}
 
 
 def register(subparsers) -> None:
@@ -41,7 +44,8 @@ def register(subparsers) -> None:
                 continue  # implied by --plot
             flag = "--" + RENAMED.get(f.name, f.name.replace("_", "-"))
             kind = hints[f.name]
-            help_text = f"{f.metadata.get('help', '')} [default: {f.default!r}]"
+            default = DEFAULT_NOTES.get(f.name, repr(f.default))
+            help_text = f"{f.metadata.get('help', '')} [default: {default}]"
             if kind is bool:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             else:
@@ -78,6 +82,8 @@ def build_config(args: argparse.Namespace, gpus: int | None = None) -> SimConfig
     values.update({k: v for k, v in given.items() if k in _knob_names()})
     if "checkpoint_interval_s" in given and "checkpoint_policy" not in given:
         values["checkpoint_policy"] = "fixed"
+    if "checkpoint_mode" not in values:  # each recovery mode with the saves it is run with (docs/simulate.md)
+        values["checkpoint_mode"] = "async" if values.get("recovery") == "replica" else "sync"
     if getattr(args, "plot", None):
         values["timeline"] = True
     specs = {}

@@ -140,3 +140,18 @@ def test_from_plan_reads_the_replica_group_and_model_size(run_cli, tmp_path):
     inp = json.loads(out)["inputs"]
     assert code == 0 and inp["replica_group_gpus"] == 512 and inp["replica_groups"] == 32
     assert inp["group_state_bytes"] == pytest.approx(7e10 * 14)
+
+
+def test_each_recovery_mode_is_priced_with_its_disk_saves_unless_told(run_cli):
+    """job-restart: the trainer's default synchronous saves; replica groups: async saves (issue 20's design); an
+    explicit --checkpoint-mode wins in both."""
+    def mode(*argv: str) -> tuple[str, float]:
+        code, out, _ = run_cli("--gpus", "16384", "--days", "5", "--json", *argv)
+        assert code == 0
+        d = json.loads(out)
+        return d["inputs"]["checkpoint_mode"], d["ettr"]
+
+    assert mode("--recovery", "job-restart")[0] == "sync"
+    (replica_mode, replica_async), (_, replica_sync) = mode("--recovery", "replica"), mode("--recovery", "replica", "--checkpoint-mode", "sync")
+    assert replica_mode == "async" and replica_async > replica_sync
+    assert mode("--recovery", "job-restart", "--checkpoint-mode", "async")[0] == "async"
