@@ -19,7 +19,7 @@ class DataConfig:
     tokenizer: str = knob("", "Path to a tokenizer.json; empty = train a byte-level BPE of model.vocab_size on the inputs.")
     cache_dir: str = knob("~/.cache/gigafactory", "Where trained tokenizers and token shards are kept (keyed by inputs and vocab).")
     seq_len: int = knob(256, "Tokens per training sequence; must be <= model.max_seq_len.")
-    val_fraction: float = knob(0.02, "Fraction of documents held out for the evaluation loss.")
+    val_fraction: float = knob(0.02, "Fraction of tokens held out for the evaluation loss (seeded blocks of up to 4096 tokens, so one document can be split).")
     seed: int = knob(1234, "Seed of the sequence order; the same seed gives the same data order.")
 
 
@@ -142,6 +142,13 @@ class FaultToleranceConfig:
     quorum_timeout_s: float = knob(120.0, "How long a group waits for a quorum to form before failing the step.")
     join_timeout_ms: int = knob(2000, "Lighthouse started by `train --nproc` or `gigafactory launch`: how long a quorum waits for heartbeating groups that have not asked to join.")
     heartbeat_timeout_ms: int = knob(3000, "Lighthouse started by `train --nproc` or `gigafactory launch`: a group silent this long is considered dead.")
+    sync: str = knob("ddp", "How replica groups (sites) synchronise: ddp = average gradients every step; localsgd = average weights every sync_every steps; diloco = outer Nesterov step on the averaged weight change every sync_every steps (docs/cross-site.md).", choices=("ddp", "localsgd", "diloco"))
+    sync_every: int = knob(1, "localsgd/diloco: inner steps H each group takes alone between cross-group syncs (ddp: must be 1).")
+    outer_lr: float = knob(0.7, "diloco: learning rate of the outer SGD step on the averaged pseudo-gradient (DiLoCo paper: 0.7).")
+    outer_momentum: float = knob(0.9, "diloco: momentum of the outer SGD step (DiLoCo paper: 0.9).")
+    outer_nesterov: bool = knob(True, "diloco: Nesterov momentum for the outer step (DiLoCo paper: on; no effect at outer_momentum 0).")
+    link_delay_ms: float = knob(0.0, "Simulated cross-site link: latency added to each cross-group weight/gradient transfer (a sleep; 0 = off).")
+    link_gbps: float = knob(0.0, "Simulated cross-site link: bandwidth in Gbit/s; each transfer also sleeps its bytes / this (0 = unlimited).")
 
     def validate(self) -> None:
         _check(self, "fault_tolerance.", [
@@ -152,7 +159,14 @@ class FaultToleranceConfig:
             ("quorum_timeout_s", self.quorum_timeout_s > 0, "must be > 0"),
             ("join_timeout_ms", self.join_timeout_ms >= 0, "must be >= 0"),
             ("heartbeat_timeout_ms", self.heartbeat_timeout_ms > 0, "must be > 0"),
+            ("sync_every", self.sync_every >= 1, "must be >= 1"),
+            ("outer_lr", self.outer_lr > 0, "must be > 0"),
+            ("outer_momentum", 0 <= self.outer_momentum < 1, "must be in [0, 1)"),
+            ("link_delay_ms", self.link_delay_ms >= 0, "must be >= 0"),
+            ("link_gbps", self.link_gbps >= 0, "must be >= 0 (0 = unlimited)"),
         ])
+        if self.sync == "ddp" and self.sync_every != 1:
+            raise ConfigError(f"fault_tolerance.sync_every={self.sync_every} needs fault_tolerance.sync=localsgd or diloco (ddp syncs every step)")
 
 
 @dataclass
