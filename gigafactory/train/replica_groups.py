@@ -10,6 +10,14 @@ Data: the global batch of a step is `replica_groups` group batches; the particip
 `num_participants` group batches of one global sample order (group batch index = torchft's `batches_committed` +
 the group's rank in the quorum), so a step with fewer groups trains on fewer samples and none is skipped or
 repeated. With every group alive the order equals a run with dp = replica_groups x the group's data ranks.
+
+Sync modes (`fault_tolerance.sync`): ddp averages the gradients every step, as above. localsgd/diloco (cross-site,
+train/cross_site.py) run the same protocol once per interval of H = sync_every steps: the quorum (and a heal) at the
+interval's start, H inner steps with no cross-group traffic, then the pseudo-gradients are averaged and voted on at
+its end. The data unit is then a chunk of H consecutive group batches: inner step k of an interval trains group
+batch (chunks committed + rank in the quorum) * H + k, and a commit adds the participants' chunks. A failed vote (a
+peer died during the interval) drops the whole interval in every group (weights back at the last sync) and it is
+re-run with the next quorum, so every group batch is still trained once in the committed weights.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from gigafactory.config.job import FaultToleranceConfig
 from gigafactory.errors import UserError
 from gigafactory.resilience.events import EventLog
+from gigafactory.train.cross_site import OuterSync, SimulatedLink
 
 
 def _local(value):
@@ -96,6 +105,17 @@ class ReplicaGroupSync:
         except Exception as err:  # noqa: BLE001 - torchft raises plain RuntimeErrors for unreachable servers
             raise UserError(f"cannot join the torchft lighthouse at {cfg.lighthouse} ({str(err).splitlines()[0][:160]}); "
                             "check fault_tolerance.lighthouse or start one (torchft_lighthouse --min_replicas 1)") from None
+        self.per_step = cfg.sync == "ddp"
+        self.every = cfg.sync_every  # 1 under ddp
+        self.link = SimulatedLink(cfg)
+        self.outer = None if self.per_step else OuterSync(cfg, self.manager, trainer.model, trainer.optimizer)
+        self.interval_start = 0  # the trainer step the current interval started from
+        if not self.per_step:
+            c = trainer.cfg.checkpoint
+            for key, every in (("checkpoint.every", c.every), ("checkpoint.memory_every", c.memory_every)):
+                if every % self.every:  # a checkpoint between syncs would hold one group's unsynced weights
+                    raise UserError(f"{key}={every} must be a multiple of fault_tolerance.sync_every={self.every} "
+                                    f"(checkpoints are taken at syncs under fault_tolerance.sync={cfg.sync})")
 
     def _manager(self, torchft, pg, store_host: str, store_port: int):
         cfg, trainer = self.cfg, self.trainer
@@ -173,19 +193,40 @@ class ReplicaGroupSync:
                                replica_groups=self.cfg.replica_groups)
         return self.healed is not None
 
+    def starts_interval(self, step: int) -> bool:
+        """Whether the step after trainer step `step` begins a new quorum: every step under ddp, else every H."""
+        return step % self.every == 0
+
+    def begin_interval(self) -> None:
+        """After this interval's quorum (and heal or resume): the weights now are the global ones."""
+        self.interval_start = self.trainer.step
+        if self.outer is not None:
+            self.outer.begin_interval()
+
     def group_batch(self) -> int:
         """The index (in group batches, over the whole run) of the batch this group trains on in this step."""
         rank = self.manager.participating_rank() if self.manager.errored() is None else None
-        return self.manager.batches_committed() + (rank or 0)
+        return (self.manager.batches_committed() + (rank or 0)) * self.every + (self.trainer.step - self.interval_start)
 
     def batches_committed(self) -> int:
-        return self.manager.batches_committed()
+        """Group batches committed by every group so far (torchft counts chunks of sync_every group batches)."""
+        return self.manager.batches_committed() * self.every
+
+    def end_step(self, step: int, last_step: int) -> bool:
+        """localsgd/diloco: at the end of an interval (or of the run), the outer sync; False if its vote failed."""
+        if self.outer is None or (step % self.every and step != last_step):
+            return True
+        committed = self.outer.sync(self.link, self.manager.num_participants())
+        if not committed:
+            self.events.record("ft_sync_failed", once=True, group=self.cfg.replica_id, step=step, interval_start=self.interval_start)
+        return committed
 
     def sync(self, params, loss: float) -> float:
-        """Average the gradients (and the loss) over the groups of the quorum; returns the averaged loss."""
+        """ddp: average the gradients (and the loss) over the groups of the quorum; returns the averaged loss."""
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], dtype=torch.float32, device=grads[0].device)])
         self.manager.allreduce(flat).wait()
+        self.link.transfer(flat.numel() * flat.element_size(), self.manager.num_participants())
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -200,11 +241,12 @@ class ReplicaGroupSync:
 
     def set_position(self, step: int, batches_committed: int) -> None:
         """After a disk resume: the step and the global data position (in group batches) torchft counts from."""
-        self.manager.load_state_dict({"step": step, "batches_committed": batches_committed})
+        self.manager.load_state_dict({"step": step // self.every, "batches_committed": batches_committed // self.every})
 
     @property
     def step(self) -> int:
-        return self.manager.current_step()
+        """The trainer step of the newest commit (torchft counts commits: one per step, or one per interval)."""
+        return self.manager.current_step() * self.every
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)

@@ -261,7 +261,7 @@ class Trainer:
         for hook in self.pmodel.after_backward:
             hook()
         loss = self.reduce_loss(total_loss)
-        if self.ft is not None:  # average over the replica groups of this step's quorum
+        if self.ft is not None and self.ft.per_step:  # ddp: average over the replica groups of this step's quorum
             loss = self.ft.sync(list(self.model.parameters()), loss)
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         grad_norm = float(clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies()))
@@ -288,7 +288,7 @@ class Trainer:
             first_loss = loss
             loss, grad_norm = self.forward_backward(step)
             verdict = self.guard.judge_rerun(step, verdict, first_loss, loss, grad_norm)
-        if self.ft is not None and not self.ft.should_commit():
+        if self.ft is not None and self.ft.per_step and not self.ft.should_commit():
             return self._abandon_step(guard_state)
         if verdict.action == "ok":
             self.optimizer.step()
@@ -299,6 +299,9 @@ class Trainer:
             raise UserError(f"training stopped at step {step}: {verdict.note or f'{verdict.reason} (resilience.on_{verdict.reason}=stop)'}; "
                             "the newest checkpoint is intact")
         self.step = step
+        if self.ft is not None and not self.ft.end_step(step, t.steps):  # localsgd/diloco: the interval's sync failed
+            self.step = self.ft.interval_start  # weights are back at the last sync; the interval is re-run
+            return {"retry": True}
         if self.ft is not None:  # the data position torchft counts (group batches committed by every group)
             self.train_loader.consumed = self.ft.batches_committed() * self.group_windows
         aux = sum(float(m.last_aux_loss) for m in self.pmodel.moe_layers())
@@ -309,10 +312,12 @@ class Trainer:
         process that did not heal and has not trained yet resumes from disk (the whole job restarted); then point
         the loader at the group batch this group trains on in this step. Returns what the metrics log about it."""
         first = self.ft.membership is None
-        healed = self.ft.start_step(first)
-        if first and not healed and self.step == 0 and self.ft.step == 0 and self.cfg.checkpoint.resume != "never":
-            self.maybe_resume()
-            self.ft.set_position(self.step, self.train_loader.consumed // self.group_windows)
+        if first or self.ft.starts_interval(self.step):  # every step under ddp, every sync_every under localsgd/diloco
+            healed = self.ft.start_step(first)
+            if first and not healed and self.step == 0 and self.ft.step == 0 and self.cfg.checkpoint.resume != "never":
+                self.maybe_resume()
+                self.ft.set_position(self.step, self.train_loader.consumed // self.group_windows)
+            self.ft.begin_interval()
         if first:
             self._started()
         group_batch = self.ft.group_batch()
