@@ -14,7 +14,7 @@ import sys
 
 from gigafactory.errors import UserError
 
-COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch", "sft", "dpo", "eval")
+COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch", "health", "sft", "dpo", "eval")
 
 
 class Parser(argparse.ArgumentParser):
