@@ -249,4 +249,8 @@ class ReplicaGroupSync:
         return self.manager.current_step() * self.every
 
     def shutdown(self) -> None:
+        """Leave the quorum; record what this rank sent across groups (ring-allreduce bytes) and the link's waits."""
+        l = self.link
+        self.events.record("ft_link", once=True, group=self.cfg.replica_id, sync=self.cfg.sync, sync_every=self.every,
+                           bytes_sent=l.bytes_sent, transfers=l.transfers, link_wait_s=round(l.delay_s, 3))
         self.manager.shutdown(wait=False)

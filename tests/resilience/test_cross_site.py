@@ -11,6 +11,8 @@ shows the difference is far above rounding.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -19,6 +21,30 @@ from tests.resilience.test_fault_tolerance import events, final_weights, metrics
 pytest.importorskip("torchft")
 
 FT = ["--fault_tolerance.enabled=true", "--optimizer.grad_clip=0"]  # clipping is nonlinear too: off for the comparison
+
+
+def test_bad_sync_settings_are_one_line_errors():
+    from gigafactory.config.job import FaultToleranceConfig
+    from gigafactory.models.config import ConfigError
+
+    for bad, says in [({"sync_every": 4}, "needs fault_tolerance.sync=localsgd or diloco"),
+                      ({"sync": "diloco", "sync_every": 0}, "sync_every=0 must be >= 1"),
+                      ({"sync": "diloco", "outer_momentum": 1.0}, "outer_momentum=1.0 must be in [0, 1)"),
+                      ({"link_gbps": -1.0}, "link_gbps=-1.0 must be >= 0")]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            FaultToleranceConfig(**bad).validate()
+
+
+def test_simulated_link_waits_latency_plus_ring_bytes_over_bandwidth(monkeypatch):
+    from gigafactory.config.job import FaultToleranceConfig
+    from gigafactory.train import cross_site
+
+    slept = []
+    monkeypatch.setattr(cross_site.time, "sleep", slept.append)
+    link = cross_site.SimulatedLink(FaultToleranceConfig(link_delay_ms=10, link_gbps=1.0, replica_groups=4))
+    link.transfer(1_000_000, participants=4)  # a ring allreduce sends 2 (G-1)/G of the payload: 1.5 MB = 12 ms at 1 Gbit/s
+    link.transfer(1_000_000, participants=1)  # alone: nothing crosses the link
+    assert link.bytes_sent == 1_500_000 and slept == [pytest.approx(0.010 + 0.012)] and link.transfers == 2
 
 
 def _max_diff(a: dict, b: dict) -> float:
