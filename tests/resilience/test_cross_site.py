@@ -11,12 +11,15 @@ shows the difference is far above rounding.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.resilience.test_fault_tolerance import events, final_weights, metrics, train
+from tests.resilience.test_fault_tolerance import events, final_weights, flags, metrics, train
 
 pytest.importorskip("torchft")
 
@@ -47,6 +50,18 @@ def test_simulated_link_waits_latency_plus_ring_bytes_over_bandwidth(monkeypatch
     assert link.bytes_sent == 1_500_000 and slept == [pytest.approx(0.010 + 0.012)] and link.transfers == 2
 
 
+def launch(run_dir, data_cache, *extra: str, steps: int, nproc: int = 2) -> subprocess.Popen:
+    """`gigafactory train --nproc N` in the background (the runs of a test share the 2 cores instead of queueing)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    return subprocess.Popen([sys.executable, "-m", "gigafactory.cli.main", "train", f"--nproc={nproc}", *flags(run_dir, data_cache, steps), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
 def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
@@ -55,13 +70,17 @@ def test_h1_diloco_with_outer_lr_1_averages_the_models_every_step(tmp_path, data
     steps = 4
     runs = {"diloco": ["--fault_tolerance.sync=diloco", "--fault_tolerance.outer_lr=1", "--fault_tolerance.outer_momentum=0"],
             "localsgd": ["--fault_tolerance.sync=localsgd"], "ddp": []}
+    procs = [launch(tmp_path / name, data_cache, *FT, *extra, "--fault_tolerance.sync_every=1", steps=steps) for name, extra in runs.items()]
+    for proc in procs:
+        finish(proc)
     w = {}
-    for name, extra in runs.items():
-        train(tmp_path / name, data_cache, *FT, *extra, "--fault_tolerance.sync_every=1", steps=steps)
+    for name in runs:
         g0, g1 = (final_weights(tmp_path / name / f"group{g}", steps) for g in (0, 1))
         assert all(torch.equal(g0[k], g1[k]) for k in g0), name  # both groups hold the synced weights
         assert [r["group_batch"] for r in metrics(tmp_path / name / "group1")] == [2 * s + 1 for s in range(steps)]
         w[name] = g0
+    print(f"H=1 max |weight diff|: diloco vs localsgd {_max_diff(w['diloco'], w['localsgd']):.2e}, "
+          f"diloco vs ddp {_max_diff(w['diloco'], w['ddp']):.2e}")
     # DiLoCo (pseudo-gradient, outer step) and LocalSGD (weight average) agree to float32 rounding ...
     assert _max_diff(w["diloco"], w["localsgd"]) < 1e-6
     # ... and differ from gradient averaging + one AdamW step (ddp) by much more: AdamW is not linear in the gradient.
@@ -93,3 +112,13 @@ def test_diloco_group_killed_mid_interval_rejoins_at_the_next_sync(tmp_path, dat
             committed[(g.name, r["step"])] = r["group_batch"]
     batches = sorted(committed.values())
     assert len(batches) == len(set(batches)) and batches == list(range(len(batches)))
+
+
+def test_diloco_over_fsdp_groups_syncs_each_ranks_shard(tmp_path, data_cache):
+    """2 groups x 2 FSDP ranks: torchft's fragment works on DTensor parameters through each rank's local shard."""
+    run, steps = tmp_path / "fsdp", 4
+    finish(launch(run, data_cache, *FT, "--fault_tolerance.sync=diloco", "--fault_tolerance.sync_every=2", steps=steps, nproc=4))
+    w0, w1 = final_weights(run / "group0", steps), final_weights(run / "group1", steps)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    batches = sorted(r["group_batch"] for g in (0, 1) for r in metrics(run / f"group{g}"))
+    assert batches == list(range(2 * steps))
