@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--recovery", choices=("job-restart", "replica"), default="job-restart",
                    help="How failures are recovered: job-restart (torchrun restarts the job) or replica (torchft replica groups, "
                         "one per dp_replicate). Days, GPU-hours, energy and $ include its losses (docs/simulate.md).")
+    p.add_argument("--sites", type=int, default=1, help="Split each cluster size over this many sites (replica groups) and price sync DP vs DiLoCo across them (docs/cross-site.md).")
+    p.add_argument("--site-link", default="400Gbps,10ms", help="With --sites > 1: the link between sites as BANDWIDTH,LATENCY (default 400Gbps,10ms).")
     p.add_argument("--max-idle", type=float, default=0.05, help="Fraction of GPUs the layout may leave as spares (default 0.05).")
     p.add_argument("--json", action="store_true", help="Print a JSON list, one object per cluster size, instead of the table.")
     p.add_argument("--plot", metavar="PNG", help="Write a sweep plot (days, MFU, cost vs GPUs) to this PNG file.")
@@ -88,6 +90,12 @@ def plan_rows(args) -> tuple[list[dict], str]:
             raise UserError(f"{flag} {value} must be a finite number >= {low:g}")
     if not 0 <= args.max_idle < 1:
         raise UserError(f"--max-idle {args.max_idle} must be in [0, 1)")
+    if args.sites < 1:
+        raise UserError(f"--sites {args.sites} must be >= 1")
+    if args.sites > 1:
+        from gigafactory.plan.sites import parse_link, price_sites
+
+        link = parse_link(args.site_link)
     w = from_model_config(cfg)
     space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq)), max_idle=args.max_idle)
     overrides = dict(pue=args.pue, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_failures_per_day=args.failures_per_gpu_day)
@@ -100,6 +108,13 @@ def plan_rows(args) -> tuple[list[dict], str]:
         best, priced = search(w, cluster, MODERN, seq, space)
         fc = forecast(best[0], w, cluster, args.tokens)
         rows.append(row(best[0], fc, cluster, priced, with_failures(best[0], fc, w, cluster, args.recovery)))
+        if args.sites > 1:  # each site plans its own share; the sites' batches add up
+            if n < args.sites:
+                raise UserError(f"--gpus {n} cannot be split over --sites {args.sites}")
+            site_space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq / args.sites)), max_idle=args.max_idle)  # same global batch
+            site_best, _ = search(w, make_cluster(gpu, n // args.sites, network=network, catalog=catalog, **overrides), MODERN, seq, site_space)
+            rows[-1]["sites"] = price_sites(site_best[0].step_time_s, site_best[0].tokens_per_step, w.params_total, args.sites,
+                                            n, args.tokens, cluster.usd_per_gpu_hour, *link)
     title = (f"{cfg.name} on {gpu}: {args.tokens:.3g} tokens, seq {seq}, target batch {args.batch_tokens / 1e6:.1f}M tokens, "
              f"recovery {args.recovery}")
     return rows, title
@@ -118,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     from gigafactory.plan.report import render_table
 
     render_table(rows, title)
+    if args.sites > 1:
+        from gigafactory.plan.sites import render
+
+        for r in rows:
+            render(r["sites"], f"{r['gpus']:,} GPUs as {args.sites} sites x {r['gpus'] // args.sites:,}, link {args.site_link} "
+                               "(failure losses not included)")
     best = rows[-1]
     print(f"\n# parallel layout for {best['gpus']:,} GPUs (paste into the training config):")
     print(best["parallel_toml"])

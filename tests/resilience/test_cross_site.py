@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+from gigafactory.errors import UserError
 from tests.resilience.test_fault_tolerance import events, final_weights, flags, metrics, train
 
 pytest.importorskip("torchft")
@@ -122,3 +123,23 @@ def test_diloco_over_fsdp_groups_syncs_each_ranks_shard(tmp_path, data_cache):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     batches = sorted(r["group_batch"] for g in (0, 1) for r in metrics(run / f"group{g}"))
     assert batches == list(range(2 * steps))
+
+
+def test_plan_prices_sites_sync_dp_vs_diloco():
+    """`gigafactory plan --sites 2 --site-link 400Gbps,10ms`: the link time per step falls by H, and sync DP over a
+    400 Gbit/s link is link-bound for grok-1 (a full gradient copy per step)."""
+    from gigafactory.plan.sites import parse_link, price_sites, sync_time_s
+
+    assert parse_link("400Gbps,10ms") == (400.0, pytest.approx(0.010)) and parse_link("1.6Tbps, 500us") == (1600.0, pytest.approx(5e-4))
+    with pytest.raises(UserError, match="BANDWIDTH,LATENCY"):
+        parse_link("400Gbps")
+    params = 316_000_000_000
+    link = sync_time_s(params, 2, 400.0, 0.010)
+    assert link == pytest.approx(2 * 0.010 + params * 4 * 8 / 400e9)  # 2 sites: each sends one full fp32 copy
+    rows = price_sites(0.4, 8_000_000, params, 2, 100_000, 6e12, 2.0, 400.0, 0.010)
+    by = {r["sync_every"]: r for r in rows}
+    assert by[1]["link_s_per_step"] == pytest.approx(link) and by[32]["link_s_per_step"] == pytest.approx(link / 32)
+    assert by[1]["days"] > by[8]["days"] > by[500]["days"] and by[500]["max_extra_tokens"] > 0
+    out = subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "plan", "--gpus", "100000", "--sites", "2", "--site-link", "400Gbps,10ms"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "2 sites x 50,000" in out.stdout and "DiLoCo H=500" in out.stdout
