@@ -121,11 +121,14 @@ def test_every_layout_matches_single_process(launch, reference):
         assert evals[-1] == pytest.approx(ref_eval[-1], rel=bound), name
         if name in CLOSE:
             continue
-        # Weights: AdamW turns reduction-order rounding on near-zero gradients into updates of up to ~1e-5
-        # (measured worst element 1.5e-5 of weights ~2e-2 after 6 steps), so the bound is absolute 3e-5.
+        # Weights: AdamW turns reduction-order rounding on near-zero gradients into updates of up to a fraction of
+        # lr (3e-3) on single elements: measured worst 1.5e-5, and on the token-split data 5.6e-5 (embed.weight) and
+        # 1.5e-4 (one of 2,048 elements of a wv.weight). So: every element within 5e-4 (a sixth of one step's
+        # largest update; a layout bug moves most elements by ~lr), and each tensor within 1e-3 of its norm.
         final = load_for_inference(spec_dir / name).model.state_dict()
         for key, ref in ref_weights.items():
-            torch.testing.assert_close(final[key], ref, rtol=1e-5, atol=3e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(final[key], ref, rtol=1e-5, atol=5e-4, msg=lambda m, name=name, key=key: f"{name}: {key}: {m}")
+            assert float((final[key] - ref).norm()) <= 1e-3 * float(ref.norm()), (name, key)
     print("\nmax relative loss / final eval loss difference vs one process:")
     for name, (loss_diff, eval_diff) in report.items():
         print(f"  {name:18s} {loss_diff:.1e} {eval_diff:.1e}")

@@ -76,7 +76,7 @@ def test_killed_group_rejoins_from_its_peer_while_the_other_keeps_stepping(tmp_p
     kill_step, nan_step = 8, 70
     # A lighthouse that drops a silent group after 1 s: the killed group takes longer than that to come back (process
     # start alone is ~4 s here), so group 0 steps alone for a while whatever the machine's load.
-    train(run, data_cache, "--fault_tolerance.enabled=true", "--fault_tolerance.timeout_s=10", "--faults.delay_s=0.1",
+    train(run, data_cache, "--fault_tolerance.enabled=true", "--fault_tolerance.timeout_s=10", "--faults.delay_s=0.2",
           "--fault_tolerance.heartbeat_timeout_ms=1000", "--fault_tolerance.join_timeout_ms=500", "--resilience.async_checkpoint=true",
           "--faults.replica_id=1", f"--faults.kill_step={kill_step}", f"--faults.nan_step={nan_step}", steps=STEPS)
     g0, g1 = run / "group0", run / "group1"
