@@ -26,33 +26,13 @@ from gigafactory.parallel.distributed import all_reduce_mean, destroy_distribute
 from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, StragglerMonitor, Watchdog, record_start
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train.checkpoint_files import list_checkpoints, remove_stale, usable_checkpoints
+from gigafactory.train.devices import pick_device, pick_dtype
 from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.memory_checkpoint import MemoryCheckpoints
 from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
 from gigafactory.train.preflight import check_run_dir
 from gigafactory.train.replica_groups import ReplicaGroupSync
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("training.device=cuda but no CUDA device is visible; use training.device=cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast where the hardware has native bf16 (CUDA sm80+, CPUs with avx512_bf16/amx), else fp32."""
-    if name != "auto":
-        return torch.bfloat16 if name == "bf16" else torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
 class Trainer:
