@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gigafactory.data.chat import ROLES, ChatTemplate
+from gigafactory.data.loader import SeededOrder
 from gigafactory.data.tokenizer import PAD_ID
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
@@ -103,9 +104,11 @@ def split_conversations(conversations: list[list[dict]], val_fraction: float, se
     return [c for i, c in enumerate(conversations) if i not in held], [c for i, c in enumerate(conversations) if i in held]
 
 
-class PackedChatLoader:
+class PackedChatLoader(SeededOrder):
     """Batches of (inputs, targets, positions, doc_ids), each [batch_size, seq_len], for this data-parallel rank,
     and the micro-batch's trained-token count over all ranks."""
+
+    RESUME_HINT = "resume with the same chat data and data.seq_len/data.seed, or start a new run directory"
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True):
         self.batch_size, self.seed, self.dp_rank, self.dp_size, self.shuffle = batch_size, seed, dp_rank, dp_size, shuffle
@@ -115,16 +118,7 @@ class PackedChatLoader:
         self.inputs, self.positions, self.doc_ids = rows.tokens[:, :-1], rows.positions[:, :-1], rows.doc_ids[:, :-1]
         self.targets = np.where(rows.trained[:, 1:] & same_doc, rows.tokens[:, 1:], IGNORE_INDEX)
         self.weights = (self.targets != IGNORE_INDEX).sum(1)  # what a row adds to the loss's denominator
-        self.consumed = 0  # rows consumed by all ranks together
-        self._epoch, self._perm = -1, None
-
-    def _row(self, global_index: int) -> int:
-        epoch, offset = divmod(global_index, self.n_windows)
-        if not self.shuffle:
-            return offset
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        return int(self._perm[offset])
+        self._start()
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """(inputs, targets, positions, doc_ids, n): n is the trained-token count of this micro-batch on all ranks
@@ -134,17 +128,7 @@ class PackedChatLoader:
 
     def next_rows(self, weights: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """This rank's rows of the next micro-batch, and the sum of `weights` over every rank's rows of it."""
-        every = [self._row(self.consumed + i) for i in range(self.batch_size * self.dp_size)]
+        every = [self._index(self.consumed + i) for i in range(self.batch_size * self.dp_size)]
         self.consumed += self.batch_size * self.dp_size
         mine = np.asarray(every[self.dp_rank * self.batch_size:(self.dp_rank + 1) * self.batch_size])
         return mine, torch.tensor(float(weights[every].sum()))
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seq_len": self.seq_len, "n_windows": self.n_windows, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seq_len", "n_windows", "seed"):
-            if state[key] != getattr(self, key):
-                raise UserError(f"checkpoint data loader has {key}={state[key]} but this run has {getattr(self, key)}; "
-                                "resume with the same chat data and data.seq_len/data.seed, or start a new run directory")
-        self.consumed = int(state["consumed"])
