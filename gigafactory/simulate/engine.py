@@ -180,15 +180,21 @@ class Job:
 
     # -- events --------------------------------------------------------------------------------------------------
     def on_failure(self, t: float, cls: FailureClass, heap: list, position: float) -> None:
+        if self._arrive(t, cls, heap, position):
+            self._kill(t, cls, self._memory_survives(cls, position))
+
+    def _arrive(self, t: float, cls: FailureClass, heap: list, position: float) -> bool:
+        """Count a failure and send its nodes to repair; True if the job must react (a job-killing failure outside
+        a maintenance window)."""
         if not cls.kills_job:
             self.res.non_fatal[cls.name] += 1
-            return
+            return False
         self.res.arrivals[cls.name] += 1
         self._take_nodes(t, cls, heap, position)
         if self.phase == "maintenance":
             self.res.during_maintenance += 1
-            return
-        self._kill(t, cls, self._memory_survives(cls, position))
+            return False
+        return True
 
     def _take_nodes(self, t: float, cls: FailureClass, heap: list, position: float) -> None:
         if cls.repair_s > 0:

@@ -109,13 +109,7 @@ class ReplicaJob(Job):
 
     # -- events ----------------------------------------------------------------------------------------------------
     def on_failure(self, t: float, cls: FailureClass, heap: list, position: float) -> None:
-        if not cls.kills_job:
-            self.res.non_fatal[cls.name] += 1
-            return
-        self.res.arrivals[cls.name] += 1
-        self._take_nodes(t, cls, heap, position)
-        if self.phase == "maintenance":
-            self.res.during_maintenance += 1
+        if not self._arrive(t, cls, heap, position):
             return
         hit = self._hit(cls, self._block(cls, position))
         recoverable = self._memory_survives(cls, position)
