@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 from gigafactory.config.loader import add_config_arguments, config_to_toml
 from gigafactory.errors import UserError
@@ -37,6 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gigafactory.cli.sft import train_and_report
     from gigafactory.posttrain.dpo import DPOTrainer
     from gigafactory.posttrain.options import DPO_DEFAULTS, DPOOptions
     from gigafactory.posttrain.sft import SFTData, sft_config
@@ -49,12 +49,4 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_toml(cfg), end="")
         return 0
-    trainer = DPOTrainer(cfg, SFTData(base, args.data, args.val_fraction), opts)
-    summary = trainer.train()
-    trainer.close()
-    if int(os.environ.get("RANK", "0")) == 0:
-        if summary["eval"]:
-            (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
-            print(f"eval DPO loss (held-out pairs): {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
-        print(f"checkpoint: {summary['checkpoint']}")
-    return 0
+    return train_and_report(DPOTrainer(cfg, SFTData(base, args.data, args.val_fraction), opts), "eval DPO loss (held-out pairs)")

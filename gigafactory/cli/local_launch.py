@@ -99,10 +99,6 @@ class LocalJob:
         self.signum: int | None = None
         self.supervised: list = []  # callables run while waiting (the lighthouse's keeper)
 
-    @property
-    def proc(self) -> subprocess.Popen:
-        return self.procs[0]
-
     def _errors(self) -> list[Path]:
         return sorted(self.error_dir.glob("user_error*"))
 

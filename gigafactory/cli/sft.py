@@ -39,12 +39,17 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_toml(cfg), end="")
         return 0
-    trainer = SFTTrainer(cfg, SFTData(base, args.data, args.val_fraction))
+    return train_and_report(SFTTrainer(cfg, SFTData(base, args.data, args.val_fraction)), "eval loss (assistant tokens)")
+
+
+def train_and_report(trainer, eval_name: str) -> int:
+    """Run a post-training Trainer to its end; rank 0 prints the held-out metric's first and last value and the
+    checkpoint (shared by `sft` and `dpo`)."""
     summary = trainer.train()
     trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:
         if summary["eval"]:
             (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
-            print(f"eval loss (assistant tokens): {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+            print(f"{eval_name}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
         print(f"checkpoint: {summary['checkpoint']}")
     return 0

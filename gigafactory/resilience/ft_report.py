@@ -115,11 +115,12 @@ def build_replica_report(run_dir: Path | str, out_dir: Path | str | None = None,
     )
     if plots:
         out = Path(out_dir) if out_dir else run_dir / "report"
-        summary.plot = str(_plot(committed, events, n_groups, min(times), out))
+        summary.plot = str(_plot(committed, events, participants, n_groups, min(times), out))
     return summary
 
 
-def _plot(committed: dict[int, dict], events: dict[int, list], n_groups: int, t0: float, out: Path) -> Path:
+def _plot(committed: dict[int, dict], events: dict[int, list], participants: dict[int, int], n_groups: int, t0: float,
+          out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,12 +141,8 @@ def _plot(committed: dict[int, dict], events: dict[int, list], n_groups: int, t0
                 top.plot([e["time"] - t0], [g], "b>")
     top.set_yticks(range(n_groups), [f"group {g}" for g in range(n_groups)])
     top.set_xlabel("seconds (green: in the quorum, x: failure, >: rejoined from a peer)")
-    counts: dict[int, int] = {}
-    for steps in committed.values():
-        for step in steps:
-            counts[step] = counts.get(step, 0) + 1
-    xs = sorted(counts)
-    bottom.step(xs, [counts[s] for s in xs], where="post")
+    xs = sorted(participants)
+    bottom.step(xs, [participants[s] for s in xs], where="post")
     bottom.set_ylim(0, n_groups + 0.5)
     bottom.set_xlabel("step")
     bottom.set_ylabel("groups")
