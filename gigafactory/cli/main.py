@@ -11,8 +11,11 @@ import difflib
 import importlib
 import os
 import sys
+import time
 
 from gigafactory.errors import UserError
+
+LAUNCHER_KILL_WAIT_S = 10.0  # how long a worker that hit a user error waits for `train --nproc` to stop the job
 
 COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch", "health", "sft", "dpo", "eval")
 
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if getattr(args, "user_error_file", ""):  # a torchrun worker: the launching process prints it, once
             _write_once(args.user_error_file, str(err))
+            # ... and stops the whole job within a fraction of a second. Exiting first would make the other ranks'
+            # pending collectives fail with tracebacks of their own before the launcher gets to them.
+            time.sleep(LAUNCHER_KILL_WAIT_S)
         else:
             print(f"error: {err}", file=sys.stderr)
         return 2
