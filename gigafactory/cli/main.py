@@ -1,7 +1,8 @@
 """`gigafactory`: one entry point, one subcommand per part of the mission.
 
 Each command module exposes `register(subparsers)`, which adds its parser and sets `func` to the function that runs
-it. A `UserError` anywhere below becomes one line on stderr and exit code 2, never a traceback.
+it. Only the module of the command being run is imported (all of them for top-level help or an unknown command), so
+`plan` and `simulate` never import torch. A `UserError` anywhere below becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from gigafactory.errors import UserError
 
 LAUNCHER_KILL_WAIT_S = 10.0  # how long a worker that hit a user error waits for `train --nproc` to stop the job
 
-COMMANDS = ("train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch", "health", "sft", "dpo", "eval")
+# Module names under gigafactory/cli/; the subcommand is the name without a trailing underscore (import_ -> import).
+COMMANDS = ["train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch", "health", "sft", "dpo", "eval"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,20 +37,28 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}{hint}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> list[str]:
+    """The command modules to import: the one named first on the command line, else all (help, typos)."""
+    first = argv[0] if argv else ""
+    named = [m for m in COMMANDS if m.rstrip("_") == first]
+    return named or list(COMMANDS)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv` (only its command registered), or for every command when argv is None."""
     parser = Parser(
         prog="gigafactory",
         allow_abbrev=False,
         description="Train, plan, simulate and serve Grok-class Mixture-of-Experts models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in COMMANDS if argv is None else _chosen(argv):
         importlib.import_module(f"gigafactory.cli.{name}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
