@@ -109,8 +109,9 @@ class ResilienceConfig:
     async_checkpoint: bool = knob(False, "Save checkpoints with DCP async_save: the step waits only for the copy to host memory; the save commits in the background as soon as it is written.")
     verify: str = knob("sha256", "How a checkpoint is checked against its manifest before loading: sha256, size (fast), or none.", choices=("sha256", "size", "none"))
     term_grace_s: float = knob(120.0, "On SIGTERM or Ctrl-C: finish the step, save and exit; past this many seconds exit anyway (the previous checkpoint stays intact).")
-    straggler_every: int = knob(100, "Gather per-rank step times every N steps and name the slowest ranks; 0 = off.")
-    straggler_ratio: float = knob(1.2, "A rank whose mean step time exceeds the median by this factor is reported as a straggler.")
+    straggler_every: int = knob(10, "Straggler hunting: time each rank's compute vs its wait at a one-number all-reduce every step, and every N steps compare the ranks' medians over those N steps and name the slow ones; 0 = off.")
+    straggler_ratio: float = knob(1.2, "A rank whose median compute time per step exceeds the fleet median by this factor is named as a straggler.")
+    straggler_policy: str = knob("warn", "A named straggler: warn (event + console line) or exclude (also add its host to RUN_DIR/bad_nodes.json, which `gigafactory launch --exclude` and the generated job scripts read at the next launch or restart).", choices=("warn", "exclude"))
     events_file: str = knob("events.jsonl", "Recovery events log, relative to logging.run_dir (read by `gigafactory report`).")
 
     def validate(self) -> None:
@@ -185,6 +186,7 @@ class FaultConfig:
     anomaly_repeats: int = knob(1, "Runs of the step that show the injected NaN/spike: 1 = a transient fault (a re-run is clean), 2 or more = a real one (the re-run shows it too).")
     delay_rank: int = knob(-1, "Rank that sleeps delay_s before every step (a slow node; in drills, a stand-in for a longer step); -1 = every rank.")
     delay_s: float = knob(0.0, "Seconds delay_rank sleeps before every step; 0 = off.")
+    delay_from_step: int = knob(0, "The delay starts at this step (a node that turns slow mid-run); 0 = from the first step.")
     replica_id: int = knob(-1, "With fault tolerance: the replica group whose ranks the faults above hit; -1 = every group.")
     corrupt_latest: str = knob("none", "Damage the checkpoint saved at corrupt_step right after it is written.", choices=("none", "truncate", "flip"))
     corrupt_step: int = knob(0, "Step whose checkpoint is damaged; 0 = the first checkpoint saved.")
@@ -203,6 +205,7 @@ class FaultConfig:
             ("anomaly_repeats", self.anomaly_repeats >= 1, "must be >= 1"),
             ("delay_rank", self.delay_rank >= -1, "must be >= -1 (-1 = every rank)"),
             ("delay_s", 0 <= self.delay_s <= 3600, "must be in [0, 3600] seconds"),
+            ("delay_from_step", self.delay_from_step >= 0, "must be >= 0 (0 = from the first step)"),
         ])
 
 

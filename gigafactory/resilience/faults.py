@@ -4,7 +4,7 @@ The trainer calls the injector at four fixed points; each fault fires at most on
 file under RUN_DIR/faults/ is written before it fires), so a restarted job does not hit the same fault again:
 
     before_step(step)          hang_rank sleeps forever at hang_step (the watchdog must catch it); delay_rank sleeps
-                               delay_s before every step (a slow node)
+                               delay_s before every step from delay_from_step on (a slow node)
     after_backward(step, model) nan_rank writes NaN into a gradient at nan_step; spike_rank scales its gradients (and,
                                through the returned factor, its loss) at spike_step; kill_rank SIGKILLs itself at kill_step
     before_save(step)          the save at fail_save_step raises OSError(ENOSPC) before it is committed
@@ -55,7 +55,7 @@ class FaultInjector:
     # ---- hooks -------------------------------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         c = self.cfg
-        if c.delay_s and c.delay_rank in (-1, self.rank):
+        if c.delay_s and c.delay_rank in (-1, self.rank) and step >= c.delay_from_step:
             time.sleep(c.delay_s)
         if c.hang_step and step == c.hang_step and self.rank == c.hang_rank and self._arm("hang", step):
             while True:  # a hung rank: alive, never progressing

@@ -85,7 +85,8 @@ class Trainer:
                                               hooks=ckpt.CommitHooks(self.faults.before_save, self.faults.after_save))
         self.signals = StopSignals(r.term_grace_s, self.events)
         self.guard = AnomalyGuard(r, self.events)
-        self.stragglers = StragglerMonitor(r.straggler_every, r.straggler_ratio, self.events, device=self.device)
+        self.stragglers = StragglerMonitor(r.straggler_every, r.straggler_ratio, self.events, device=self.device,
+                                           policy=r.straggler_policy, run_dir=self.run_dir)
         self.watchdog = Watchdog(r.watchdog_timeout_s, self.rank, self.events,
                                  heartbeat_path=self.run_dir / "heartbeat.json" if self.rank == 0 else None)
         self.ft = ReplicaGroupSync(ft, self, self.events) if ft.enabled else None
@@ -254,6 +255,7 @@ class Trainer:
         replica = self._join_quorum() if self.ft is not None else {}
         step = self.step + 1
         self.faults.before_step(step)
+        self.stragglers.sync_point()  # compute vs wait: the slow rank arrives last and waits least
         lr = lr_at(self.step, t.steps, o)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
