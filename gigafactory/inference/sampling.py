@@ -1,4 +1,5 @@
-"""Per-row sampling: logit bias, presence/frequency penalties, temperature, top-k, top-p, min-p; temperature 0 is greedy.
+"""Per-row sampling: logit bias, presence/frequency penalties, a grammar's token mask, temperature, top-k, top-p, min-p;
+temperature 0 is greedy.
 
 The order follows OpenAI/vLLM: bias and penalties change the logits, then temperature scales them, then the filters
 cut the tail. Temperature is applied in float64 after subtracting the maximum, so any value in (0, 2] - 1e-300 too -
@@ -10,10 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from gigafactory.errors import UserError
+
+
+class TokenConstraint(Protocol):
+    """Structured output (serve/structured.py implements it): which tokens may come next, given the tokens generated
+    so far. Stateful and per sequence: it advances over the `output_ids` it has not seen yet on each call."""
+
+    def allowed(self, output_ids: Sequence[int], vocab_size: int) -> torch.Tensor:
+        """A bool mask [vocab_size]: True where the token keeps the output inside the grammar ([EOS] only once the
+        grammar accepts)."""
 
 
 @dataclass
@@ -26,6 +37,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    constraint: TokenConstraint | None = None  # a grammar the output must follow (one object per sequence)
 
     def validate(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -49,7 +61,8 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the batched argmax gives the answer."""
-        return self.temperature == 0 and not self.logit_bias and not self.presence_penalty and not self.frequency_penalty
+        return (self.temperature == 0 and not self.logit_bias and not self.presence_penalty
+                and not self.frequency_penalty and self.constraint is None)
 
 
 def adjusted_logits(logits_V: torch.Tensor, params: SamplingParams, output_ids: Sequence[int] = ()) -> torch.Tensor:
@@ -67,8 +80,12 @@ def adjusted_logits(logits_V: torch.Tensor, params: SamplingParams, output_ids: 
 
 def sample_next(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                 output_ids: Sequence[int] = ()) -> int:
-    """Pick the next token id from one row of logits (`output_ids`: the tokens generated so far, for penalties)."""
+    """Pick the next token id from one row of logits (`output_ids`: the tokens generated so far, for penalties and
+    the constraint). A constraint removes every token it does not allow before anything else picks."""
     logits = adjusted_logits(logits_V, params, output_ids)
+    if params.constraint is not None:
+        allowed = params.constraint.allowed(output_ids, logits.numel()).to(logits.device)
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if not bool(torch.isfinite(logits).any()):
         raise ValueError("the model produced no finite logit")
     if params.temperature == 0:

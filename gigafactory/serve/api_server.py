@@ -30,6 +30,8 @@ from gigafactory.serve.metrics import Metrics
 from gigafactory.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
 from gigafactory.serve.responses import respond
 from gigafactory.serve.rollout import RolloutPolicy
+from gigafactory.serve.structured import response_format_constraint
+from gigafactory.serve.tools import template_messages, tool_constraint, tool_mode
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -133,6 +135,7 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
             if any(not 0 <= t < engine.model.cfg.vocab_size for t in ids):
                 raise ApiError(400, f"prompt token ids must be in [0, {engine.model.cfg.vocab_size})", param="prompt")
         params = _sampling(engine, req, ids, req.max_tokens, "prompt")
+        params.constraint = await _constraint(engine, req)
         return await respond(request, state, engine, req, ids, params, req.stop_list(), False, started)
 
     @app.post("/v1/chat/completions")
@@ -140,15 +143,17 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
         started = time.perf_counter()
         engine, req = await _admit(state, request, ChatCompletionRequest)
         template = ChatTemplate(engine.tokenizer, engine.text_encoder)
-        messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
+        mode, tool_names = tool_mode(req)
+        messages = template_messages(req, mode)
         _check_size(engine, sum(len(m["content"].encode()) for m in messages), "messages")
         ids = await asyncio.to_thread(template.encode, messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _sampling(engine, req, ids, max_tokens, "messages")
+        params.constraint = await _constraint(engine, req, mode, tool_names)
         # with role tokens, one of them starting the next turn ends the answer (the model must not write the user's)
         stop_ids = frozenset(template.role_ids.values()) if template.special else frozenset()
         return await respond(request, state, engine, req, ids, params, req.stop_list() + template.stop, True, started,
-                             stop_ids)
+                             stop_ids, tool_names)
 
     return app
 
@@ -255,6 +260,19 @@ async def _encode(engine: Engine, text: str, param: str) -> list[int]:
     """User text -> ids off the event loop (a long prompt must not stall every stream), never as control tokens."""
     _check_size(engine, len(text.encode()), param)
     return (await asyncio.to_thread(engine.text_encoder.encode, text)).ids
+
+
+async def _constraint(engine: Engine, req, mode: str = "none", tool_names: list[str] = ()):
+    """The grammar this answer must follow (tool call or response_format), compiled off the event loop; None if
+    the answer is free text."""
+    if mode != "none":
+        return await asyncio.to_thread(tool_constraint, engine.tokenizer, req, mode, tool_names)
+    if req.response_format is None or req.response_format.type == "text":
+        return None
+    if req.ignore_eos:
+        raise ApiError(400, "'ignore_eos' cannot be combined with response_format: the answer ends where its grammar "
+                            "does", param="ignore_eos", code="invalid_value")
+    return await asyncio.to_thread(response_format_constraint, engine.tokenizer, req.response_format)
 
 
 def _sampling(engine: Engine, req, ids: list[int], max_tokens: int | None, param: str) -> SamplingParams:

@@ -1,7 +1,7 @@
 """OpenAI request schemas (exactly the fields we honour, with OpenAI's ranges), body checks, and error bodies.
 
 An OpenAI field this server does not honour is refused with a 400 naming it, never silently ignored: a client that
-sends `response_format` or `tools` must learn that its output will not follow them.
+sends `best_of` or `suffix` must learn that its output will not follow them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gigafactory.serve.sequence import MAX_STOP_CHARS
 
@@ -18,7 +18,29 @@ MAX_JSON_DEPTH = 32  # deeper bodies are refused before validation (json.loads r
 MAX_LOGIT_BIAS = 300  # OpenAI's own bound on logit_bias entries
 MAX_N = 16  # choices per request
 
+MAX_TOOLS = 128  # OpenAI's own bound on `tools`
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: FunctionName
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # the schema is always enforced exactly, strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type json_schema and allowed only with it")
+        return self
 
 
 class _Request(BaseModel):
@@ -41,6 +63,7 @@ class _Request(BaseModel):
     seed: int | None = None
     user: str | None = None  # the end user's id (OpenAI: for abuse monitoring); logged nowhere, changes nothing
     ignore_eos: bool = False  # extension: keep generating past [EOS]
+    response_format: ResponseFormat | None = None  # enforced while decoding (serve/structured.py)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -75,20 +98,75 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: FunctionName
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # assistant turns only
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)  # tool turns only: the call answered
+
+    @model_validator(mode="after")
+    def _shape_fits_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("'tool_call_id' is required on tool messages and allowed only there")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("'content' is required (it may be null only on an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     def template_role(self) -> str:
         return "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system turn
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: FunctionName
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema for the arguments object; None: no arguments
+    strict: bool | None = None  # the schema is always enforced exactly, strict or not
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool | None = None  # accepted either way: an answer holds at most one call (valid for both)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

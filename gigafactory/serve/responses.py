@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from functools import lru_cache
 
 from fastapi import Request
@@ -20,6 +21,7 @@ from gigafactory.inference.sampling import SamplingParams
 from gigafactory.serve.engine import Engine, QueueFull
 from gigafactory.serve.protocol import ApiError
 from gigafactory.serve.sequence import Sequence
+from gigafactory.serve.tools import ToolCallReader
 
 QUEUE_FULL_RETRY_S = 2
 
@@ -32,9 +34,11 @@ def _failure(finish: str, text: str, timeout_s: float | None) -> ApiError:
 
 
 async def respond(request: Request, state, engine: Engine, req, ids: list[int], params: SamplingParams,
-                  stop: list[str], chat: bool, started: float, stop_ids: frozenset[int] = frozenset()):
-    """Submit the request (n sequences for n choices, seeds seed+i) and answer it, streamed or whole. `started` is
-    time.perf_counter() at arrival. One failing choice fails the request; the others are aborted with it."""
+                  stop: list[str], chat: bool, started: float, stop_ids: frozenset[int] = frozenset(),
+                  tool_names: list[str] | None = None):
+    """Submit the request (n sequences for n choices, seeds seed+i, each with its own grammar state) and answer it,
+    streamed or whole. `started` is time.perf_counter() at arrival. One failing choice fails the request; the
+    others are aborted with it. `tool_names`: the answer may be a call of these functions (serve/tools.py)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     deadline = started + state.request_timeout if state.request_timeout else None
@@ -47,7 +51,8 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
     try:
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i
-            seqs.append(engine.submit(ids, params, callback(i), stop, seed, req.ignore_eos, k, deadline, stop_ids))
+            own = params if params.constraint is None or i == 0 else replace(params, constraint=params.constraint.fresh())
+            seqs.append(engine.submit(ids, own, callback(i), stop, seed, req.ignore_eos, k, deadline, stop_ids))
     except QueueFull as err:
         for seq in seqs:
             engine.abort(seq)
@@ -56,7 +61,8 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
                        headers={"Retry-After": str(QUEUE_FULL_RETRY_S)}) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
-    fmts = [_Formatter(engine.tokenizer, seq, chat, i) for i, seq in enumerate(seqs)]
+    fmts = [_Formatter(engine.tokenizer, seq, chat, i, ToolCallReader(tool_names) if tool_names else None)
+            for i, seq in enumerate(seqs)]
 
     def usage():
         n = sum(len(seq.output_ids) for seq in seqs)
@@ -89,7 +95,9 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
                         yield f"data: {json.dumps(_failure(finish, text, state.request_timeout).body())}\n\n"
                         break
                     if text or finish:
-                        yield chunk([fmts[i].choice(text, finish, delta=True)])
+                        piece = fmts[i].choice(text, finish, delta=True)
+                        if piece.get("delta", True) or piece["finish_reason"] or piece["logprobs"]:  # a call's
+                            yield chunk([piece])  # fixed opening adds nothing until its name is complete
                     running -= finish is not None
                     if not running:
                         finished(finish)
@@ -130,10 +138,12 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
 
 
 class _Formatter:
-    """OpenAI's choice objects, with logprobs when asked: chat's `content` list, or completions' legacy columns."""
+    """OpenAI's choice objects, with logprobs when asked: chat's `content` list, or completions' legacy columns; with
+    tools, the text read as a call when it is one."""
 
-    def __init__(self, tokenizer: Tokenizer, seq: Sequence, chat: bool, index: int = 0):
-        self.tokenizer, self.seq, self.chat, self.index = tokenizer, seq, chat, index
+    def __init__(self, tokenizer: Tokenizer, seq: Sequence, chat: bool, index: int = 0,
+                 tools: ToolCallReader | None = None):
+        self.tokenizer, self.seq, self.chat, self.index, self.tools = tokenizer, seq, chat, index, tools
         self.sent = 0  # logprob entries already sent (streaming)
         self.offset = 0  # characters already sent (completions' text_offset)
 
@@ -142,10 +152,11 @@ class _Formatter:
         if not self.chat:
             return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if delta:
-            return {"index": self.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                    "finish_reason": finish}
-        return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish}
+            body, finish = self.tools.feed(text, finish) if self.tools else ({"content": text} if text else {}, finish)
+            return {"index": self.index, "delta": body, "logprobs": logprobs, "finish_reason": finish}
+        message, finish = (self.tools.message(text, finish) if self.tools
+                           else ({"role": "assistant", "content": text}, finish))
+        return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
     def _logprobs(self) -> dict | None:
         """The entries of the tokens generated since the last call (all of them for a whole answer)."""
