@@ -7,6 +7,7 @@ File format, one table per key:
     name = "alice"            # shown in /metrics and logs instead of the secret
     region = "DE"             # used for the rollout when the trusted region header is absent
     requests_per_minute = 60  # overrides --rate-limit for this key
+    requests_per_day = 5000   # gateway only (load_keys(..., quotas=True)): a daily quota per key, UTC days
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ class ApiKey:
     name: str
     region: str | None = None
     requests_per_minute: float | None = None
+    requests_per_day: int | None = None  # enforced by `gigafactory gateway` (DailyQuota); serve refuses the field
 
 
-def load_keys(path: str | None, env: str | None = None) -> dict[str, ApiKey]:
-    """Keys from the file and/or the env value; an empty result means the server is open (no 401s)."""
+
+def load_keys(path: str | None, env: str | None = None, quotas: bool = False) -> dict[str, ApiKey]:
+    """Keys from the file and/or the env value; an empty result means the server is open (no 401s).
+    quotas=True (the gateway) also accepts `requests_per_day`; serve does not enforce it, so there it is an error."""
     keys: dict[str, ApiKey] = {}
     env = os.environ.get("GIGAFACTORY_API_KEYS", "") if env is None else env
     for i, secret in enumerate(s.strip() for s in env.split(",")):
@@ -56,10 +60,11 @@ def load_keys(path: str | None, env: str | None = None) -> dict[str, ApiKey]:
         for secret, entry in raw.get("keys", {}).items():
             if not isinstance(entry, dict):
                 raise UserError(f"--api-keys {p}: keys.{secret[:6]}... must be a table with name/region/requests_per_minute")
-            extra = sorted(set(entry) - {"name", "region", "requests_per_minute"})
+            allowed = {"name", "region", "requests_per_minute"} | ({"requests_per_day"} if quotas else set())
+            extra = sorted(set(entry) - allowed)
             if extra:
                 raise UserError(f"--api-keys {p}: keys.{secret[:6]}... has unknown field(s) {', '.join(extra)}; "
-                                "use name, region, requests_per_minute")
+                                f"use {', '.join(sorted(allowed))}")
             if not secret.strip():
                 raise UserError(f"--api-keys {p}: a key's secret is empty")
             rpm = entry.get("requests_per_minute")
@@ -68,7 +73,10 @@ def load_keys(path: str | None, env: str | None = None) -> dict[str, ApiKey]:
             region = entry.get("region")
             if region is not None and not isinstance(region, str):
                 raise UserError(f"--api-keys {p}: keys.{secret[:6]}... region must be a string such as \"DE\"")
-            keys[secret] = ApiKey(secret, str(entry.get("name", secret[:6] + "...")), region, rpm)
+            per_day = entry.get("requests_per_day")
+            if per_day is not None and (isinstance(per_day, bool) or not isinstance(per_day, int) or per_day < 1):
+                raise UserError(f"--api-keys {p}: requests_per_day must be a whole number >= 1")
+            keys[secret] = ApiKey(secret, str(entry.get("name", secret[:6] + "...")), region, rpm, per_day)
         if not raw.get("keys"):
             raise UserError(f"--api-keys {p}: the file defines no key, so the server would be open to anyone; "
                             "add [keys.\"SECRET\"] tables or drop --api-keys")
@@ -109,6 +117,29 @@ class RateLimiter:
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1 - tokens) / rate
+
+
+class DailyQuota:
+    """Requests per key per UTC day; counted when admitted, reset at midnight UTC. In memory: one gateway process
+    enforces it for every replica behind it."""
+
+    def __init__(self):
+        self._used: dict[str, tuple[int, int]] = {}  # key -> (day number, requests)
+        self._lock = threading.Lock()
+
+    def check(self, key: str, per_day: int | None, now: float | None = None) -> float:
+        """0 if the request may go ahead (and is counted), else the seconds until the quota resets."""
+        if not per_day:
+            return 0.0
+        now = time.time() if now is None else now
+        day = int(now // 86400)
+        with self._lock:
+            seen_day, used = self._used.get(key, (day, 0))
+            used = used if seen_day == day else 0
+            if used >= per_day:
+                return (day + 1) * 86400 - now
+            self._used[key] = (day, used + 1)
+            return 0.0
 
 
 def retry_after_header(wait_s: float) -> str:

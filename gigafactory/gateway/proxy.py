@@ -1,0 +1,189 @@
+"""Forward one request to a replica and relay its answer, retrying on another replica while nothing was sent.
+
+A request is retried (on a replica not tried yet, up to routing.max_attempts) when its replica is unreachable, answers
+5xx, or fails before its first byte. A non-streamed answer is read whole before anything reaches the client, so it is
+always retryable. A stream is committed at the replica's first byte; if the replica fails after that, the client
+gets one error event in OpenAI's shape and `data: [DONE]`, never a hang or a half-written event (events are relayed
+whole). Every attempt on the canary pool is reported to the canary controller.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gigafactory.gateway import router
+from gigafactory.gateway.pool import Pool, ReplicaState
+
+REPLICA_HEADER = "X-Gateway-Replica"
+
+
+class GatewayError(Exception):
+    """A refusal or failure of the gateway itself, answered in OpenAI's error shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+             413: "invalid_request_error", 429: "rate_limit_error"}
+
+    def __init__(self, status: int, message: str, code: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"), "param": None,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class Route:
+    region: str
+    pool: str
+    canary: bool  # attempts count for the region's SLO window
+    affinity: str | None
+
+
+class Proxy:
+    def __init__(self, pool: Pool, controller, metrics, client: httpx.AsyncClient):
+        self.pool, self.controller, self.metrics, self.client = pool, controller, metrics, client
+
+    async def forward(self, path: str, body: dict, route: Route, started: float) -> Response:
+        routing = self.pool.cfg.routing
+        tried: set[str] = set()
+        failures: list[str] = []
+        for _ in range(routing.max_attempts):
+            state = router.choose(self.pool.candidates(route.region, route.pool), route.affinity, routing.affinity_slack, tried)
+            if state is None:
+                break
+            if tried:
+                self.metrics.retries.inc()
+            tried.add(state.name)
+            result = await self._attempt(state, path, body, route, started)
+            if isinstance(result, Response):
+                return result
+            failures.append(result)
+        if not tried:
+            why = f"no healthy replica of pool '{route.pool}' for region {route.region}"
+        else:
+            why = f"every replica tried failed ({'; '.join(failures)[:500]})"
+        raise GatewayError(503, f"{why}; retry shortly", "upstream_unavailable", {"Retry-After": "1"})
+
+    def _begin(self, state: ReplicaState) -> None:
+        state.outstanding += 1
+        state.assigned += 1
+        self.metrics.outstanding.labels(replica=state.name).set(state.outstanding)
+
+    def end(self, state: ReplicaState) -> None:
+        state.outstanding -= 1
+        self.metrics.outstanding.labels(replica=state.name).set(state.outstanding)
+
+    def outcome(self, state: ReplicaState, route: Route, outcome: str, latency: float | None) -> None:
+        self.metrics.attempts.labels(replica=state.name, outcome=outcome).inc()
+        if latency is not None and outcome in ("ok", "client_error"):
+            self.metrics.first_byte.labels(pool=state.replica.pool).observe(latency)
+        if route.canary and state.replica.pool == route.pool and outcome != "client_gone":
+            self.controller.record(route.region, outcome in ("ok", "client_error"), latency)
+
+    def lost(self, state: ReplicaState, err: Exception) -> str:
+        """The replica could not be reached or broke off: out of the pool now (a passing check brings it back)."""
+        why = f"{state.name}: {type(err).__name__}"
+        self.pool.set_health(state, False, f"{type(err).__name__}: {err}", eject_now=True)
+        return why
+
+    async def _attempt(self, state: ReplicaState, path: str, body: dict, route: Route, started: float) -> Response | str:
+        """The relayed answer, or a string saying why this replica failed (the caller tries another)."""
+        self._begin(state)
+        upstream, handed_over = None, False
+        try:
+            payload = dict(body, model=state.replica.model)
+            request = self.client.build_request("POST", state.replica.url + path, json=payload,
+                                                headers=state.auth_headers())
+            upstream = await self.client.send(request, stream=True)
+            if upstream.status_code >= 500:
+                text = (await upstream.aread())[:200].decode("utf-8", "replace")
+                self.outcome(state, route, "server_error", None)
+                return f"{state.name} answered {upstream.status_code} {text}"
+            chunks = upstream.aiter_raw()
+            first = await anext(chunks, b"")
+            latency = time.monotonic() - started
+            headers = {REPLICA_HEADER: state.name}
+            kind = upstream.headers.get("content-type", "application/json")
+            if not kind.startswith("text/event-stream"):
+                content = first + b"".join([c async for c in chunks])
+                self.outcome(state, route, "ok" if upstream.status_code < 400 else "client_error", latency)
+                for name in ("retry-after",):
+                    if name in upstream.headers:
+                        headers[name] = upstream.headers[name]
+                return Response(content, status_code=upstream.status_code, media_type=kind, headers=headers)
+            handed_over = True
+            return RelayResponse(self, state, route, upstream, first, chunks, latency, headers)
+        except httpx.HTTPError as err:
+            self.outcome(state, route, "unreachable", None)
+            return self.lost(state, err)
+        finally:
+            if not handed_over:
+                if upstream is not None:
+                    await upstream.aclose()
+                self.end(state)
+
+
+def error_event(message: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+
+
+class RelayResponse(StreamingResponse):
+    """A replica's event stream relayed event by event; owns the upstream response and the replica's in-flight count
+    until the stream ends or the client goes away."""
+
+    def __init__(self, proxy: Proxy, state: ReplicaState, route: Route, upstream: httpx.Response, first: bytes,
+                 chunks, latency: float, headers: dict):
+        self.proxy, self.state, self.route, self.upstream = proxy, state, route, upstream
+        self.latency, self.closed, self.recorded = latency, False, False
+        super().__init__(self._relay(first, chunks), status_code=upstream.status_code, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", **headers})
+
+    def _record(self, outcome: str) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.proxy.outcome(self.state, self.route, outcome, self.latency if outcome == "ok" else None)
+
+    async def _relay(self, first: bytes, chunks):
+        pending = first
+        try:
+            while True:
+                cut = pending.rfind(b"\n\n")
+                if cut >= 0:  # whole events only: a failure later never leaves a half-written one behind
+                    yield pending[:cut + 2]
+                    pending = pending[cut + 2:]
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+                pending += chunk
+            if pending:
+                yield pending
+            self._record("ok")
+        except httpx.HTTPError as err:
+            why = self.proxy.lost(self.state, err)
+            self._record("stream_broken")
+            yield error_event(f"the replica serving this stream failed ({why}); the answer is incomplete, send it again",
+                              "upstream_failed")
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._record("client_gone")
+        await self.upstream.aclose()
+        self.proxy.end(self.state)
