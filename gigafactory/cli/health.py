@@ -5,6 +5,10 @@ judges all of them against the fleet's median and writes a JSON report with `bad
 launch --exclude` reads). `--nproc N` starts the N ranks on this machine under torchrun. Exit 0: every node healthy;
 1: some node is bad (report written); 2: bad input. Under a torchrun started by someone else every rank exits 0 and
 the report is the answer (torchrun would print a failure traceback for a non-zero rank).
+
+`--pick N --reports DIR --candidates a,b,c` measures nothing: it reads the per-node reports a job's pre-step wrote
+(DIR/<node>.json), judges all their ranks together against the fleet median, drops failed, missing and
+`--bad-nodes` nodes, and prints the first N healthy nodes, comma-separated (exit 1 if fewer; fleet/select.py).
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--slow-ratio", type=float, default=0.8, help="A rank whose throughput metric is below this x the fleet median is bad.")
     p.add_argument("--node-name", default="", help="Name of this node in the report (default: the hostname).")
     p.add_argument("--size", choices=("quick", "full"), default="quick", help="quick: CPU-sized probes; full: GPU-sized ones.")
+    p.add_argument("--pick", type=int, default=0, metavar="N", help="Select N healthy nodes from the per-node reports in --reports (a job's pre-step); prints them comma-separated.")
+    p.add_argument("--reports", metavar="DIR", help="--pick: directory of per-node reports, <node>.json each.")
+    p.add_argument("--candidates", default="", help="--pick: the allocated nodes, comma-separated, in the order to fill from.")
+    p.add_argument("--bad-nodes", metavar="FILE", help="--pick: a bad-nodes JSON (e.g. RUN_DIR/bad_nodes.json from straggler hunting) whose nodes are dropped; absent = none.")
     p.add_argument("--slow-rank", type=int, default=-1, help=argparse.SUPPRESS)  # drills: this rank's matmul looks slower
     p.add_argument("--slow-factor", type=float, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -54,6 +62,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    if args.pick:
+        return _pick(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         argv = _without_nproc(sys.argv[sys.argv.index("health") + 1 :])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
@@ -63,6 +73,29 @@ def run(args: argparse.Namespace) -> int:
             return code
         return 1 if json.loads(Path(args.out).read_text())["bad_nodes"] else 0
     return _measure_and_report(args)
+
+
+def _pick(args: argparse.Namespace) -> int:
+    from gigafactory.fleet.select import PickError, pick_nodes
+
+    if not args.reports:
+        raise UserError("--pick needs --reports DIR (the per-node reports of the pre-step)")
+    candidates = [c for c in args.candidates.split(",") if c]
+    try:
+        result, code = pick_nodes(candidates, Path(args.reports), args.pick, args.slow_ratio, Path(args.bad_nodes) if args.bad_nodes else None), 0
+    except PickError as err:
+        result, code = err.result, 1
+        print(f"error: {err}", file=sys.stderr)
+    for node, reasons in result["dropped"].items():
+        print(f"health: dropped {node}: " + "; ".join(reasons[:3]), file=sys.stderr)
+    try:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as err:
+        raise UserError(f"cannot write the report to '{args.out}' ({err.strerror or err}); pass a writable --out") from None
+    if code == 0:
+        print(f"health: training on {', '.join(result['chosen'])}" + (f"; spares left: {', '.join(result['spare_left'])}" if result["spare_left"] else ""), file=sys.stderr)
+        print(",".join(result["chosen"]))
+    return code
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--scheduler", help="k8s: pod schedulerName (e.g. volcano); default: set by the operator's gang scheduler.")
     parser.add_argument("--kueue-queue", metavar="QUEUE", help="k8s: Kueue LocalQueue (label kueue.x-k8s.io/queue-name); Kueue admits all pods at once.")
     parser.add_argument("--exclude", metavar="FILE", help='Keep the job off these nodes: a JSON list of hostnames or {"bad_nodes": [...]} (slurm: #SBATCH --exclude; k8s: node anti-affinity).')
+    parser.add_argument("--health", action="store_true", help="Run `gigafactory health` on every node before training (and at every requeue); a node that fails is dropped (docs/operations.md).")
+    parser.add_argument("--spares", type=int, default=0, help="Spare nodes (implies --health): slurm allocates nodes + spares and trains on the first healthy ones; k8s runs nodes + spares pods, the spares waiting in torchrun's rendezvous to replace a failed node.")
     parser.add_argument("--lighthouse-port", type=int, default=29510, help="With fault_tolerance.enabled: the torchft lighthouse's port (replica group g rendezvous on --port + g).")
     parser.set_defaults(func=run, train_args=[])
 
@@ -69,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     for flag, default in (("time", "24:00:00"), ("port", 29400), ("pvc", "gigafactory-runs"), ("lighthouse_port", 29510)):
         if getattr(args, flag) != default:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.health:
+        argv.append("--health")
+    if args.spares:
+        argv += ["--spares", str(args.spares)]
     if args.train_args:
         argv += ["--", *args.train_args]
     spec = build_spec(
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts, name=args.name, image=args.image, time=args.time, partition=args.partition,
         account=args.account, pvc=args.pvc, port=args.port, run_dir=args.run_dir, queue=args.queue,
         scheduler=args.scheduler, kueue_queue=args.kueue_queue, command_line=shlex.join(argv), exclude=args.exclude,
-        lighthouse_port=args.lighthouse_port,
+        lighthouse_port=args.lighthouse_port, health=args.health, spares=args.spares,
     )
     for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)

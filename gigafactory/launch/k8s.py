@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import yaml
 
+from gigafactory.launch.preflight import apply_to_pytorchjob, rendezvous_documents
 from gigafactory.launch.spec import NCCL_ENV, LaunchSpec, shutdown_env
 
 CONFIG_DIR = "/etc/gigafactory"
@@ -143,7 +144,11 @@ def pytorchjob(spec: LaunchSpec, *, name: str, nodes: int, port: int, extra_argv
 
 def render_pytorchjob_plain(spec: LaunchSpec) -> str:
     """The manifest of a job without fault tolerance (launch/__init__.py picks k8s_ft's for one with it)."""
-    documents = [doc for doc in (config_map(spec), pytorchjob(spec, name=spec.name, nodes=spec.nodes, port=spec.port)) if doc]
+    job = pytorchjob(spec, name=spec.name, nodes=spec.nodes, port=spec.port)
+    documents = [doc for doc in (config_map(spec), job) if doc]
+    if spec.health:  # docs/operations.md: health initContainer, spares, the rendezvous store in its own pod
+        apply_to_pytorchjob(spec, job, spec.nodes)
+        documents += rendezvous_documents(spec, spec.port, labels(spec))
     return header(spec) + to_yaml(*documents)
 
 

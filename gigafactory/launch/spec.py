@@ -100,6 +100,8 @@ class LaunchSpec:
     warnings: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)  # hostnames the job must not run on (--exclude FILE)
     lighthouse_port: int = LIGHTHOUSE_PORT  # fault tolerance: the torchft lighthouse's port
+    health: bool = False  # run `gigafactory health` on every node before training; failing nodes are dropped
+    spares: int = 0  # extra nodes allocated (Slurm) or pods run (k8s) to stand in for nodes that fail health
 
     @property
     def fault_tolerant(self) -> bool:
@@ -140,6 +142,21 @@ class LaunchSpec:
     def stop_lead_s(self) -> int:
         """Warning before a hard stop: Slurm's --signal lead and the pod's terminationGracePeriodSeconds."""
         return self.grace_s + TEARDOWN_S
+
+    @property
+    def alloc_nodes(self) -> int:
+        """Nodes asked of the scheduler: the job's plus its spares."""
+        return self.nodes + self.spares
+
+    @property
+    def train_run_dir(self) -> str:
+        """The run directory the Slurm job's trainer uses (relative to the submission directory unless absolute)."""
+        for i, arg in enumerate(self.train_args):
+            if arg.startswith("--logging.run_dir="):
+                return arg.split("=", 1)[1]
+            if arg == "--logging.run_dir" and i + 1 < len(self.train_args):
+                return self.train_args[i + 1]
+        return self.run_dir or self.config_run_dir or self.default_run_dir
 
     @property
     def default_run_dir(self) -> str:
@@ -262,6 +279,8 @@ def build_spec(
     command_line: str = "",
     exclude: str | None = None,
     lighthouse_port: int = LIGHTHOUSE_PORT,
+    health: bool = False,
+    spares: int = 0,
 ) -> LaunchSpec:
     """Validate a launch request; raise UserError (one line) on any bad input."""
     _refuse_control_characters(image=image, time=time, partition=partition, account=account, run_dir=run_dir,
@@ -274,6 +293,8 @@ def build_spec(
         raise UserError(f"--gpus-per-node {gpus_per_node} must be >= 1")
     if max_restarts is not None and max_restarts < 0:
         raise UserError(f"--max-restarts {max_restarts} must be >= 0")
+    if spares < 0:
+        raise UserError(f"--spares {spares} must be >= 0")
     if not 1 <= port <= 65535:
         raise UserError(f"--port {port} must be a TCP port (1-65535)")
     time_s = slurm_time_seconds(time)
@@ -315,8 +336,11 @@ def build_spec(
         image=image, time=time, partition=partition, account=account, pvc=pvc, port=port,
         run_dir=run_dir, config_run_dir=_config_run_dir(config_text),
         queue=queue, scheduler=scheduler, kueue_queue=kueue_queue, command_line=command_line,
-        exclude=excluded, lighthouse_port=lighthouse_port,
+        exclude=excluded, lighthouse_port=lighthouse_port, health=health or spares > 0, spares=spares,
     )
+    if spec.health and cfg.fault_tolerance.enabled:
+        raise UserError("--health/--spares are not available with fault_tolerance.enabled yet (each replica group would need "
+                        "its own spares); run `gigafactory health` first and pass its report with --exclude")
     if exclude is not None and not excluded:
         spec.warnings.append(f"--exclude {exclude!r} lists no nodes: nothing is excluded")
     if cfg.fault_tolerance.enabled and groups == 1:
