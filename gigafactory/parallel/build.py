@@ -16,6 +16,7 @@ from gigafactory.config.job import JobConfig
 from gigafactory.errors import UserError
 from gigafactory.models import GrokModel
 from gigafactory.parallel import pipeline
+from gigafactory.parallel.balance import global_microbatches, setup_balance_stats
 from gigafactory.parallel.dims import ParallelDims
 from gigafactory.parallel.expert_parallel import ExpertGradScale
 from gigafactory.parallel.parallelize import _unwrap, parallelize
@@ -71,34 +72,6 @@ def check_supported(cfg: JobConfig, dims: ParallelDims) -> None:
             raise UserError("training.grad_accum_steps must be 1 with pipeline parallel: microbatches already accumulate")
 
 
-def balance_group(mesh, dims: ParallelDims):
-    """The ranks whose MoE layers route different tokens of the batch: dp_replicate, dp_shard, ep and cp (not tp:
-    under sequence parallel the MoE gathers the sequence, so the TP ranks route the same tokens); None if alone."""
-    live = tuple(axis for axis in ("dp_replicate", "dp_shard", "ep", "cp") if dims.degrees[axis] > 1)
-    if not live:
-        return None
-    if len(live) == 1:
-        return mesh[live[0]].get_group()
-    name = "_".join(live)
-    try:  # flatten once per mesh (parallelize may have made the same one for FSDP)
-        return mesh[name].get_group()
-    except KeyError:
-        return mesh[live]._flatten(name).get_group()
-
-
-def setup_balance_stats(model: ParallelModel, cfg: JobConfig, dims: ParallelDims, mesh) -> None:
-    """Router balance statistics over the global batch (models/grok/moe.py BalanceStats): all-reduced over the data
-    and context axes, and accumulated over the step's forwards when there are several (pipeline microbatches,
-    gradient accumulation), reset after each step's backward."""
-    group = balance_group(mesh, dims) if mesh is not None else None
-    accumulate = dims.pp > 1 or cfg.training.grad_accum_steps > 1
-    stats = [moe.balance for moe in model.moe_layers()]
-    for s in stats:
-        s.group, s.accumulate = group, accumulate
-    if accumulate:
-        model.after_backward.append(lambda: [s.reset() for s in stats])
-
-
 def build_parallel_model(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype) -> ParallelModel:
     check_supported(cfg, dims)
     p = cfg.parallel
@@ -127,7 +100,8 @@ def build_parallel_model(cfg: JobConfig, dims: ParallelDims, mesh, device: torch
         def loss_fn(logits, targets):
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-        model.schedule = pipeline.build_schedule(parts, indices, n_stages, mesh["pp"].get_group(), device, p.schedule, p.microbatches or 2 * dims.pp, loss_fn)
+        schedule = pipeline.build_schedule(parts, indices, n_stages, mesh["pp"].get_group(), device, p.schedule, p.microbatches or 2 * dims.pp, loss_fn)
+        model.schedule = global_microbatches(schedule, cfg, dims, mesh)  # microbatch m: chunk m of the global batch
         model.is_first_stage, model.is_last_stage = 0 in indices, n_stages - 1 in indices
         if cfg.model.tie_embeddings:
             model.after_backward.append(pipeline.TiedEmbeddingSync(mesh, parts))

@@ -277,36 +277,79 @@ def test_router_losses_equal_the_switch_formula_on_the_whole_batch(z_loss):
     assert int(counts.sum()) == 4 * 12 * cfg.top_k and float(model.layers["0"].moe.last_aux_loss) > 0
 
 
+def _explicit_microbatch_router_loss(cfg, n_chunks):
+    """One process running a batch as n_chunks microbatches, the balance loss written out: microbatch m adds
+    aux_w * E * sum_e f_e P_e / n_chunks per layer, f from the counts of microbatches 1..m (no gradient), P its mean."""
+    model = build(cfg).train()
+    captured = []
+    for moe in model.moe_layers():
+        moe.aux_loss_weight = moe.z_loss_weight = 0.0
+        moe.router.register_forward_hook(lambda mod, args, out: captured.append(out))
+
+    def loss_fn(tokens):
+        total, counts_so_far = 0.0, [0] * cfg.n_layers
+        for chunk in tokens.chunk(n_chunks):
+            captured.clear()
+            loss = model(chunk).logsumexp(-1).mean()
+            for layer, (_, experts_TK, probs_TE, logits_TE) in enumerate(captured):
+                counts_so_far[layer] = counts_so_far[layer] + torch.bincount(experts_TK.flatten(), minlength=cfg.n_experts)
+                fraction_E = counts_so_far[layer].float() / counts_so_far[layer].sum()
+                loss = loss + cfg.aux_loss_weight * cfg.n_experts * (fraction_E * probs_TE.mean(0)).sum()
+                loss = loss + cfg.router_z_loss_weight * torch.logsumexp(logits_TE, -1).square().mean()
+            total = total + loss / n_chunks
+        return total
+
+    return model, loss_fn
+
+
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_balance_statistics_of_chunks_combine_to_the_whole_batch(checkpointed):
-    """A batch run as chunks (pipeline microbatches, gradient accumulation) with `accumulate`: when every chunk's
-    forward precedes the backwards (as gpipe orders them), loss and gradients equal the whole batch's, including
-    under activation checkpointing, whose recomputed forwards must not count their tokens twice."""
+@pytest.mark.parametrize("order", ["forwards_first", "one_forward_one_backward"])
+def test_microbatch_balance_loss_is_the_same_whatever_the_backward_order(checkpointed, order):
+    """A batch run as microbatches with `accumulate` (pipeline microbatches, gradient accumulation): microbatch m's f
+    covers microbatches 1..m and is fixed at its forward, so running every forward first (gpipe) or each backward
+    right after its forward (1f1b's steady state, accumulation) gives the same gradients, equal to the written-out
+    loss; activation checkpointing's recomputed forwards neither count their tokens again nor change f."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     cfg = dataclasses.replace(CFG, aux_loss_weight=0.05, router_z_loss_weight=1e-3)
-    tokens = torch.randint(0, cfg.vocab_size, (4, 12))
-    whole = build(cfg).train()
-    whole(tokens).logsumexp(-1).mean().backward()
-    aux_whole = [float(m.last_aux_loss) for m in whole.moe_layers()]
+    tokens, n_chunks = torch.randint(0, cfg.vocab_size, (4, 12)), 4
+    ref_model, ref_loss = _explicit_microbatch_router_loss(cfg, n_chunks)
+    ref_loss(tokens).backward()
 
     chunked = build(cfg).train()
     if checkpointed:
         for name in list(chunked.layers):
             chunked.layers[name] = checkpoint_wrapper(chunked.layers[name], preserve_rng_state=False)
-    n_chunks = 4
     for moe in chunked.moe_layers():
         moe.balance.accumulate, moe.aux_loss_scale = True, 1.0 / n_chunks
-    losses = [chunked(chunk).logsumexp(-1).mean() for chunk in tokens.chunk(n_chunks)]
-    for loss in reversed(losses):  # backward order does not matter once every forward has run
-        (loss / n_chunks).backward()
+    losses = []
+    for chunk in tokens.chunk(n_chunks):
+        losses.append(chunked(chunk).logsumexp(-1).mean())
+        if order == "one_forward_one_backward":
+            (losses[-1] / n_chunks).backward()
+    if order == "forwards_first":
+        for loss in reversed(losses):
+            (loss / n_chunks).backward()
     assert [int(m.balance.step_counts_E.sum()) for m in chunked.moe_layers()] == [4 * 12 * cfg.top_k] * cfg.n_layers
     for moe in chunked.moe_layers():
         moe.balance.reset()
-    with torch.no_grad():
-        torch.testing.assert_close(float(sum(losses) / n_chunks), float(whole(tokens).logsumexp(-1).mean()))
-    ref = _grads(whole)
+    ref = _grads(ref_model)
     for name, grad in _grads(chunked).items():
         name = name.replace("_checkpoint_wrapped_module.", "")
         torch.testing.assert_close(grad, ref[name], rtol=1e-5, atol=1e-7, msg=name)
-    assert all(float(m.last_aux_loss) > 0 for m in chunked.moe_layers()) and all(a > 0 for a in aux_whole)
+    assert all(float(m.last_aux_loss) > 0 for m in chunked.moe_layers())
+
+
+def test_one_microbatch_has_the_whole_batch_f_and_more_microbatches_differ():
+    """The unit is the microbatch: with one per step the written-out per-microbatch loss is the whole batch's Switch
+    loss, and with four it is a different loss (so layouts are compared at equal microbatch counts)."""
+    cfg = dataclasses.replace(CFG, aux_loss_weight=0.05, router_z_loss_weight=0.0)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 12))
+    whole_model, whole_loss = _explicit_router_loss_model(cfg)
+    one_model, one_loss = _explicit_microbatch_router_loss(cfg, 1)
+    four_model, four_loss = _explicit_microbatch_router_loss(cfg, 4)
+    for model, loss_fn in ((whole_model, whole_loss), (one_model, one_loss), (four_model, four_loss)):
+        loss_fn(tokens).backward()
+    router = "layers.0.moe.router.weight"
+    torch.testing.assert_close(_grads(one_model)[router], _grads(whole_model)[router])
+    assert not torch.allclose(_grads(four_model)[router], _grads(whole_model)[router], rtol=1e-3, atol=0)

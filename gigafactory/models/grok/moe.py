@@ -26,34 +26,39 @@ class _AttachBalanceLoss(torch.autograd.Function):
 
     The losses are added to the objective without threading them through the model's outputs, so they survive
     pipeline stages, gradient accumulation and torch.compile unchanged (the Megatron/DeepSeek approach). The balance
-    loss aux_w * E * sum_e f_e * P_e has f non-differentiable, so its gradient on P_e is aux_w * E * f_e: `fraction`
-    is called when the gradient is formed, which lets f cover forwards that ran after this one (see BalanceStats).
+    loss aux_w * E * sum_e f_e * P_e has f non-differentiable, so its gradient on P_e is aux_w * E * f_e, with f fixed
+    when the forward ran (see BalanceStats). f is kept on ctx, not saved for backward, so activation checkpointing's
+    recomputation (which rebuilds saved tensors only; this node's backward is the original forward's) cannot change it.
     """
 
     @staticmethod
-    def forward(ctx, y, probs_E, z, scale: float, aux_weight: float, z_weight: float, fraction):
-        ctx.scale, ctx.aux_weight, ctx.z_weight, ctx.fraction = scale, aux_weight, z_weight, fraction
+    def forward(ctx, y, probs_E, z, scale: float, aux_weight: float, z_weight: float, fraction_E: torch.Tensor):
+        ctx.grad_probs_E = scale * aux_weight * fraction_E.numel() * fraction_E
+        ctx.grad_z = scale * z_weight
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        fraction_E = ctx.fraction()
-        grad_probs_E = ctx.scale * ctx.aux_weight * fraction_E.numel() * fraction_E
-        grad_z = torch.full((), ctx.scale * ctx.z_weight, dtype=fraction_E.dtype, device=fraction_E.device)
+        grad_probs_E = ctx.grad_probs_E.to(grad_y.device)
+        grad_z = torch.full((), ctx.grad_z, dtype=grad_probs_E.dtype, device=grad_probs_E.device)
         return grad_y, grad_probs_E, grad_z, None, None, None, None
 
 
 class BalanceStats:
-    """The Switch balance loss over the global batch, whatever the layout (Megatron-Core's global aux loss).
+    """The Switch balance loss's f over global microbatches, the same in every layout (Megatron-Core's
+    `global_aux_loss`).
 
-    E * sum_e f_e * P_e is not a mean over tokens: computed per rank, per context-parallel chunk or per microbatch
-    it is a different loss. Here the expert counts behind f_e are all-reduced over `group` (the ranks holding
-    different tokens of the batch: dp_replicate, dp_shard, ep, cp; set by parallel/build.py), so f is the global
-    batch's. P_e is a mean over tokens, so each rank keeps its local mean and the gradient averaging over those ranks
-    (FSDP) makes it the global mean; the z-loss likewise. With `accumulate` (several forwards per optimizer step:
-    pipeline microbatches, gradient accumulation) the counts add up over the step's forwards and f is read when the
-    gradient is formed: exact when every forward of the step precedes every backward (gpipe), otherwise f covers the
-    forwards run so far (docs/architecture.md). `reset()` ends a step (parallel/build.py runs it after backward).
+    E * sum_e f_e * P_e is not a mean over tokens: computed per rank or per context-parallel chunk it is a different
+    loss. So the expert counts behind f are all-reduced over `group` (the ranks holding different tokens of one
+    microbatch: dp_replicate, dp_shard, ep, cp; set by parallel/balance.py): every rank sees the global
+    microbatch's f. P_e is a mean over tokens, so each rank keeps its local mean and the gradient averaging over those
+    ranks (FSDP) makes it the global mean; the z-loss likewise.
+
+    With `accumulate` (several microbatches per optimizer step: pipeline microbatches, gradient accumulation) the
+    counts add up over the step's microbatches, and microbatch m's f is that of microbatches 1..m, fixed when m's
+    forward runs. Every schedule runs a layer's forwards in microbatch order, so f does not depend on where the
+    backwards fall (1f1b, interleaved, zero-bubble, gpipe, accumulation alike); with one microbatch it is the whole
+    global batch's f. `reset()` ends a step (parallel/balance.py runs it after backward).
     """
 
     def __init__(self, n_experts: int):
@@ -68,10 +73,11 @@ class BalanceStats:
 
     @torch.compiler.disable  # a collective and Python state; tiny tensors
     def gather(self, counts_E: torch.Tensor, probs_sum_E: torch.Tensor, z_sum: torch.Tensor, n_tokens: int):
-        """This forward's global (counts, probability sums, z sum, token count): one all-reduce of 2E+2 float64
-        numbers (exact for counts below 2**53). None for a forward whose tokens were already counted or are not
-        training tokens (activation checkpointing's recomputation, pipeline metadata inference)."""
-        if self.paused or (self.accumulate and _recomputing()):
+        """This forward's global (f, probability sums, z sum, token count), f covering the step's microbatches so
+        far: one all-reduce of 2E+2 float64 numbers (exact for counts below 2**53). None for a forward whose tokens
+        were already counted or are not training tokens (activation checkpointing's recomputation inside backward,
+        pipeline metadata inference); such a forward's f is never used for a gradient."""
+        if self.paused or _recomputing():
             return None
         packed = torch.cat([counts_E.double(), probs_sum_E.double(), z_sum.double().reshape(1),
                             counts_E.new_tensor([n_tokens], dtype=torch.float64)])
@@ -81,14 +87,8 @@ class BalanceStats:
         counts_E = packed[:E].round().long()
         if self.accumulate:
             self.step_counts_E = counts_E if self.step_counts_E is None else self.step_counts_E + counts_E
-        return counts_E, packed[E : 2 * E], packed[2 * E], packed[2 * E + 1]
-
-    def fraction_at_backward(self, counts_E: torch.Tensor):
-        """The f to use when the gradient is formed: the step's counts so far when accumulating, else counts_E's."""
-        if self.accumulate and not self.paused:
-            return lambda: fraction_of(counts_E if self.step_counts_E is None else self.step_counts_E)
-        fraction_E = fraction_of(counts_E)
-        return lambda: fraction_E
+            counts_E = self.step_counts_E
+        return fraction_of(counts_E), packed[E : 2 * E], packed[2 * E], packed[2 * E + 1]
 
 
 def fraction_of(counts_E: torch.Tensor) -> torch.Tensor:
@@ -184,7 +184,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.aux_loss_weight, self.z_loss_weight = cfg.aux_loss_weight, cfg.router_z_loss_weight
         self.aux_loss_scale = 1.0  # set by the trainer to 1/grad_accum_steps so aux grads match the main loss
-        self.balance = BalanceStats(cfg.n_experts)  # global-batch statistics; parallel/build.py sets group, accumulate
+        self.balance = BalanceStats(cfg.n_experts)  # global statistics; parallel/balance.py sets group, accumulate
         self.last_aux_loss: torch.Tensor | float = 0.0  # detached, for logging
         self.last_tokens_per_expert: torch.Tensor | None = None  # for logging load balance
 
@@ -209,9 +209,9 @@ class MoE(nn.Module):
         self.last_tokens_per_expert = tokens_per_expert_E.detach()
         return y_TD.reshape(B, S, D)
 
-    @torch.compiler.disable  # a collective, Python state and a Python callable in the autograd graph; tiny tensors
+    @torch.compiler.disable  # a collective, Python state; tiny tensors
     def _attach_router_losses(self, y_TD, probs_TE, logits_TE, tokens_per_expert_E) -> torch.Tensor:
-        """Attach the balance and z losses' gradients to y; log their global-batch value (see BalanceStats)."""
+        """Attach the balance and z losses' gradients to y; log their global value (see BalanceStats)."""
         probs_E = probs_TE.mean(dim=0)  # this rank's mean; the gradient averaging over data ranks makes it global
         if self.z_loss_weight:
             lse_sq_T = torch.logsumexp(logits_TE, dim=-1).square()
@@ -219,13 +219,13 @@ class MoE(nn.Module):
         else:
             z = z_sum = probs_E.new_zeros(())
         stats = self.balance.gather(tokens_per_expert_E, probs_TE.detach().sum(dim=0), z_sum, probs_TE.shape[0])
-        if stats is not None:
-            counts_E, probs_sum_E, z_sum, n_tokens = stats
-            self.last_aux_loss = self.router_losses(fraction_of(counts_E), (probs_sum_E / n_tokens).float(),
-                                                    (z_sum / n_tokens).float())
-        fraction = self.balance.fraction_at_backward(tokens_per_expert_E if stats is None else stats[0])
+        if stats is None:  # not a training forward whose gradient counts: local f, nothing logged
+            fraction_E = fraction_of(tokens_per_expert_E)
+        else:
+            fraction_E, probs_sum_E, z_sum, n_tokens = stats
+            self.last_aux_loss = self.router_losses(fraction_E, (probs_sum_E / n_tokens).float(), (z_sum / n_tokens).float())
         return _AttachBalanceLoss.apply(y_TD, probs_E, z, self.aux_loss_scale, self.aux_loss_weight,
-                                        self.z_loss_weight, fraction)
+                                        self.z_loss_weight, fraction_E)
 
     def router_losses(self, fraction_E: torch.Tensor, probs_E: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Switch-Transformer load balancing E * sum_e f_e * P_e (1.0 when perfectly balanced), plus the z-loss
