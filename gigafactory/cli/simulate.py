@@ -15,6 +15,7 @@ import typing
 
 from gigafactory.errors import UserError
 from gigafactory.simulate.config import ClusterSpec, JobSpec, SimConfig, SimSpec
+from gigafactory.simulate.power import PowerSpec
 from gigafactory.simulate.recovery import RecoverySpec
 
 SPECS = (("cluster", ClusterSpec), ("job", JobSpec), ("sim", SimSpec), ("recovery", RecoverySpec))
@@ -36,7 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--plot", metavar="PNG", help="Write the timeline of the first seed (or the sweep curve) to this PNG.")
     p.add_argument("--json", action="store_true", help="Print the results as JSON instead of tables.")
     p.add_argument("--list-classes", action="store_true", help="Print the failure classes (rates and sources) and exit.")
-    for section, cls in SPECS:
+    p.add_argument("--power", action="store_true", help="Add the facility power timeline: MW over time, the largest swing in MW and MW/s, and what smoothing costs (docs/operations.md).")
+    p.add_argument("--power-plot", metavar="PNG", help="Write the facility power over time (whole run and around the first failure) to this PNG; implies --power.")
+    for section, cls in (*SPECS, ("power", PowerSpec)):
         group = p.add_argument_group(f"{section} ({cls.__doc__.strip()})")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -84,7 +87,7 @@ def build_config(args: argparse.Namespace, gpus: int | None = None) -> SimConfig
         values["checkpoint_policy"] = "fixed"
     if "checkpoint_mode" not in values:  # each recovery mode with the saves it is run with (docs/simulate.md)
         values["checkpoint_mode"] = "async" if values.get("recovery") == "replica" else "sync"
-    if getattr(args, "plot", None):
+    if getattr(args, "plot", None) or getattr(args, "power", False) or getattr(args, "power_plot", None):
         values["timeline"] = True
     specs = {}
     for section, cls in SPECS:
@@ -128,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list_classes:
         report.print_classes(classes, _console())
         return 0
+    if args.sweep and (args.power or args.power_plot):
+        raise UserError("--power/--power-plot need one configuration; drop --sweep (or run each value on its own)")
     if args.sweep:
         key, values = sweep.parse_sweep(args.sweep, cfg)
         if key == "gpus" and args.from_plan:  # each size takes its own step time and checkpoint cost from the plan
@@ -157,11 +162,35 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plots.timeline_png(result.runs[0], args.plot)
         d["plot"] = args.plot
+    if args.power or args.power_plot:
+        d["power"] = _power(args, result)
     if args.json:
         json.dump(d, sys.stdout, indent=2)
         print()
     else:
         report.print_report(d, _console())
-        if args.plot:
-            print(f"wrote {args.plot}")
+        if "power" in d:
+            report.print_power(d["power"], _console())
+        for path in (args.plot, args.power_plot):
+            if path:
+                print(f"wrote {path}")
     return 0
+
+
+def _power(args: argparse.Namespace, result) -> dict:
+    from gigafactory.simulate import plots
+    from gigafactory.simulate.power import power_report, states, trace
+
+    names = {f.name for f in dataclasses.fields(PowerSpec)}
+    spec = PowerSpec(**{k: v for k, v in vars(args).items() if k in names})
+    cfg = result.cfg
+    out = power_report(spec, result.runs, cfg.cluster.gpus, result.interval_s, cfg.job.stall_s())
+    if args.power_plot:
+        run = result.runs[0]
+        segments = states(run, result.interval_s, cfg.job.stall_s())
+        curves = {"no smoothing": trace(spec, cfg.cluster.gpus, segments, False)}
+        if spec.smoothed:
+            curves[f"floor {spec.power_floor:g}, ramp {spec.ramp_s:g} s"] = trace(spec, cfg.cluster.gpus, segments, True)
+        plots.power_png(curves, run, args.power_plot, out)
+        out["plot"] = args.power_plot
+    return out

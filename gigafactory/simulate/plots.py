@@ -50,6 +50,56 @@ def timeline_png(run: RunResult, path: str | Path, title: str = "", zoom_s: floa
     return _save(fig, path)
 
 
+def power_png(curves: dict[str, list[tuple[float, float]]], run: RunResult, path: str | Path, report: dict, window_s: float = 3 * 3600.0) -> Path:
+    """Facility MW over the whole run and over `window_s` around the first failure (checkpoint dips, the crash, the
+    restart and its ramp), one line per smoothing variant; failures ticked."""
+    fig, (ax_all, ax_zoom) = plt.subplots(2, 1, figsize=(12, 6.5))
+    first = run.failures[0][0] if run.failures else 0.0
+    lo = max(0.0, first - window_s / 3)
+    hi = min(run.horizon_s, lo + window_s)
+    for i, (label, points) in enumerate(curves.items()):
+        ts, mw = zip(*points)
+        style = {"lw": 0.6, "color": ("#d62728", "#1f77b4")[i % 2], "alpha": 0.9 if i else 0.7}
+        edges, low, high, mean = _envelope(ts, mw, run.horizon_s)
+        days = edges / DAY_S
+        ax_all.fill_between(days, low, high, step="post", color=style["color"], alpha=0.15, linewidth=0)
+        ax_all.step(days, mean, where="post", label=f"{label} (mean; band: min-max)", lw=0.8, color=style["color"])
+        inside = [k for k, t in enumerate(ts) if lo <= t <= hi]
+        if inside:
+            k0, k1 = max(0, inside[0] - 1), min(len(ts), inside[-1] + 2)
+            ax_zoom.plot([(t - lo) / 3600.0 for t in ts[k0:k1]], mw[k0:k1], label=label, **style)
+    ax_zoom.vlines([(t - lo) / 3600.0 for t, _ in run.failures if lo <= t <= hi], 0, 1, transform=ax_zoom.get_xaxis_transform(),
+                   color="black", lw=0.5, alpha=0.5)
+    for ax, unit, origin, end in ((ax_all, DAY_S, 0.0, run.horizon_s), (ax_zoom, 3600.0, lo, hi)):
+        ax.set_xlim(0, (end - origin) / unit)
+        ax.set_ylabel("facility MW")
+        ax.grid(alpha=0.3)
+    ax_all.set_xlabel("wall time (days)")
+    ax_zoom.set_xlabel(f"hours from {lo / 3600:.1f} h (around the first failure; ticks: failures)")
+    ax_all.legend(loc="lower right", fontsize=8)
+    plain = report["plain"]
+    fig.suptitle(f"{report['inputs']['gpus']:,} GPUs: busy {report['busy_mw']:.0f} MW, idle {report['idle_mw']:.0f} MW; largest swing "
+                 f"{plain['swing_mw']:.0f} MW, {plain['mw_per_s']:.0f} MW/s without smoothing", x=0.01, ha="left")
+    return _save(fig, path)
+
+
+def _envelope(ts, mw, horizon_s: float, bins: int = 400):
+    """Per time bin: min and max of the curve's breakpoints and its time-weighted mean (a 30-day curve has
+    thousands of checkpoint dips, too thin to draw one by one)."""
+    import numpy as np
+
+    t, y = np.asarray(ts), np.asarray(mw)
+    edges = np.linspace(0.0, horizon_s, bins + 1)
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, bins - 1)
+    low, high = np.full(bins, np.inf), np.full(bins, -np.inf)
+    np.minimum.at(low, idx, y)
+    np.maximum.at(high, idx, y)
+    fine = np.linspace(0.0, horizon_s, bins * 50)
+    mean = np.interp(fine, t, y).reshape(bins, 50).mean(axis=1)
+    low, high = np.where(np.isfinite(low), low, mean), np.where(np.isfinite(high), high, mean)
+    return edges, *(np.append(a, a[-1]) for a in (low, high, mean))
+
+
 def sweep_png(key: str, rows: list[dict], path: str | Path, expected_curve: dict | None = None) -> Path:
     """ETTR (mean +- std over seeds) against the swept knob; the analytic curve when sweeping the interval."""
     xs = [r[key] for r in rows]

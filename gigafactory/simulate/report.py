@@ -89,3 +89,40 @@ def print_classes(classes: list[FailureClass], console: Console | None = None) -
         table.add_row(c.name, f"{c.rate:.3e}", c.per, _hours(c.detect_s), _hours(c.repair_s), str(c.nodes_affected), str(c.kills_job),
                       ", ".join(notes), c.source)
     console.print(table)
+
+
+def print_power(p: dict, console: Console | None = None) -> None:
+    """The facility power section of `simulate --power`: levels, largest swings by cause, smoothing's cost."""
+    console = console or Console()
+    inp = p["inputs"]
+    table = Table(title=f"facility power: {inp['gpus']:,} GPUs, busy {p['busy_mw']:.1f} MW, idle {p['idle_mw']:.1f} MW "
+                        f"(GPU {inp['gpu_busy_w']:g}/{inp['gpu_idle_w']:g} W, host {inp['host_w_per_gpu']:g} W/GPU, PUE {inp['pue']:g})")
+    variants = [v for v in ("plain", "smoothed") if v in p]
+    table.add_column("change of state")
+    for v in variants:
+        label = "no smoothing" if v == "plain" else f"floor {inp['power_floor']:g}, ramp {inp['ramp_s']:g} s"
+        table.add_column(f"{label}: MW", justify="right")
+        table.add_column("MW/s", justify="right")
+    causes = list(dict.fromkeys(c for v in variants for c in p[v]["by_cause"]))
+    for cause in causes:
+        row = [cause]
+        for v in variants:
+            c = p[v]["by_cause"].get(cause, {"mw": 0.0, "mw_per_s": 0.0})
+            row += [f"{c['mw']:.1f}", f"{c['mw_per_s']:.1f}"]
+        table.add_row(*row)
+    row = ["largest (worst seed)"]
+    for v in variants:
+        row += [f"{p[v]['swing_mw']:.1f}", f"{p[v]['mw_per_s']:.1f}"]
+    table.add_row(*row)
+    row = ["energy (mean per run)"]
+    for v in variants:
+        row += [f"{p[v]['energy_mwh']:,.0f} MWh", ""]
+    table.add_row(*row)
+    console.print(table)
+    if "smoothing_cost" in p:
+        c = p["smoothing_cost"]
+        console.print(f"smoothing costs {c['extra_energy_mwh']:,.0f} MWh ({100 * c['extra_energy_fraction']:.1f}% more energy) and "
+                      f"{c['ramp_cost_s'] / 3600:.2f} h of training time in start-up ramps ({c['restarts']:.0f} restarts); "
+                      "a crash still drops to idle at once (no process left to hold the floor)")
+    console.print(f"[dim]a change of state takes {inp['transition_s']:g} s (MW/s = MW / that); inputs and sources: docs/operations.md[/dim]")
+
