@@ -1,0 +1,57 @@
+"""`launch k8s --serve` manifests: valid against the Kubernetes schema (tests/launch/k8s_schema.py), one Deployment +
+Service per replica with readiness on /ready, and a gateway whose generated TOML the gateway itself accepts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gigafactory.errors import UserError
+from gigafactory.gateway.config import parse_config
+from gigafactory.launch.k8s_serve import ServeFleetSpec, parse_regions, render_serve
+
+
+def test_manifest_is_valid_and_wires_every_replica_into_the_gateway():
+    from tests.launch.k8s_schema import validate_manifest
+
+    spec = ServeFleetSpec(parse_regions("eu=3, US=2"), "/runs/grok/checkpoints/step-1000", name="grok-eu",
+                          serve_args=("--slots", "32"), region_label="topology.kubernetes.io/region",
+                          countries={"EU": ["DE", "FR"]})
+    text = render_serve(spec, "gigafactory launch k8s --serve ...")
+    docs = list(yaml.safe_load_all(text))
+    validate_manifest(docs)
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    replicas = [n for k, n in kinds if k == "Deployment" and n != "grok-eu-gateway"]
+    assert replicas == ["grok-eu-eu-0", "grok-eu-eu-1", "grok-eu-eu-2", "grok-eu-us-0", "grok-eu-us-1"]
+    assert sorted(n for k, n in kinds if k == "Service") == sorted(replicas + ["grok-eu-gateway"])
+    deployment = next(d for d in docs if d["metadata"]["name"] == "grok-eu-us-1" and d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["command"][:4] == ["gigafactory", "serve", "--checkpoint", "grok=/runs/grok/checkpoints/step-1000"]
+    assert container["command"][-2:] == ["--slots", "32"] and pod["nodeSelector"] == {"topology.kubernetes.io/region": "US"}
+    service = next(d for d in docs if d["metadata"]["name"] == "grok-eu-us-1" and d["kind"] == "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    cfg = parse_config(config_map["data"]["gateway.toml"], "configmap")
+    assert [(r.name, r.url, r.region) for r in cfg.replicas][3] == ("grok-eu-us-0", "http://grok-eu-us-0:8000", "US")
+    assert cfg.regions["EU"].countries == ("DE", "FR") and cfg.regions["US"].fallback == "grok"
+    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "grok-eu-gateway")
+    assert gateway["spec"]["strategy"] == {"type": "Recreate"}
+    assert "gigafactory gateway --config /etc/gigafactory/gateway.toml" in gateway["spec"]["template"]["spec"]["containers"][0]["command"][2]
+
+
+@pytest.mark.parametrize("text, message", [("EU", "must be REGION=REPLICAS"), ("EU=0", "must be REGION=REPLICAS"),
+                                           ("EU=1,eu=2", "given twice"), ("", "at least one")])
+def test_bad_regions_are_one_line(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_regions(text)
+
+
+def test_bad_spec_is_one_line():
+    with pytest.raises(UserError, match="path inside the pods"):
+        render_serve(ServeFleetSpec({"EU": 1}, "runs/x"))
+    with pytest.raises(UserError, match="Kubernetes name"):
+        render_serve(ServeFleetSpec({"EU": 1}, "/runs/x", name="Grok_EU"))
