@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 6 minutes on one H100), run from the repository root:
-#   bash benchmarks/gpu.sh [SECTION ...]     sections: checks moe moe-compiled dense peer (default: all)
+#   bash benchmarks/gpu.sh [SECTION ...]     sections: checks moe moe-compiled moe-fp8 dense dense-fp8 layer peer
+#                                            (default: all)
 # 1. benchmarks/gpu_checks.py: bf16 matmul peak; grouped-GEMM experts, fused capped attention and the chunked head
 #    loss against float64 / materialised references, their speed and memory; KV-cached = uncached decoding on CUDA.
 # Exits 1 if any section failed (each section still runs).
 # 2. `gigafactory train` on grok-1b-moe (MoE, eager and torch.compile) and a dense twin: tokens/s, MFU, peak memory.
-# 3. benchmarks/train_cpu.py --device cuda: ours vs HF transformers' Mixtral of the same shape, same process.
+#    The same with --training.precision fp8 (torchao float8 projections; experts stay bf16).
+# 3. benchmarks/grok1_layer.py: one Grok-1 layer at its real shapes, bf16 vs fp8 (the planner's efficiencies).
+# 4. benchmarks/train_cpu.py --device cuda: ours vs HF transformers' Mixtral of the same shape, same process.
 # Uses the venv's python when there is one, else python3 (the GPU image has torch, tokenizers, rich, transformers).
 # Logs go to $OUT when it is set (the device tool's output folder), else runs/gpu-bench.
 set -uo pipefail
@@ -14,7 +17,7 @@ PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOGS=${OUT:-runs/gpu-bench}
-SECTIONS=" ${*:-checks moe moe-compiled dense peer} "
+SECTIONS=" ${*:-checks moe moe-compiled moe-fp8 dense dense-fp8 layer peer} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 FAILED=()
 mkdir -p "$LOGS"
@@ -47,8 +50,18 @@ PYEOF
 # MoE: grok-1b-moe (0.9B total, 0.28B active per token), 8 x 4096 tokens per step.
 train moe --preset grok-1b-moe
 train moe-compiled --preset grok-1b-moe --training.compile true
+train moe-fp8 --preset grok-1b-moe --training.compile true --training.precision fp8
 # Dense: the same shape with one expert of 4x width (every token uses all FFN weights).
-train dense --preset grok-1b-moe --model.n_experts 1 --model.top_k 1 --model.moe_ffn_dim 8192 --model.aux_loss_weight 0
+DENSE=(--preset grok-1b-moe --model.n_experts 1 --model.top_k 1 --model.moe_ffn_dim 8192 --model.aux_loss_weight 0)
+train dense "${DENSE[@]}"
+train dense-fp8 "${DENSE[@]}" --training.precision fp8
+
+if want layer; then
+  echo "== layer: one Grok-1 layer (6144, 48/8 heads, 8 x 32768 experts, top-2), 1 x 4096 tokens, bf16 vs fp8"
+  GPU=h100; nvidia-smi --query-gpu=name --format=csv,noheader | grep -qi h200 && GPU=h200
+  timeout 170 $PY benchmarks/grok1_layer.py --device cuda --gpu "$GPU" 2>&1 | tee "$LOGS/layer.log" | grep -v Warning
+  grep -q "ratio" "$LOGS/layer.log" || FAILED+=(layer)
+fi
 
 if want peer; then
   echo "== peer: ours vs HF MixtralForCausalLM, grok-1b-moe shape"
