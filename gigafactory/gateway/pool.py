@@ -3,15 +3,20 @@
 A replica leaves the pool after `failures_to_eject` failed checks in a row (about that many seconds), or at once when a
 proxied request finds it unreachable (connection refused or reset, a stalled read); a passing check brings it back.
 Checks run concurrently, so one hung replica delays no other's verdict.
+
+When it leaves because it cannot be reached (not because /ready said 503: a full queue still finishes its work), every
+wait on it is cut short (Watch): a hung replica's requests go elsewhere or end cleanly within seconds, not after
+routing.read_timeout_s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -29,6 +34,7 @@ class ReplicaState:
     assigned: int = 0  # requests ever sent (breaks ties between equally loaded replicas: round robin)
     last_error: str = ""
     changed_at: float = 0.0  # when it last entered or left the pool (monotonic)
+    watches: set = field(default_factory=set)  # the Watch of every request waiting on it
 
     @property
     def name(self) -> str:
@@ -42,6 +48,44 @@ class ReplicaState:
         r = self.replica
         return {"name": r.name, "url": r.url, "region": r.region, "pool": r.pool, "healthy": self.healthy,
                 "outstanding": self.outstanding, "assigned": self.assigned, "last_error": self.last_error}
+
+
+class ReplicaLost(Exception):
+    """The replica left the pool as unreachable while a request was waiting on it."""
+
+
+class Watch:
+    """Wraps each wait of one request on one replica; `fire()` (the replica is unreachable) ends the current and any
+    later wait with ReplicaLost. Costs no task per wait: an asyncio.timeout that is rescheduled to now."""
+
+    def __init__(self, state: ReplicaState):
+        self.state, self.lost, self._timeout = state, False, None
+
+    def __enter__(self):
+        self.state.watches.add(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.state.watches.discard(self)
+
+    @contextlib.asynccontextmanager
+    async def guard(self):
+        if self.lost:
+            raise ReplicaLost(self.state.name)
+        try:
+            async with asyncio.timeout(None) as self._timeout:
+                yield
+        except TimeoutError:
+            if self.lost:
+                raise ReplicaLost(self.state.name) from None
+            raise
+        finally:
+            self._timeout = None
+
+    def fire(self) -> None:
+        self.lost = True
+        if self._timeout is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time())
 
 
 class Pool:
@@ -68,7 +112,8 @@ class Pool:
             return own
         return [s for s in self.replicas.values() if s.healthy and s.replica.pool == pool]
 
-    def set_health(self, state: ReplicaState, ok: bool, error: str = "", eject_now: bool = False) -> None:
+    def set_health(self, state: ReplicaState, ok: bool, error: str = "", eject_now: bool = False,
+                   unreachable: bool = False) -> None:
         if ok:
             state.failures, state.last_error = 0, ""
             if not state.healthy:
@@ -80,18 +125,22 @@ class Pool:
             if state.healthy and (eject_now or state.failures >= self.cfg.health.failures_to_eject):
                 log.warning("replica %s leaves the pool: %s", state.name, state.last_error)
                 state.healthy, state.changed_at = False, time.monotonic()
+            if unreachable and not state.healthy:
+                for watch in list(state.watches):
+                    watch.fire()
         if self.metrics is not None:
             self.metrics.replica_healthy.labels(replica=state.name).set(1 if state.healthy else 0)
 
     async def check(self, client: httpx.AsyncClient, state: ReplicaState) -> None:
         path = state.replica.health_path or self.cfg.health.path
+        timeout = self.cfg.health.timeout_s
         try:
-            resp = await client.get(state.replica.url + path, timeout=self.cfg.health.timeout_s,
-                                    headers=state.auth_headers())
-            ok, error = resp.status_code == 200, f"{path} answered {resp.status_code}"
-        except httpx.HTTPError as err:
-            ok, error = False, f"{path}: {type(err).__name__} {err}".strip()
-        self.set_health(state, ok, error)
+            async with asyncio.timeout(timeout):
+                resp = await client.get(state.replica.url + path, timeout=timeout, headers=state.auth_headers())
+            ok, error, unreachable = resp.status_code == 200, f"{path} answered {resp.status_code}", False
+        except (httpx.HTTPError, TimeoutError) as err:
+            ok, error, unreachable = False, f"{path}: {type(err).__name__} {err}".strip(), True
+        self.set_health(state, ok, error, unreachable=unreachable)
 
     async def check_all(self, client: httpx.AsyncClient) -> None:
         await asyncio.gather(*(self.check(client, s) for s in list(self.replicas.values())))

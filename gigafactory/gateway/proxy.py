@@ -17,7 +17,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gigafactory.gateway import router
-from gigafactory.gateway.pool import Pool, ReplicaState
+from gigafactory.gateway.pool import Pool, ReplicaLost, ReplicaState, Watch
 
 REPLICA_HEADER = "X-Gateway-Replica"
 
@@ -73,12 +73,14 @@ class Proxy:
             why = f"every replica tried failed ({'; '.join(failures)[:500]})"
         raise GatewayError(503, f"{why}; retry shortly", "upstream_unavailable", {"Retry-After": "1"})
 
-    def _begin(self, state: ReplicaState) -> None:
+    def _begin(self, state: ReplicaState) -> Watch:
         state.outstanding += 1
         state.assigned += 1
         self.metrics.outstanding.labels(replica=state.name).set(state.outstanding)
+        return Watch(state).__enter__()
 
-    def end(self, state: ReplicaState) -> None:
+    def end(self, state: ReplicaState, watch: Watch) -> None:
+        watch.__exit__(None, None, None)
         state.outstanding -= 1
         self.metrics.outstanding.labels(replica=state.name).set(state.outstanding)
 
@@ -92,44 +94,48 @@ class Proxy:
     def lost(self, state: ReplicaState, err: Exception) -> str:
         """The replica could not be reached or broke off: out of the pool now (a passing check brings it back)."""
         why = f"{state.name}: {type(err).__name__}"
-        self.pool.set_health(state, False, f"{type(err).__name__}: {err}", eject_now=True)
+        self.pool.set_health(state, False, f"{type(err).__name__}: {err}", eject_now=True, unreachable=True)
         return why
 
     async def _attempt(self, state: ReplicaState, path: str, body: dict, route: Route, started: float) -> Response | str:
         """The relayed answer, or a string saying why this replica failed (the caller tries another)."""
-        self._begin(state)
+        watch = self._begin(state)
         upstream, handed_over = None, False
         try:
             payload = dict(body, model=state.replica.model)
             request = self.client.build_request("POST", state.replica.url + path, json=payload,
                                                 headers=state.auth_headers())
-            upstream = await self.client.send(request, stream=True)
+            async with watch.guard():
+                upstream = await self.client.send(request, stream=True)
             if upstream.status_code >= 500:
-                text = (await upstream.aread())[:200].decode("utf-8", "replace")
+                async with watch.guard():
+                    text = (await upstream.aread())[:200].decode("utf-8", "replace")
                 self.outcome(state, route, "server_error", None)
                 return f"{state.name} answered {upstream.status_code} {text}"
             chunks = upstream.aiter_raw()
-            first = await anext(chunks, b"")
+            async with watch.guard():
+                first = await anext(chunks, b"")
             latency = time.monotonic() - started
             headers = {REPLICA_HEADER: state.name}
             kind = upstream.headers.get("content-type", "application/json")
             if not kind.startswith("text/event-stream"):
-                content = first + b"".join([c async for c in chunks])
+                async with watch.guard():
+                    content = first + b"".join([c async for c in chunks])
                 self.outcome(state, route, "ok" if upstream.status_code < 400 else "client_error", latency)
                 for name in ("retry-after",):
                     if name in upstream.headers:
                         headers[name] = upstream.headers[name]
                 return Response(content, status_code=upstream.status_code, media_type=kind, headers=headers)
             handed_over = True
-            return RelayResponse(self, state, route, upstream, first, chunks, latency, headers)
-        except httpx.HTTPError as err:
+            return RelayResponse(self, state, watch, route, upstream, first, chunks, latency, headers)
+        except (httpx.HTTPError, ReplicaLost) as err:
             self.outcome(state, route, "unreachable", None)
             return self.lost(state, err)
         finally:
             if not handed_over:
                 if upstream is not None:
                     await upstream.aclose()
-                self.end(state)
+                self.end(state, watch)
 
 
 def error_event(message: str, code: str) -> bytes:
@@ -141,9 +147,9 @@ class RelayResponse(StreamingResponse):
     """A replica's event stream relayed event by event; owns the upstream response and the replica's in-flight count
     until the stream ends or the client goes away."""
 
-    def __init__(self, proxy: Proxy, state: ReplicaState, route: Route, upstream: httpx.Response, first: bytes,
-                 chunks, latency: float, headers: dict):
-        self.proxy, self.state, self.route, self.upstream = proxy, state, route, upstream
+    def __init__(self, proxy: Proxy, state: ReplicaState, watch: Watch, route: Route, upstream: httpx.Response,
+                 first: bytes, chunks, latency: float, headers: dict):
+        self.proxy, self.state, self.watch, self.route, self.upstream = proxy, state, watch, route, upstream
         self.latency, self.closed, self.recorded = latency, False, False
         super().__init__(self._relay(first, chunks), status_code=upstream.status_code, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", **headers})
@@ -161,14 +167,15 @@ class RelayResponse(StreamingResponse):
                 if cut >= 0:  # whole events only: a failure later never leaves a half-written one behind
                     yield pending[:cut + 2]
                     pending = pending[cut + 2:]
-                chunk = await anext(chunks, None)
+                async with self.watch.guard():
+                    chunk = await anext(chunks, None)
                 if chunk is None:
                     break
                 pending += chunk
             if pending:
                 yield pending
             self._record("ok")
-        except httpx.HTTPError as err:
+        except (httpx.HTTPError, ReplicaLost) as err:
             why = self.proxy.lost(self.state, err)
             self._record("stream_broken")
             yield error_event(f"the replica serving this stream failed ({why}); the answer is incomplete, send it again",
@@ -185,5 +192,7 @@ class RelayResponse(StreamingResponse):
             return
         self.closed = True
         self._record("client_gone")
-        await self.upstream.aclose()
-        self.proxy.end(self.state)
+        try:
+            await self.upstream.aclose()
+        finally:
+            self.proxy.end(self.state, self.watch)

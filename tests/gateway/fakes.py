@@ -3,6 +3,7 @@ reached through httpx's ASGITransport (no sockets, no model)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 
@@ -18,23 +19,31 @@ class FakeFleet:
     def __init__(self, seed: int = 0):
         self.fail_rate: dict[str, float] = {}  # host -> share of requests answered 500
         self.down: set[str] = set()  # hosts whose /ready fails
+        self.hung: set[str] = set()  # hosts that never answer anything (a stopped process, a partition)
         self.served: list[tuple[str, str]] = []  # (host, model sent upstream)
         self.rng = random.Random(seed)
         self.app = FastAPI()
 
         @self.app.get("/ready")
         async def ready(request: Request):
+            await self.maybe_hang(request)
             return JSONResponse({}, status_code=503 if request.url.hostname in self.down else 200)
 
         @self.app.post("/v1/chat/completions")
         async def chat(request: Request):
             host, body = request.url.hostname, await request.json()
+            await self.maybe_hang(request)
             if self.rng.random() < self.fail_rate.get(host, 0.0):
                 return JSONResponse({"error": {"message": "injected", "code": "generation_failed"}}, status_code=500)
             self.served.append((host, body["model"]))
             return {"id": "x", "object": "chat.completion", "model": body["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": f"from {host}"},
                                  "finish_reason": "stop"}]}
+
+
+    async def maybe_hang(self, request: Request) -> None:
+        if request.url.hostname in self.hung:
+            await asyncio.sleep(3600)
 
 
 @contextlib.asynccontextmanager
