@@ -19,7 +19,8 @@ def register(subparsers) -> None:
         description="Search parallel layouts for a model on one or more cluster sizes and forecast the training run.",
     )
     p.add_argument("--model", default="grok-1", help="Model preset (grok-1, grok-2, ...) or a TOML config file with a [model] section.")
-    p.add_argument("--gpus", default="10000,100000", help="Comma-separated GPU counts to compare, e.g. 1024,10000,100000.")
+    p.add_argument("--gpus", default=None, help="Comma-separated GPU counts to compare, e.g. 1024,10000,100000 (default 10000,100000; "
+                                               "with --layout: the layout's own size).")
     p.add_argument("--gpu", default=None, help="GPU from the catalog: a100-40gb, a100-80gb, h100, h800, h200, b200, gb200.")
     p.add_argument("--network", default=None, help="Scale-out network: ib-hdr, ib-ndr, spectrum-x (default: ib-hdr for A100, else ib-ndr).")
     p.add_argument("--cluster", metavar="FILE", help="TOML file adding [gpu.NAME] / [network.NAME] entries and an optional [cluster] table.")
@@ -36,22 +37,41 @@ def register(subparsers) -> None:
     p.add_argument("--sites", type=int, default=1, help="Split each cluster size over this many sites (replica groups) and price sync DP vs DiLoCo across them (docs/cross-site.md).")
     p.add_argument("--site-link", default="400Gbps,10ms", help="With --sites > 1: the link between sites as BANDWIDTH,LATENCY (default 400Gbps,10ms).")
     p.add_argument("--max-idle", type=float, default=0.05, help="Fraction of GPUs the layout may leave as spares (default 0.05).")
+    g = p.add_argument_group("price a given layout (instead of only searching)")
+    g.add_argument("--layout", help="Degrees to price exactly, e.g. tp=8,pp=16,cp=1,dp=64,ep=1 (also dp_replicate=, dp_shard= for HSDP, "
+                                    "v= for interleaving). A [parallel] table in a --model TOML is priced the same way.")
+    g.add_argument("--microbatch", type=int, default=1, help="With --layout: sequences per microbatch (default 1).")
+    g.add_argument("--microbatches", type=int, default=0, help="With --layout: microbatches per step; 0 = as many as reach --batch-tokens.")
+    g.add_argument("--schedule", default="1f1b", help="With --layout: gpipe, 1f1b, interleaved_1f1b, zero_bubble or dualpipe.")
+    g.add_argument("--zero", type=int, default=1, help="With --layout: ZeRO stage over dp (0 = DDP, 1, 2, 3 = FSDP; default 1).")
+    g.add_argument("--checkpointing", default="none", help="With --layout: activation checkpointing none, selective or full.")
+    g.add_argument("--stage-layers", default="", help="With --layout: layers per pipeline stage, e.g. 3+4+4+3 (default: balanced by the planner).")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp8"), help="GEMM precision of the layers, searched and given (default bf16).")
+    p.add_argument("--reduce-dtype", default="fp32", choices=("fp32", "bf16"), help="Gradient reduction dtype (default fp32).")
     p.add_argument("--json", action="store_true", help="Print a JSON list, one object per cluster size, instead of the table.")
     p.add_argument("--plot", metavar="PNG", help="Write a sweep plot (days, MFU, cost vs GPUs) to this PNG file.")
     p.set_defaults(func=run)
 
 
 def _model(spec: str):
+    """(ModelConfig, the TOML's [parallel] table and [training] batch_size when the model came from a file)."""
     from gigafactory.models.presets import PRESETS, get_preset
 
     if spec in PRESETS:
-        return get_preset(spec)
+        return get_preset(spec), None, 1
     if spec.endswith(".toml"):
         if not Path(spec).is_file():
             raise UserError(f"--model {spec!r}: file not found; pass a preset name or an existing TOML config")
+        import tomllib
+
         from gigafactory.config.loader import load_config
 
-        return load_config(config_path=spec).model
+        cfg = load_config(config_path=spec)
+        try:
+            raw = tomllib.loads(Path(spec).read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            raw = {}
+        return cfg.model, raw.get("parallel"), cfg.training.batch_size
     raise UserError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a .toml config file")
 
 
@@ -74,7 +94,9 @@ def plan_rows(args) -> tuple[list[dict], str]:
     from gigafactory.plan.search import SearchSpace, search
     from gigafactory.plan.workload import from_model_config
 
-    cfg = _model(args.model)
+    args.gpus_given = args.gpus is not None
+    args.gpus = args.gpus or "10000,100000"
+    cfg, parallel_table, batch_size = _model(args.model)
     cfg.validate()
     catalog = load_catalog(args.cluster)
     gpu = args.gpu or str(catalog.cluster.get("gpu", "h100"))
@@ -97,17 +119,22 @@ def plan_rows(args) -> tuple[list[dict], str]:
 
         link = parse_link(args.site_link)
     w = from_model_config(cfg)
-    space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq)), max_idle=args.max_idle)
+    space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq)), max_idle=args.max_idle,
+                        precision=args.precision, reduce_dtype=args.reduce_dtype)
     overrides = dict(pue=args.pue, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_failures_per_day=args.failures_per_gpu_day)
     for key in ("pue", "usd_per_gpu_hour", "gpu_failures_per_day", "storage_write_gbps"):
         if overrides.get(key) is None and key in catalog.cluster:
             overrides[key] = float(catalog.cluster[key])  # load_catalog checked it is a finite number in range
+    if args.layout or parallel_table is not None:
+        from gigafactory.cli.plan_given import given_rows
+
+        return given_rows(args, w, catalog, gpu, network, overrides, seq, space, parallel_table, batch_size, cfg.name)
     rows = []
     for n in _counts(args.gpus):
         cluster = make_cluster(gpu, n, network=network, catalog=catalog, **overrides)
         best, priced = search(w, cluster, MODERN, seq, space)
         fc = forecast(best[0], w, cluster, args.tokens)
-        rows.append(row(best[0], fc, cluster, priced, with_failures(best[0], fc, w, cluster, args.recovery)))
+        rows.append(row(best[0], fc, cluster, priced, with_failures(best[0], fc, w, cluster, args.recovery), w))
         if args.sites > 1:  # each site plans its own share; the sites' batches add up
             if n < args.sites:
                 raise UserError(f"--gpus {n} cannot be split over --sites {args.sites}")
@@ -139,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             render(r["sites"], f"{r['gpus']:,} GPUs as {args.sites} sites x {r['gpus'] // args.sites:,}, link {args.site_link} "
                                "(failure losses not included)")
+    for r in rows:
+        if r.get("distance_text"):
+            print(f"\n{r['label']}: {r['distance_text']}")
     best = rows[-1]
     print(f"\n# parallel layout for {best['gpus']:,} GPUs (paste into the training config):")
     print(best["parallel_toml"])

@@ -71,3 +71,24 @@ def p2p(size: float, stride: int, cluster: Cluster) -> float:
     if stride < cluster.gpu.nvlink_domain:
         return size / (cluster.nvlink_gbps * 1e9) + cluster.nvlink.latency_us * 1e-6
     return size / (cluster.nic_gbps * 1e9) + cluster.net_latency_s()
+
+
+def moe_all_to_all(size: float, top_k: int, n: int, stride: int, cluster: Cluster, node_limit: int = 0) -> float:
+    """Dispatch (or combine) of `size` bytes of tokens, each sent to `top_k` experts spread over n ranks.
+
+    Copies for ranks in this NVLink domain go over NVLink; the rest cross the NIC. A plain all-to-all sends every
+    remote copy; node-limited routing (DeepSeek-V3, at most `node_limit` nodes per token, one send per node,
+    forwarded over NVLink on arrival) sends each token at most once to each of at most node_limit nodes."""
+    if n <= 1 or size <= 0:
+        return 0.0
+    k, nodes = _split(n, stride, cluster.gpu.nvlink_domain)
+    copies = size * top_k
+    t = copies * (k - 1) / n / (cluster.nvlink_gbps * 1e9) + cluster.nvlink.latency_us * 1e-6
+    if nodes > 1:
+        if node_limit:
+            distinct = nodes * (1 - (1 - 1 / nodes) ** top_k)  # expected nodes a token's experts lie on
+            remote = size * min(node_limit, distinct) * (nodes - 1) / nodes
+        else:
+            remote = copies * (n - k) / n
+        t += remote / (cluster.nic_gbps * 1e9) + cluster.net_latency_s()
+    return t

@@ -31,6 +31,7 @@ class GPU:
     gpus_per_node: int = knob(8, "GPUs per server; a cluster's GPU count must be a multiple of it.")
     nic_gbps: float = knob(50.0, "Scale-out NIC bandwidth per GPU per direction, GB/s.")
     tdp_w: float = knob(700.0, "Board power, W.")
+    idle_w: float = knob(70.0, "Board power of an idle GPU (clocks parked, HBM refreshed), W.")
     system_w_per_gpu: float = knob(1275.0, "Server maximum power divided by its GPU count, W (CPU, NICs, fans included).")
     sms: int = knob(132, "Streaming multiprocessors (for GEMM wave quantisation).")
     matmul_efficiency: float = knob(0.68, "Fraction of peak a large GEMM sustains inside a training step (calibrated).")

@@ -15,6 +15,7 @@ import math
 from gigafactory.plan.cost import StepEstimate
 from gigafactory.plan.forecast import CHECKPOINT_BYTES_PER_PARAM, Forecast
 from gigafactory.plan.hardware import Cluster, load_catalog
+from gigafactory.plan.power import energy_mwh, profile
 from gigafactory.plan.workload import Workload
 from gigafactory.simulate.config import ClusterSpec, JobSpec, SimConfig
 from gigafactory.simulate.expected import expected
@@ -52,10 +53,20 @@ def with_failures(est: StepEstimate, fc: Forecast, w: Workload, cluster: Cluster
     failures = sum(c.rate_per_s(cfg.cluster) for c in classes if c.kills_job) * 86400.0
     restarts = 86400.0 / exp["mtbi_s"] if exp.get("mtbi_s") else 0.0
     grow = 1.0 / ettr if ettr > 0 else math.inf
+    # energy from the power profile: steps (productive or re-run) at the step's average draw, pauses at idle
+    stall, restart = cfg.job.stall_s(), cfg.job.restart_s() + float(exp.get("detect_s") or 0.0)
+    tau = exp.get("interval_s") or 0.0
+    ckpt_fraction = stall / (tau + stall) if tau and restarts else 0.0
+    seconds = fc.days * 86400.0
+    wall = seconds * grow if math.isfinite(grow) else seconds
+    power = profile(est, cluster, stall, restart)
+    energy = energy_mwh(power, seconds, ettr, ckpt_fraction, restarts / 86400.0 * wall * restart, cluster.pue)
     return {
+        "power": power, "energy_mwh_failure_free": energy_mwh(power, seconds, 1.0, 0.0, 0.0, cluster.pue),
+        "facility_mw_avg": power["step_avg_it_mw"] * cluster.pue,
         "recovery": recovery, "ettr": ettr, "interruptions_per_day": failures, "restarting_failures_per_day": restarts,
         "replica_groups": cfg.groups, "replica_group_gpus": cfg.recovery.replica_group_gpus,
         "params": float(w.params_total),
         "days_failure_free": fc.days, "gpu_hours_failure_free": fc.gpu_hours, "cost_usd_failure_free": fc.cost_usd,
-        "days": fc.days * grow, "gpu_hours": fc.gpu_hours * grow, "energy_mwh": fc.energy_mwh * grow, "cost_usd": fc.cost_usd * grow,
+        "days": fc.days * grow, "gpu_hours": fc.gpu_hours * grow, "energy_mwh": energy, "cost_usd": fc.cost_usd * grow,
     }

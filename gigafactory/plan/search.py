@@ -2,10 +2,11 @@
 
 Candidates (tp, cp, ep, microbatch) are visited in order of a lower bound on time per token (their layer
 compute with no communication, bubble or recompute); a candidate whose bound is already slower than the best
-layout found is skipped with everything under it. For each survivor: pipeline degrees dividing the layers,
-data-parallel sizes that leave at most `max_idle` of the GPUs as spares, DDP/HSDP/FSDP splits, schedules, and
-the cheapest activation checkpointing that fits (none, then selective, then full: recompute only adds time).
-GPipe and plain 1F1B are not searched: zero-bubble has their memory and a smaller bubble in this model.
+layout found is skipped with everything under it. For each survivor: pipeline degrees (dividing the layers, or
+powers of two with uneven stages), data-parallel sizes that leave at most `max_idle` of the GPUs as spares, DDP
+or ZeRO-1/2/3 (HSDP when replicated too), schedules, and the cheapest activation checkpointing that fits (none,
+then selective, then full: recompute only adds time). GPipe and plain 1F1B are not searched: zero-bubble has
+their memory and a bubble never larger in this model.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 
 from gigafactory.config.fields import knob
 from gigafactory.errors import UserError
-from gigafactory.plan.compute import head_time, layer_time
-from gigafactory.plan.cost import StepEstimate, estimate
+from gigafactory.plan.compute import head_time
+from gigafactory.plan.cost import StepEstimate, estimate, layer_cost
 from gigafactory.plan.hardware import Cluster
 from gigafactory.plan.layout import CHECKPOINTING, Layout, Software
 from gigafactory.plan.memory import estimate_memory
@@ -36,6 +37,9 @@ class SearchSpace:
     max_microbatch_tokens: int = knob(65536, "Largest local tokens per microbatch.")
     sequence_parallel: bool = knob(True, "Use sequence parallelism with tp (Megatron-SC21 runs: false).")
     keep: int = knob(10, "How many of the best layouts to return.")
+    dp_sizes: int = knob(1, "Data-parallel sizes tried per model-parallel shape, largest (fewest spares) first.")
+    precision: str = knob("bf16", "GEMM precision of every layout searched ('bf16' or 'fp8').")
+    reduce_dtype: str = knob("fp32", "Gradient reduction dtype of every layout searched.")
 
 
 def _pow2_upto(limit: int) -> list[int]:
@@ -64,6 +68,37 @@ def _shard_options(dp: int, cp: int, ep: int) -> list[int]:
     return sorted(d for d in opts if (d * cp) % ep == 0)
 
 
+def _model_compute(w: Workload, cluster: Cluster, sw: Software, tokens: int, seq_len: int, tp: int, cp: int, ep: int,
+                   mbs: int, space: SearchSpace) -> tuple[float, float]:
+    """(seconds of every layer and the head for one microbatch, their weight-gradient part), a lower bound for any
+    layout with these tp, cp, ep and microbatch: kernels plus the tensor- and expert-parallel exposure that no data
+    or pipeline choice removes (the smaller of the plain and the DualPipe-overlapped all-to-all)."""
+    def cheapest(moe: bool):
+        costs = [layer_cost(w, Layout(tp=tp, cp=cp, ep=ep, microbatch_size=mbs, sequence_parallel=space.sequence_parallel,
+                                      precision=space.precision, schedule=s), cluster, sw, seq_len, moe)
+                 for s in ("1f1b", "dualpipe")]
+        return min(costs, key=lambda c: c.fwd + c.bwd - c.cp - c.zero)
+
+    moe, dense = cheapest(True), cheapest(False)
+    n_dense = w.n_layers - w.n_moe_layers
+    hf, hb, _ = head_time(w, cluster.gpu, sw, tokens, tp)
+    layer = lambda c: c.fwd + c.bwd - c.cp - c.zero  # noqa: E731
+    total = w.n_moe_layers * layer(moe) + n_dense * layer(dense) + hf + hb
+    return total, w.n_moe_layers * moe.wgrad + n_dense * dense.wgrad
+
+
+def _pipeline_bound(t: float, wgrad: float, p: int, m: int, schedule: str, v: int) -> float:
+    """A lower bound on pipeline.pipeline_time when every stage takes exactly its share t of the compute."""
+    if p == 1:
+        return m * t
+    if schedule == "interleaved_1f1b":
+        return m * t + (p - 1) * t / v
+    if schedule == "dualpipe":  # F + 2B - 3W >= 2t - 3W with F + B = t, B >= t/2 ... bounded by 0 to stay safe
+        return m * t
+    moved = (p - 1) * wgrad * (1 + min(1.0, (m - 1) / (p - 1)))
+    return m * t + max(0.0, (p - 1) * t - moved)
+
+
 def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: SearchSpace) -> tuple[list[StepEstimate], int]:
     """(best fitting layouts, fastest first by time per token; number of layouts priced)."""
     n, gpu = cluster.n_gpus, cluster.gpu
@@ -83,49 +118,68 @@ def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: Sea
                         continue
                     if tp * cp > n:
                         continue
-                    lt = layer_time(w, gpu, sw, tokens, seq_len, tp, cp, ep, space.sequence_parallel)
-                    hf, hb, _ = head_time(w, gpu, sw, tokens, tp)
-                    bound = (w.n_layers * (lt.fwd + lt.bwd) + hf + hb) * tp * cp / (tokens * cp * n)
-                    candidates.append((bound, tp, cp, ep, mbs))
+                    model_s, wgrad_s = _model_compute(w, cluster, sw, tokens, seq_len, tp, cp, ep, mbs, space)
+                    bound = model_s * tp * cp / (tokens * cp * n)
+                    candidates.append((bound, tp, cp, ep, mbs, model_s, wgrad_s))
     candidates.sort()
     results: list[StepEstimate] = []
     best = math.inf
     priced = 0
     smallest_mem = math.inf
     target, slack = space.global_batch, space.batch_slack
-    for bound, tp, cp, ep, mbs in candidates:
+    for bound, tp, cp, ep, mbs, model_s, wgrad_s in candidates:
         if bound >= best:
             break
-        for pp in _divisors(w.n_layers, min(w.n_layers, 128)):
+        for pp in sorted(set(_divisors(w.n_layers, min(w.n_layers, 128))) | set(_pow2_upto(min(w.n_layers // 2, 128)))):
             model = tp * cp * pp
             if model > n:
                 break
+            even = w.n_layers % pp == 0
             schedules = [("1f1b", 1)] if pp == 1 else [("zero_bubble", 1)] + [
-                ("interleaved_1f1b", v) for v in (2, 3, 4) if (w.n_layers // pp) % v == 0]
-            for dp in _dp_candidates(n, model, gpu.gpus_per_node, min_used):
+                ("interleaved_1f1b", v) for v in (2, 3, 4) if even and (w.n_layers // pp) % v == 0] + (
+                [("dualpipe", 1)] if pp % 2 == 0 else [])
+            for dp in _dp_candidates(n, model, gpu.gpus_per_node, min_used)[:space.dp_sizes]:
                 if dp * mbs > target * (1 + slack):
                     continue
                 for sched, v in schedules:
                     m = max(1, round(target / (dp * mbs)))
                     if sched == "interleaved_1f1b":
                         m = max(pp, round(m / pp) * pp)
+                    if sched == "dualpipe":
+                        m = max(pp, m + m % 2)
                     if abs(dp * mbs * m - target) > slack * target and dp * mbs * m > target:
                         continue
+                    if _pipeline_bound(model_s / pp, wgrad_s / pp, pp, m, sched, v) / (dp * mbs * m * seq_len) >= best:
+                        continue  # even with no communication and no recompute it is slower than the best so far
+                    fitted_shard = False
                     for shard in _shard_options(dp, cp, ep):
-                        for ckpt in CHECKPOINTING:
+                        if fitted_shard and shard != dp:
+                            continue  # past the smallest shard group that fits, only full sharding is tried too
+                        # the lightest sharding that fits, then the lightest checkpointing: each step up only adds
+                        # traffic (ZeRO-1 -> 2 -> 3) or recompute (none -> selective -> full)
+                        lightest = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
+                                          microbatch_size=mbs, microbatches=m, schedule=sched, virtual_stages=v,
+                                          checkpointing="full", sequence_parallel=space.sequence_parallel,
+                                          zero=3 if shard > 1 else 0, precision=space.precision)
+                        mem = estimate_memory(w, lightest, sw, seq_len).total
+                        smallest_mem = min(smallest_mem, mem)
+                        if mem > gpu.hbm_gb * 1e9:
+                            continue  # memory only grows with lighter sharding or checkpointing
+                        for zero, ckpt in [(z, c) for z in ((1, 2, 3) if shard > 1 else (0,)) for c in CHECKPOINTING]:
                             lay = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
                                          microbatch_size=mbs, microbatches=m, schedule=sched, virtual_stages=v,
-                                         checkpointing=ckpt, sequence_parallel=space.sequence_parallel)
-                            mem = estimate_memory(w, lay, sw, seq_len).total
-                            smallest_mem = min(smallest_mem, mem)
-                            if mem > gpu.hbm_gb * 1e9:
+                                         checkpointing=ckpt, sequence_parallel=space.sequence_parallel, zero=zero,
+                                         precision=space.precision, reduce_dtype=space.reduce_dtype)
+                            if estimate_memory(w, lay, sw, seq_len).total > gpu.hbm_gb * 1e9:
                                 continue
                             est = estimate(w, lay, cluster, sw, seq_len)
                             priced += 1
-                            per_token = est.step_time_s / est.tokens_per_step
+                            if not est.fits:
+                                continue
                             results.append(est)
-                            best = min(best, per_token)
-                            break  # a heavier checkpointing only adds recompute time
+                            best = min(best, est.step_time_s / est.tokens_per_step)
+                            fitted_shard = shard > 1
+                            break
     if not results:
         raise UserError(
             f"{w.name} fits no layout on {n} x {gpu.name}: the smallest peak memory found is "

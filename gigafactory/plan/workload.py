@@ -7,7 +7,7 @@ A `Workload` is built from a `ModelConfig` (Grok and friends; parameter and FLOP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from gigafactory.config.fields import knob
 from gigafactory.models.config import ModelConfig
@@ -24,11 +24,21 @@ class Workload:
     n_layers: int = knob(24, "Decoder layers.")
     n_heads: int = knob(16, "Query heads.")
     n_kv_heads: int = knob(16, "Key/value heads.")
-    head_dim: int = knob(64, "Width of one head.")
+    head_dim: int = knob(64, "Width of one head (query/key and value alike unless MLA sets them).")
+    attention: str = knob("gqa", "'gqa' (MHA when n_kv_heads = n_heads, MQA when 1) or 'mla' (DeepSeek low-rank KV).", choices=("gqa", "mla"))
+    q_lora_rank: int = knob(0, "MLA: rank of the query down-projection (0 = full-rank queries).")
+    kv_lora_rank: int = knob(0, "MLA: rank of the joint key/value compression (DeepSeek-V3: 512).")
+    rope_head_dim: int = knob(0, "MLA: decoupled rotary part of each query/key head (DeepSeek-V3: 64).")
+    v_head_dim: int = knob(0, "MLA: value head width (0 = head_dim).")
     ffn_dim: int = knob(4096, "Hidden width of the (per-expert) MLP.")
     gated: bool = knob(False, "Gated MLP (3 matrices: act(xW)*(xV) then W_out) instead of 2.")
-    n_experts: int = knob(1, "Experts per layer (1 = dense MLP).")
-    top_k: int = knob(1, "Experts per token.")
+    n_experts: int = knob(1, "Routed experts per layer (1 = dense MLP).")
+    top_k: int = knob(1, "Routed experts per token.")
+    n_shared_experts: int = knob(0, "Experts every token passes through, beside the routed ones (DeepSeek: 1).")
+    n_dense_layers: int = knob(0, "Leading layers with a dense MLP instead of experts (DeepSeek-V3: 3).")
+    dense_layer_ffn_dim: int = knob(0, "Hidden width of those dense leading layers' MLP (0 = ffn_dim * top_k).")
+    capacity_factor: float = knob(0.0, "Expert capacity / mean tokens per expert (tokens beyond it dropped, buffers padded to it); 0 = dropless.")
+    node_limit: int = knob(0, "Each token's experts lie on at most this many nodes (DeepSeek-V3: 4); 0 = unlimited.")
     dense_ffn_dim: int = knob(0, "Gated dense MLP beside the experts (Grok-2); 0 = none.")
     norms_per_layer: int = knob(2, "Norms per layer (Grok sandwich: 4).")
     dropout: bool = knob(False, "Dropout after attention and MLP and on attention probabilities (GPT-era runs).")
@@ -45,48 +55,107 @@ class Workload:
         return self.n_experts > 1
 
     @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers if self.is_moe else 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key width of one head as the attention core sees it (MLA: no-rope part + rotary part)."""
+        return self.head_dim + (self.rope_head_dim if self.attention == "mla" else 0)
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    @property
     def q_width(self) -> int:
         return self.n_heads * self.head_dim
 
     @property
     def kv_width(self) -> int:
+        """Width of K and V per token as stored and sent between context-parallel ranks."""
+        if self.attention == "mla":
+            return self.n_heads * (self.qk_head_dim + self.value_head_dim) // 2
         return self.n_kv_heads * self.head_dim
 
-    def layer_gemms(self) -> list[tuple[str, int, int, float]]:
+    def attention_gemms(self) -> list[tuple[str, int, int, float]]:
+        """Projections of one layer's attention: (group, n_out, k_in, multiplier); 'attn' is split by tp,
+        'attn_rep' (MLA's down-projections, small) is replicated over tp."""
+        d, h = self.d_model, self.n_heads
+        if self.attention != "mla":
+            return [("attn", self.q_width + 2 * self.kv_width, d, 1.0), ("attn", d, h * self.value_head_dim, 1.0)]
+        gemms = []
+        if self.q_lora_rank:
+            gemms += [("attn_rep", self.q_lora_rank, d, 1.0), ("attn", h * self.qk_head_dim, self.q_lora_rank, 1.0)]
+        else:
+            gemms.append(("attn", h * self.qk_head_dim, d, 1.0))
+        gemms += [("attn_rep", self.kv_lora_rank + self.rope_head_dim, d, 1.0),
+                  ("attn", h * (self.head_dim + self.value_head_dim), self.kv_lora_rank, 1.0),
+                  ("attn", d, h * self.value_head_dim, 1.0)]
+        return gemms
+
+    def layer_gemms(self, moe: bool | None = None) -> list[tuple[str, int, int, float]]:
         """Forward matmuls of one layer per token: (group, n_out, k_in, tokens multiplier).
 
-        group is 'attn' (sharded by tp), 'mlp' (dense MLP, sharded by tp) or 'expert' (run by top_k experts);
-        the multiplier is how many copies of the token pass through it."""
+        group is 'attn' (sharded by tp), 'mlp' (dense MLP, sharded by tp), 'expert' (run by top_k experts) or
+        'router'; the multiplier is how many copies of the token pass through it. `moe` False prices one of the
+        dense leading layers of an MoE model (default: an expert layer when the model has experts)."""
+        moe = self.is_moe if moe is None else moe
         d, f = self.d_model, self.ffn_dim
-        up = (2 if self.gated else 1) * f
-        gemms = [("attn", self.q_width + 2 * self.kv_width, d, 1.0), ("attn", d, self.q_width, 1.0)]
-        mlp_group = "expert" if self.is_moe else "mlp"
-        mult = float(self.top_k) if self.is_moe else 1.0
-        gemms += [(mlp_group, up, d, mult), (mlp_group, d, f, mult)]
-        if self.is_moe:
-            gemms.append(("router", self.n_experts, d, 1.0))
+        width = 2 if self.gated else 1
+        gemms = self.attention_gemms()
+        if moe:
+            gemms += [("expert", width * f, d, float(self.top_k)), ("expert", d, f, float(self.top_k)),
+                      ("router", self.n_experts, d, 1.0)]
+            if self.n_shared_experts:
+                s = f * self.n_shared_experts
+                gemms += [("mlp", width * s, d, 1.0), ("mlp", d, s, 1.0)]
+        else:
+            fd = (self.dense_layer_ffn_dim or f * self.top_k) if self.is_moe else f
+            gemms += [("mlp", width * fd, d, 1.0), ("mlp", d, fd, 1.0)]
         if self.dense_ffn_dim:
             gemms += [("mlp", 2 * self.dense_ffn_dim, d, 1.0), ("mlp", d, self.dense_ffn_dim, 1.0)]
         return gemms
+
+    def layer_params(self, moe: bool | None = None) -> tuple[float, float]:
+        """(parameters outside the experts, all routed experts' parameters) of one layer, from its matmul shapes."""
+        moe = self.is_moe if moe is None else moe
+        return self._layer_params[moe]
+
+    @cached_property
+    def _layer_params(self) -> dict:
+        return {moe: self._count_layer_params(moe) for moe in (False, True)}
+
+    def _count_layer_params(self, moe: bool) -> tuple[float, float]:
+        gemms = self.layer_gemms(moe)
+        dense = sum(n * k for g, n, k, _ in gemms if g != "expert") + self.norms_per_layer * self.d_model
+        experts = sum(n * k for g, n, k, _ in gemms if g == "expert") * self.n_experts
+        return float(dense), float(experts)
 
     def forward_matmul_flops_per_token(self) -> float:
         """Weight-matmul FLOPs of one token's forward pass, all layers plus the output projection."""
         return _forward_matmul_flops(self)
 
     def _forward_matmul_flops(self) -> float:
-        per_layer = sum(2 * n * k * mult for _, n, k, mult in self.layer_gemms())
-        return self.n_layers * per_layer + 2 * self.vocab * self.d_model
+        def per_layer(moe: bool) -> float:
+            return sum(2 * n * k * mult for _, n, k, mult in self.layer_gemms(moe))
 
-    def attention_flops_per_token(self, seq_len: int) -> float:
-        """Forward QK^T and PV FLOPs of one token against `seq_len` keys (no causal halving)."""
-        return 4.0 * self.n_layers * self.q_width * seq_len
+        dense_layers = self.n_layers - self.n_moe_layers
+        return self.n_moe_layers * per_layer(True) + dense_layers * per_layer(False) + 2 * self.vocab * self.d_model
 
-    def model_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token without recompute (forward + backward): the MFU numerator."""
+    def attention_flops_per_token(self, seq_len: int, causal: bool = False) -> float:
+        """Forward QK^T and PV FLOPs of one token against `seq_len` keys: all of them (PaLM's and Megatron's MFU
+        convention) or, `causal`, the half a causal mask leaves (what fused kernels execute; Llama 3's convention)."""
+        full = 2.0 * self.n_layers * self.n_heads * (self.qk_head_dim + self.value_head_dim) * seq_len
+        return full / 2 if causal else full
+
+    def model_flops_per_token(self, seq_len: int, causal: bool = False) -> float:
+        """Training FLOPs per token without recompute (forward + backward): the MFU numerator, with full attention
+        (default) or causal-halved attention."""
         if self.seq_flops_override:
             a, b, _ = self.seq_flops_override
-            return a + b * seq_len
-        return 3.0 * (self.forward_matmul_flops_per_token() + self.attention_flops_per_token(seq_len))
+            return a + b * seq_len * (0.5 if causal else 1.0)
+        return 3.0 * (self.forward_matmul_flops_per_token() + self.attention_flops_per_token(seq_len, causal))
 
 
 @lru_cache(maxsize=64)

@@ -10,7 +10,8 @@ from gigafactory.errors import UserError
 from gigafactory.models.presets import get_preset
 from gigafactory.plan.forecast import forecast
 from gigafactory.plan.hardware import make_cluster
-from gigafactory.plan.layout import MODERN
+from gigafactory.plan.cost import estimate
+from gigafactory.plan.layout import MODERN, Layout
 from gigafactory.plan.reliability import with_failures
 from gigafactory.plan.search import SearchSpace, search
 from gigafactory.plan.workload import from_model_config
@@ -20,7 +21,10 @@ from gigafactory.plan.workload import from_model_config
 def planned():
     w = from_model_config(get_preset("grok-1b-moe"))
     cluster = make_cluster("h100", 1024)
-    est = search(w, cluster, MODERN, 4096, SearchSpace(global_batch=512))[0][0]
+    # HSDP: 16 replica groups of 64 GPUs, so replica recovery has groups to drop
+    lay = Layout(dp_replicate=16, dp_shard=64, ep=8, zero=1, microbatches=1)
+    est = estimate(w, lay, cluster, MODERN, 4096)
+    assert est.fits
     return w, cluster, est
 
 
