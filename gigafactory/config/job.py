@@ -112,6 +112,8 @@ class ResilienceConfig:
     straggler_every: int = knob(10, "Straggler hunting: time each rank's compute vs its wait at a one-number all-reduce every step, and every N steps compare the ranks' medians over those N steps and name the slow ones; 0 = off.")
     straggler_ratio: float = knob(1.2, "A rank whose median compute time per step exceeds the fleet median by this factor is named as a straggler.")
     straggler_policy: str = knob("warn", "A named straggler: warn (event + console line) or exclude (also add its host to RUN_DIR/bad_nodes.json, which `gigafactory launch --exclude` and the generated job scripts read at the next launch or restart).", choices=("warn", "exclude"))
+    power_floor: float = knob(0.0, "Power smoothing: while a checkpoint save or the start-up load runs, keep the device busy this fraction of the time with filler matmuls (0-1), so the site's power does not drop to idle; costs about (floor x busy - idle) W per GPU during every pause (docs/operations.md).")
+    power_ramp_s: float = knob(0.0, "Power smoothing: after every (re)start, throttle training so its share of compute time rises linearly from max(power_floor, 0.1) to 1 over this many seconds; costs about power_ramp_s x (1 - that)^2 / 2 seconds of training per start. 0 = off.")
     events_file: str = knob("events.jsonl", "Recovery events log, relative to logging.run_dir (read by `gigafactory report`).")
 
     def validate(self) -> None:
@@ -124,6 +126,8 @@ class ResilienceConfig:
             ("term_grace_s", self.term_grace_s > 0, "must be > 0"),
             ("straggler_every", self.straggler_every >= 0, "must be >= 0 (0 = off)"),
             ("straggler_ratio", self.straggler_ratio >= 1, "must be >= 1"),
+            ("power_floor", 0 <= self.power_floor <= 1, "must be in [0, 1] (a fraction of the time the device is kept busy)"),
+            ("power_ramp_s", 0 <= self.power_ramp_s <= 3600, "must be in [0, 3600] seconds (0 = off)"),
             ("events_file", bool(self.events_file.strip()), "must name a file"),
         ])
 

@@ -74,9 +74,10 @@ def add_bad_nodes(path: Path, hosts: dict[str, str]) -> list[str]:
 
 class StragglerMonitor:
     def __init__(self, every: int, ratio: float = 1.2, events: EventLog | None = None, top: int = 3, device: torch.device | str = "cpu",
-                 policy: str = "warn", run_dir: Path | str | None = None):
+                 policy: str = "warn", run_dir: Path | str | None = None, board_power=None):
         self.every, self.ratio, self.events, self.top, self.device = every, ratio, events, top, torch.device(device)
         self.policy, self.run_dir = policy, Path(run_dir) if run_dir else None
+        self.board_power = board_power  # an object with read() -> W or None and .status (train.metrics.BoardPower)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self._step_times: list[float] = []
@@ -112,18 +113,23 @@ class StragglerMonitor:
         self._step_times.append(step_time_s)
         if step % self.every:
             return None
+        watts = self.board_power.read() if self.board_power is not None else None
         mine = [statistics.fmean(self._step_times) if self._step_times else 0.0,
-                statistics.median(self._compute) if self._compute else -1.0, statistics.median(self._wait) if self._wait else 0.0]
+                statistics.median(self._compute) if self._compute else -1.0, statistics.median(self._wait) if self._wait else 0.0,
+                -1.0 if watts is None else watts]
         self._step_times, self._compute, self._wait = [], [], []
-        table = torch.zeros(self.world, 3, dtype=torch.float64, device=self.device)
+        table = torch.zeros(self.world, 4, dtype=torch.float64, device=self.device)
         table[self.rank] = torch.tensor(mine, dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(table)  # device= must suit the default group: cuda for NCCL, cpu for gloo
-        step_s, compute_s, wait_s = (table[:, i].tolist() for i in range(3))
+        step_s, compute_s, wait_s, board_w = (table[:, i].tolist() for i in range(4))
         measured = all(c >= 0 for c in compute_s)  # no sync point yet (or one process): judge whole step times
         report = straggler_report(compute_s if measured else step_s, self.ratio, self.top)
         report.update(judged="compute" if measured else "step", per_rank_step_s=[round(t, 6) for t in step_s],
-                      per_rank_wait_s=[round(t, 6) for t in wait_s] if measured else [])
+                      per_rank_wait_s=[round(t, 6) for t in wait_s] if measured else [],
+                      # board power per rank (W) where NVML reads it, null where it does not; never estimated
+                      per_rank_board_w=[round(w, 1) if w >= 0 else None for w in board_w] if any(w >= 0 for w in board_w) else None,
+                      board_power=self.board_power.status if self.board_power is not None else "absent: not read")
         if self.events is not None and (report["stragglers"] or step % (10 * self.every) == 0):
             self.events.record("stragglers", once=True, step=step, **report)
         if self._hosts is None:  # once, on every rank: the hosts the names and the bad-nodes file refer to

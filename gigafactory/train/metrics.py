@@ -92,3 +92,44 @@ class StepProgress:
     def close(self) -> None:
         if self.live:
             self.bar.stop()
+
+
+class BoardPower:
+    """This rank's GPU board power from NVML (nvidia-ml-py), in W; `read()` is None where NVML cannot tell, and
+    `status` says why (never a guessed number)."""
+
+    def __init__(self, device: torch.device):
+        self.handle, self.status = None, "nvml"
+        if device.type != "cuda":
+            self.status = "absent: not a GPU"
+            return
+        try:
+            import pynvml
+        except ImportError:
+            self.status = "absent: nvidia-ml-py (pynvml) not installed"
+            return
+        try:
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.handle, self._read = pynvml.nvmlDeviceGetHandleByIndex(_physical_index(index)), pynvml.nvmlDeviceGetPowerUsage
+        except Exception as err:  # noqa: BLE001 - no driver, no such device, an NVML without power readings
+            self.status = f"absent: NVML: {str(err)[:80]}"
+
+    def read(self) -> float | None:
+        if self.handle is None:
+            return None
+        try:
+            return self._read(self.handle) / 1000.0  # mW
+        except Exception as err:  # noqa: BLE001 - a board that does not report power
+            self.status, self.handle = f"absent: NVML: {str(err)[:80]}", None
+            return None
+
+
+def _physical_index(index: int) -> int:
+    """NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES may renumber them for torch."""
+    import os
+
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible) and visible[index].strip().isdigit():
+        return int(visible[index])
+    return index

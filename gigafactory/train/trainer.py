@@ -29,8 +29,9 @@ from gigafactory.train.checkpoint_files import list_checkpoints, remove_stale, u
 from gigafactory.train.devices import pick_device, pick_dtype
 from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.memory_checkpoint import MemoryCheckpoints
-from gigafactory.train.metrics import MetricsLogger, StepProgress, peak_tflops
+from gigafactory.train.metrics import BoardPower, MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
+from gigafactory.train.power_smoothing import PowerSmoothing
 from gigafactory.train.preflight import check_run_dir
 from gigafactory.train.replica_groups import ReplicaGroupSync
 
@@ -86,7 +87,8 @@ class Trainer:
         self.signals = StopSignals(r.term_grace_s, self.events)
         self.guard = AnomalyGuard(r, self.events)
         self.stragglers = StragglerMonitor(r.straggler_every, r.straggler_ratio, self.events, device=self.device,
-                                           policy=r.straggler_policy, run_dir=self.run_dir)
+                                           policy=r.straggler_policy, run_dir=self.run_dir, board_power=BoardPower(self.device))
+        self.power = PowerSmoothing(r.power_floor, r.power_ramp_s, self.device)  # docs/operations.md, "Power"
         self.watchdog = Watchdog(r.watchdog_timeout_s, self.rank, self.events,
                                  heartbeat_path=self.run_dir / "heartbeat.json" if self.rank == 0 else None)
         self.ft = ReplicaGroupSync(ft, self, self.events) if ft.enabled else None
@@ -184,7 +186,7 @@ class Trainer:
     def _guarded(self, commit) -> Path | None:
         """Run a checkpoint save with the watchdog paused; remember a failure (logged by the checkpointer)."""
         try:
-            with self.watchdog.paused():
+            with self.watchdog.paused(), self.power.paused():
                 return commit()
         except ckpt.CheckpointSaveError as err:
             self.save_failure = err
@@ -361,6 +363,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
             (self.run_dir / "tokenizer.json").write_text(self.tokenizer_json)
+        self.power.starting()  # the floor holds through the load until the first step
         if self.ft is None:  # under fault tolerance the first quorum decides: heal from a peer, or resume from disk
             self.maybe_resume()
         metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=is_rank0)
@@ -388,9 +391,12 @@ class Trainer:
                 values = self.train_step()
                 elapsed = time.perf_counter() - started
                 self.watchdog.beat(self.step)
+                with self.watchdog.paused():
+                    self.power.step_done(elapsed)  # ends the start-up floor; throttles during the ramp
                 if values.get("rolled_back") or values.get("retry"):
                     continue
-                self.stragglers.step_done(self.step, elapsed)
+                if (board := self.stragglers.step_done(self.step, elapsed) or {}).get("per_rank_board_w"):
+                    values["board_power_w"] = board["per_rank_board_w"]
                 values.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed)
                 if self.peak:  # 0 for a GPU the catalog lacks
                     values["mfu"] = values["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
@@ -421,6 +427,7 @@ class Trainer:
             self.events.record("finish", once=True, step=self.step, interrupted=self.signals.name)
         finally:
             self.watchdog.stop(finished=self.step >= t.steps and self.save_failure is None)
+            self.power.close()
             self.signals.restore()
             progress.close()
             metrics.close()
