@@ -1,7 +1,7 @@
 """The engine: a loop thread running scheduler -> model runner steps, and a thread-safe submit/abort API.
 
 Failures are per request: a prefill, a sampling call or a client callback that raises ends that request with an
-error and nothing else; a batched decode that raises is retried one row at a time so only the culprit fails.
+error and nothing else; a batched forward that raises is retried one sequence at a time so only the culprit fails.
 Only a failure outside any request (the scheduler itself) ends every request in flight.
 """
 
@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from gigafactory.data.tokenizer import EOS_ID, plain_text_encoder
 from gigafactory.inference.sampling import SamplingParams
 from gigafactory.models import GrokModel
-from gigafactory.serve.kv_cache import SlotKVCache
+from gigafactory.serve.kv_cache import PagedKVCache
 from gigafactory.serve.metrics import Metrics
 from gigafactory.serve.model_runner import ModelRunner
 from gigafactory.serve.scheduler import Scheduler
@@ -35,7 +35,9 @@ class QueueFull(Exception):
 class Engine:
     def __init__(self, model: GrokModel, tokenizer: Tokenizer, name: str, n_slots: int = 16,
                  metrics: Metrics | None = None, max_waiting: int = 256, prefix_cache: bool = True,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, kv_blocks: int | None = None):
+        """n_slots: the most requests running together; kv_blocks: KV-cache blocks of 16 tokens (default: a full
+        context per slot); prefill_chunk: prompt tokens per step."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.text_encoder = plain_text_encoder(tokenizer)  # for user text: never yields control tokens
         self.max_len = model.cfg.max_seq_len
@@ -44,7 +46,8 @@ class Engine:
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         device = next(model.parameters()).device
-        self.kv = SlotKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype)
+        self.kv = PagedKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype,
+                               n_blocks=kv_blocks)
         self.scheduler = Scheduler(self.kv, prefix_cache=prefix_cache)
         self.runner = ModelRunner(model, self.kv, self.scheduler.prefix)
         self.metrics = metrics or Metrics()
@@ -111,7 +114,8 @@ class Engine:
                 self._expire()
                 self.scheduler.retire()
                 if self.scheduler.idle:
-                    self.metrics.engine_state(self.name, self.queue_length, self.n_running)
+                    self.metrics.engine_state(self.name, self.queue_length, self.n_running,
+                                              self.kv.blocks_in_use / self.kv.n_blocks, self.kv.blocks_in_use)
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
@@ -130,46 +134,40 @@ class Engine:
                 self._guard(seq, lambda s=seq: s.expire())
 
     def step(self) -> None:
-        """One engine step: up to `prefill_chunk` prompt tokens of admitted sequences (in arrival order), then one
-        batched decode for all running ones that have their first token."""
+        """One engine step: plan up to `prefill_chunk` prompt tokens of admitted sequences (in arrival order), then
+        one forward for those chunks and one token of every running sequence that has its first token, then sample."""
         t0 = time.perf_counter()
-        admitted = self.scheduler.admit()
+        self.scheduler.admit()
         budget = self.prefill_chunk  # prompt tokens per step: a long prompt is spread over steps, decodes go on
         for seq in [s for s in self.scheduler.running if s.finish_reason is None and s.prefilled < len(s.prompt_ids)]:
             if budget <= 0:
                 break
-            before = seq.prefilled or seq.cached_tokens
-            self._guard(seq, lambda s=seq: self._prefill(s, budget))
-            budget -= max(1, seq.prefilled - before)
+            planned = [0]
+            self._guard(seq, lambda s=seq: planned.__setitem__(0, self.runner.prefill(s, budget)))
+            budget -= max(1, planned[0])
         decoding = [s for s in self.scheduler.running if s.finish_reason is None and s.output_ids]
-        if decoding:
-            for seq, logits, greedy in self._decode(decoding):
-                self._guard(seq, lambda s=seq, lg=logits, g=greedy: self._accept(s, self.runner.sample(s, lg, g)))
+        sampled = self._forward(decoding) if decoding or self.runner.planned else []
+        if sampled:
+            greedy = torch.stack([logits for _, logits in sampled]).argmax(-1).tolist()  # one op for the greedy rows
+            for (seq, logits), g in zip(sampled, greedy):
+                self._guard(seq, lambda s=seq, lg=logits, g=g: self._accept(s, self.runner.sample(s, lg, g)))
         self.scheduler.retire()
-        self.metrics.step(self.name, time.perf_counter() - t0, len(admitted) + len(decoding), self.queue_length,
-                          self.n_running, 1 - self.kv.n_free / self.kv.n_slots)
+        self.metrics.step(self.name, time.perf_counter() - t0, len(sampled), self.queue_length, self.n_running,
+                          self.kv.blocks_in_use / self.kv.n_blocks, self.kv.blocks_in_use)
 
-    def _prefill(self, seq: Sequence, budget: int) -> None:
-        logits = self.runner.prefill(seq, budget)
-        if logits is None:  # more chunks to come
-            return
-        self.metrics.prompt_tokens.inc(len(seq.prompt_ids), model=self.name)
-        self.metrics.prefix_cached_tokens.inc(seq.cached_tokens, model=self.name)
-        self._accept(seq, self.runner.sample(seq, logits))
-        if seq.first_token_at is not None:
-            self.metrics.ttft.observe(seq.first_token_at - seq.arrived, model=self.name)
-
-    def _decode(self, seqs: list[Sequence]):
-        """(sequence, its logits row, the batch argmax or None) for each sequence whose forward succeeded."""
+    def _forward(self, decoding: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
+        """(sequence, its logits) for each sequence that samples this step and whose forward succeeded."""
         try:
-            logits_BV = self.runner.decode(seqs)
-            greedy = logits_BV.argmax(-1).tolist()  # one op for every plain greedy row
-            return [(s, logits_BV[s.slot], greedy[s.slot]) for s in seqs]
+            return self.runner.decode(decoding)
         except Exception:
-            log.exception("batched decode failed; decoding its %d requests one by one", len(seqs))
-        out = []
-        for seq in seqs:
-            self._guard(seq, lambda s=seq: out.append((s, self.runner.decode_one(s), None)))
+            log.exception("batched forward failed; running its %d chunks and %d decodes one by one",
+                          len(self.runner.planned), len(decoding))
+        planned, self.runner.planned = self.runner.planned, []
+        out: list[tuple[Sequence, torch.Tensor]] = []
+        for chunk in planned:
+            self._guard(chunk.seq, lambda c=chunk: out.extend(self.runner.forward_alone(c)))
+        for seq in decoding:
+            self._guard(seq, lambda s=seq: out.append((s, self.runner.decode_one(s))))
         return out
 
     def _guard(self, seq: Sequence, work: Callable[[], None]) -> None:
@@ -179,8 +177,6 @@ class Engine:
         except Exception as err:
             log.exception("request %s failed", seq.id)
             self.metrics.errors.inc(type="engine_" + type(err).__name__)
-            if seq.slot is not None:
-                self.scheduler.prefix.forget(seq.slot)
             try:
                 seq.fail(f"generation failed: {type(err).__name__}")
             except Exception:  # its callback is what broke: mark it finished so its row is freed
@@ -189,7 +185,13 @@ class Engine:
     def _accept(self, seq: Sequence, token: int) -> None:
         if seq.finish_reason is not None:  # aborted during this step
             return
-        if seq.last_token_at is not None:
+        first = seq.first_token_at is None
+        if first:  # its prompt is in
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids), model=self.name)
+            self.metrics.prefix_cached_tokens.inc(seq.cached_tokens, model=self.name)
+        else:
             self.metrics.inter_token.observe(time.perf_counter() - seq.last_token_at, model=self.name)
         seq.append(token, EOS_ID, self.max_len)
         self.metrics.generation_tokens.inc(1, model=self.name)
+        if first:
+            self.metrics.ttft.observe(seq.first_token_at - seq.arrived, model=self.name)

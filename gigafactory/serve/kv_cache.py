@@ -1,47 +1,82 @@
-"""Slot-based KV cache: one preallocated row [G, max_len, Dh] per running sequence, handed out from a free list.
+"""Paged KV cache: fixed-size blocks of one pool, handed to sequences through block tables, with reference counts.
 
-A row is reused without clearing: the model masks every cache position beyond a query's own, and a new sequence
-rewrites positions 0..n before it attends to them, so stale keys of the previous owner are never seen.
-Rows are handed out lowest first, so the running rows stay packed near 0 and decode runs on the prefix [0, hi)
-(prefix_cache.py may hand out a higher free row that already holds the start of the prompt).
+A sequence reserves, when it is admitted, the blocks for its whole possible length (prompt + max_tokens, at most
+the context), so a running sequence never waits for memory and nothing is ever preempted. Blocks of a prompt prefix
+that another sequence already computed are shared (prefix_cache.py), not copied: they are full and never written
+again, so sharing needs no copy-on-write. A freed block keeps its content for the prefix cache until it is handed
+out again, least recently freed first. `n_slots` still bounds how many sequences run together (`--slots`).
 """
 
 from __future__ import annotations
 
-import heapq
+from collections import OrderedDict
 
 import torch
 
-from gigafactory.models import KVCache
 from gigafactory.models.config import ModelConfig
+from gigafactory.models.grok.paged import BlockPool
+
+BLOCK_SIZE = 16  # tokens per block: the granularity of allocation and of prefix sharing
 
 
-class SlotKVCache:
-    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device, dtype=torch.float32):
-        self.n_slots, self.max_len = n_slots, max_len
-        self.cache = KVCache.allocate(cfg, n_slots, max_len, device=device, dtype=dtype)
-        self._free = list(range(n_slots))  # a min-heap
+def blocks_for(n_tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    return -(-n_tokens // block_size)
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device, dtype=torch.float32,
+                 block_size: int = BLOCK_SIZE, n_blocks: int | None = None):
+        """n_blocks defaults to a full context for every slot (the memory of a slot cache), so block reservations
+        never hold back a sequence that a free slot could take."""
+        self.n_slots, self.max_len, self.block_size = n_slots, max_len, block_size
+        self.n_blocks = n_blocks or n_slots * blocks_for(max_len, block_size)
+        self.pool = BlockPool.allocate(cfg, self.n_blocks, block_size, device=device, dtype=dtype)
+        self.refs = [0] * self.n_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.n_blocks))  # oldest freed first
+        self._free_slots = n_slots
+        self.on_reuse = lambda block: None  # the prefix cache forgets what a block held when it is handed out again
+        self.holds_content = lambda block: False  # ...and says which free blocks are worth keeping longest
 
     @property
     def n_free(self) -> int:
-        return len(self._free)
+        """Sequence slots free (what the queue bound and /ready count)."""
+        return self._free_slots
 
-    def allocate(self, slot: int | None = None) -> int:
-        """The lowest free row, or the given free one (the prefix cache picks a row that holds a matching prefix)."""
-        if slot is None:
-            return heapq.heappop(self._free)
-        self._free.remove(slot)
-        heapq.heapify(self._free)
-        return slot
+    @property
+    def blocks_in_use(self) -> int:
+        return self.n_blocks - len(self._free)
 
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Copy positions [0, n) of row src into row dst, every layer's keys and values."""
-        for buf in (*self.cache.k, *self.cache.v):
-            buf[dst, :, :n] = buf[src, :, :n]
+    def can_admit(self, n_new_blocks: int, shared: list[int]) -> bool:
+        """Is there a slot, and are there `n_new_blocks` free blocks besides the free ones among `shared`?"""
+        reclaimed = sum(1 for b in shared if self.refs[b] == 0)
+        return self._free_slots > 0 and len(self._free) - reclaimed >= n_new_blocks
 
-    def free(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
+    def admit(self, shared: list[int], n_new_blocks: int) -> list[int]:
+        """Take a slot and build a block table: the `shared` blocks (one more reference each) then fresh ones."""
+        self._free_slots -= 1
+        for b in shared:
+            if self.refs[b] == 0:
+                del self._free[b]
+            self.refs[b] += 1
+        fresh = []
+        for _ in range(n_new_blocks):
+            b, _ = self._free.popitem(last=False)
+            self.on_reuse(b)
+            self.refs[b] = 1
+            fresh.append(b)
+        return list(shared) + fresh
 
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A cache of views on rows [start, stop); the model's scatter_ writes land in the shared buffers."""
-        return KVCache([k[start:stop] for k in self.cache.k], [v[start:stop] for v in self.cache.v])
+    def release(self, table: list[int]) -> None:
+        """A sequence is done: drop its references; its slot and unshared blocks come back (content kept)."""
+        self._free_slots += 1
+        for b in table:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self._free[b] = None
+                if not self.holds_content(b):  # nothing to reuse: hand it out before blocks that hold a prefix
+                    self._free.move_to_end(b, last=False)
+
+    def rows(self, table: list[int], start: int, stop: int) -> list[int]:
+        """Pool rows of positions [start, stop) of a sequence with this block table."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, stop)]

@@ -70,7 +70,10 @@ class Metrics:
                                     ("model",), reg)
         self.queue_length = _Family(G, p + "queue_length", "Requests waiting for a free KV-cache slot.", ("model",), reg)
         self.running = _Family(G, p + "running_requests", "Requests holding a KV-cache slot.", ("model",), reg)
-        self.kv_usage = _Family(G, p + "kv_cache_usage_ratio", "Share of the KV-cache rows held by requests.", ("model",), reg)
+        self.kv_usage = _Family(G, p + "kv_cache_usage_ratio", "Share of the KV-cache blocks held by requests "
+                                "(blocks that only keep a finished prompt for the prefix cache are free).", ("model",), reg)
+        self.kv_blocks = _Family(G, p + "kv_cache_blocks_in_use", "KV-cache blocks (16 tokens each) held by running "
+                                 "requests.", ("model",), reg)
         self.rejected = _Family(C, p + "rejected", "Requests refused with 503 because the queue was full.", ("model",), reg)
         self.rollout = _Family(C, p + "rollout_decisions", "Rollout policy decisions by region, state and outcome.",
                                ("region", "rule", "state", "decision"), reg)
@@ -78,18 +81,20 @@ class Metrics:
         self.rate_limited = _Family(C, p + "rate_limited", "Requests refused with 429, by key name.", ("key",), reg)
         self._recent: dict[str, deque] = defaultdict(deque)
 
-    def step(self, model: str, seconds: float, decoded: int, queue_length: int, running: int, kv_usage: float = 0.0) -> None:
+    def step(self, model: str, seconds: float, decoded: int, queue_length: int, running: int, kv_usage: float = 0.0,
+             kv_blocks: int = 0) -> None:
         now = time.monotonic()
         recent = self._recent[model]
         recent.append((now, decoded))
         while recent and recent[0][0] < now - self.WINDOW_S:
             recent.popleft()
-        self.engine_state(model, queue_length, running, kv_usage)
+        self.engine_state(model, queue_length, running, kv_usage, kv_blocks)
 
-    def engine_state(self, model: str, queue_length: int, running: int, kv_usage: float = 0.0) -> None:
+    def engine_state(self, model: str, queue_length: int, running: int, kv_usage: float = 0.0, kv_blocks: int = 0) -> None:
         self.queue_length.set(queue_length, model=model)
         self.running.set(running, model=model)
         self.kv_usage.set(kv_usage, model=model)
+        self.kv_blocks.set(kv_blocks, model=model)
 
     def render(self) -> bytes:
         now = time.monotonic()

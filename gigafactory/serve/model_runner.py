@@ -1,67 +1,102 @@
-"""Runs the model: prefill one sequence into its cache row, decode every running row in one forward, and sample.
+"""Runs the model over the paged KV cache: a step's prompt chunks and one token of every decoding sequence go
+through ONE forward (tokens flattened into one row; only attention is split per sequence), then sampling.
 
-The forwards return logits and sampling is a separate call per sequence, so the engine can end one request that
-fails (bad numbers, a broken callback) without touching the others in the batch.
+The engine first plans the step's prompt chunks (`prefill`), then `decode` runs them together with the decodes.
+The forward returns logits and sampling is a separate call per sequence, so the engine can end one request that
+fails (bad numbers, a broken callback) without touching the others; if the batched forward itself raises, the
+engine reruns each chunk and each decode alone (`forward_alone`, `decode_one`) so only the culprit fails.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from gigafactory.inference.sampling import sample_next, top_logprobs
 from gigafactory.models import GrokModel
-from gigafactory.serve.kv_cache import SlotKVCache
+from gigafactory.models.grok.paged import PagedStep, Segment
+from gigafactory.serve.kv_cache import PagedKVCache, blocks_for
 from gigafactory.serve.prefix_cache import PrefixCache
 from gigafactory.serve.sequence import Sequence
 
 
+@dataclass
+class Chunk:
+    """Prompt tokens [start, end) of a sequence, to be written in this step's forward."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+
 class ModelRunner:
-    def __init__(self, model: GrokModel, kv: SlotKVCache, prefix: PrefixCache | None = None):
+    def __init__(self, model: GrokModel, kv: PagedKVCache, prefix: PrefixCache | None = None):
         self.model, self.kv, self.prefix = model, kv, prefix
         self.device = next(model.parameters()).device
+        self.planned: list[Chunk] = []  # prompt chunks for the next decode() forward
 
-    @torch.no_grad()
-    def prefill(self, seq: Sequence, budget: int) -> torch.Tensor | None:
-        """Write the next chunk of at most `budget` prompt tokens into the sequence's row (the first chunk starts after
-        the prefix cache's part, copied in if it lives in another row). The logits for its first token once the
-        whole prompt is in, else None."""
-        if seq.prefilled == 0 and seq.cached_tokens:
-            if seq.copy_from is not None:
-                held = self.prefix.available(seq.copy_from, seq.prompt_ids, seq.cached_tokens) if self.prefix else 0
-                seq.cached_tokens = held  # the source may hold less than planned (failed, or still prefilling)
-                if held:
-                    self.kv.copy_prefix(seq.copy_from, seq.slot, held)
-            seq.prefilled = seq.cached_tokens
-        start, end = seq.prefilled, min(len(seq.prompt_ids), seq.prefilled + budget)
-        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
-        positions = torch.arange(start, end, device=self.device)[None]
-        logits = self.model(ids, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
-        seq.prefilled = seq.kv_len = end
-        if self.prefix is not None:
-            self.prefix.wrote(seq.slot, end)
-        return logits if end == len(seq.prompt_ids) else None
+    def prefill(self, seq: Sequence, budget: int) -> int:
+        """Plan the next chunk of at most `budget` prompt tokens of `seq` for this step's forward; its size."""
+        start = seq.prefilled
+        end = min(len(seq.prompt_ids), start + budget)
+        self.planned.append(Chunk(seq, start, end))
+        return end - start
 
-    @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits [hi, V] for one new token of each sequence (row = its slot). Runs rows [0, hi) where hi is past the
-        highest used slot; idle rows in between get a dummy token at the last position (they write only there, in
-        their own free row, which keeps the rest of its content for the prefix cache) and are ignored."""
-        hi = max(s.slot for s in seqs) + 1
-        tokens = torch.zeros(hi, 1, dtype=torch.long)
-        positions = torch.full((hi, 1), self.kv.max_len - 1, dtype=torch.long)
-        for s in seqs:
-            tokens[s.slot, 0] = s.output_ids[-1]
-            positions[s.slot, 0] = s.length - 1
-            s.kv_len = s.length
-        return self.model(tokens.to(self.device), positions.to(self.device), self.kv.rows(0, hi))[:, -1]
+    def decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
+        """One forward for the planned prompt chunks and one new token of each of `seqs`: (sequence, logits [V])
+        for every sequence that samples now (each of `seqs`, and each prompt whose last chunk this was)."""
+        chunks = [c for c in self.planned if c.seq.finish_reason is None]
+        out = self.forward(chunks, seqs)
+        self.planned = []
+        return out
 
-    @torch.no_grad()
+    def forward_alone(self, chunk: Chunk) -> list[tuple[Sequence, torch.Tensor]]:
+        """One prompt chunk on its own (the fallback when a batched forward fails)."""
+        return self.forward([chunk], [])
+
     def decode_one(self, seq: Sequence) -> torch.Tensor:
-        """One sequence alone, on its own row only: the fallback when a batched decode fails."""
-        tokens = torch.tensor([[seq.output_ids[-1]]], device=self.device)
-        positions = torch.tensor([[seq.length - 1]], device=self.device)
-        seq.kv_len = seq.length
-        return self.model(tokens, positions, self.kv.rows(seq.slot, seq.slot + 1))[0, -1]
+        """One sequence's decode on its own (the fallback when a batched forward fails): logits [V]."""
+        return self.forward([], [seq])[0][1]
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk], seqs: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
+        if not chunks and not seqs:
+            return []
+        bs, kv = self.kv.block_size, self.kv
+        tokens, positions, rows, segments, logit_rows, sampled = [], [], [], [], [], []
+        if seqs:  # the decodes: one segment of len(seqs) rows with one query each
+            for s in seqs:
+                pos = s.length - 1
+                tokens.append(s.output_ids[-1])
+                positions.append(pos)
+                rows.append(s.block_table[pos // bs] * bs + pos % bs)
+            segments.append(Segment.build(0, [s.block_table[:blocks_for(s.length, bs)] for s in seqs],
+                                          [[s.length - 1] for s in seqs], bs, self.device))
+            logit_rows.extend(range(len(seqs)))
+            sampled.extend(seqs)
+        for c in chunks:  # each prompt chunk: a segment of one row with end - start queries
+            table = c.seq.block_table
+            segments.append(Segment.build(len(tokens), [table[:blocks_for(c.end, bs)]], [list(range(c.start, c.end))],
+                                          bs, self.device))
+            tokens.extend(c.seq.prompt_ids[c.start:c.end])
+            positions.extend(range(c.start, c.end))
+            rows.extend(kv.rows(table, c.start, c.end))
+            if c.end == len(c.seq.prompt_ids):
+                logit_rows.append(len(tokens) - 1)
+                sampled.append(c.seq)
+        step = PagedStep(kv.pool, torch.tensor(rows, dtype=torch.long, device=self.device), segments,
+                         torch.tensor(logit_rows, dtype=torch.long, device=self.device))
+        logits = self.model(torch.tensor([tokens], device=self.device), torch.tensor([positions], device=self.device),
+                            step)[0]
+        for s in seqs:
+            s.kv_len = s.length
+        for c in chunks:
+            c.seq.prefilled = c.seq.kv_len = c.end
+        if self.prefix is not None:
+            for s in [*seqs, *(c.seq for c in chunks)]:
+                self.prefix.wrote(s)
+        return list(zip(sampled, logits))
 
     @staticmethod
     def sample(seq: Sequence, logits_V: torch.Tensor, greedy: int | None = None) -> int:

@@ -63,11 +63,12 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # KV-cache blocks holding positions 0, 16, 32, ...
+    block_keys: list[int] = field(default_factory=list)  # content keys of its full blocks written so far
     cached_tokens: int = 0  # prompt tokens whose keys/values the prefix cache provides (not prefilled)
-    copy_from: int | None = None  # the row they are copied from, None when they are already in this row
-    kv_len: int = 0  # positions of this row written so far
-    prefilled: int = 0  # prompt tokens in the row (a long prompt is prefilled in chunks over several steps)
+    copy_from: int | None = None  # id of a running request whose prompt blocks it shares (None: none, or finished)
+    kv_len: int = 0  # positions written to its blocks so far
+    prefilled: int = 0  # prompt tokens in its blocks (a long prompt is prefilled in chunks over several steps)
     finish_reason: str | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from gigafactory.models.config import ModelConfig
 from gigafactory.models.grok.head_loss import IGNORE_INDEX, head_cross_entropy
 from gigafactory.models.grok.moe import MoE, gated_activation
+from gigafactory.models.grok.paged import PagedLayer, PagedStep
 
 
 def copy_global_into(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -96,6 +97,9 @@ class KVCache:
         make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         return cls([make() for _ in range(cfg.n_layers)], [make() for _ in range(cfg.n_layers)])
 
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -135,7 +139,9 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, positions_BS, cache_kv, doc_ids_BS=None) -> torch.Tensor:
         """Attention with an explicit mask on absolute positions (KV cache, context parallel, CPU): [B, H, S, Dh]."""
-        B, n_heads, S, _ = q.shape
+        if isinstance(cache_kv, PagedLayer):  # serving: keys/values in a block pool (paged.py)
+            return cache_kv.attend(q, k, v, self._masked_attention)
+        B, _, S, _ = q.shape
         n_kv = k.shape[1]
         if cache_kv is None:
             key_pos_BK = positions_BS
@@ -153,7 +159,12 @@ class Attention(nn.Module):
             if cache_kv is not None or self.kv_gather is not None:
                 raise ValueError("document-masked attention needs the whole sequence (no KV cache, no context parallel)")
             mask_BSK = mask_BSK & (doc_ids_BS[:, None, :] == doc_ids_BS[:, :, None])
+        return self._masked_attention(q, k, v, mask_BSK)
 
+    def _masked_attention(self, q, k, v, mask_BSK) -> torch.Tensor:
+        """q [B, H, S, Dh] over k, v [B, G, K, Dh] where mask_BSK is True: [B, H, S, Dh]."""
+        B, n_heads, S, _ = q.shape
+        n_kv = k.shape[1]
         if not self.softcap:  # no cap: the fused kernel is exact and faster
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask_BSK[:, None], scale=self.scale, enable_gqa=n_heads != n_kv
@@ -215,8 +226,9 @@ class GrokModel(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.context_parallel = False  # set by gigafactory/parallel/context_parallel.py (attention then runs eager)
 
-    def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                targets_BS: torch.Tensor | None = None, doc_ids_BS: torch.Tensor | None = None):
+    def forward(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor | None = None,
+                kv_cache: KVCache | PagedStep | None = None, targets_BS: torch.Tensor | None = None,
+                doc_ids_BS: torch.Tensor | None = None):
         """Logits [B, S, V]. Without a cache, positions default to 0..S-1; with one, pass each row's positions.
         With targets, the mean cross-entropy over targets != IGNORE_INDEX instead: on CPUs fused with the head, chunk
         by chunk (head_loss.py). doc_ids_BS (packed documents, e.g. SFT conversations): attention stays within a
@@ -232,10 +244,12 @@ class GrokModel(nn.Module):
         flex = kv_cache is None and not self.context_parallel and use_flex(self.cfg, h.device)
         block_mask = causal_block_mask(positions_BS, doc_ids_BS) if flex else None
         for i, layer in self.layers.items():
-            cache_kv = None if kv_cache is None else (kv_cache.k[int(i)], kv_cache.v[int(i)])
+            cache_kv = None if kv_cache is None else kv_cache.layer(int(i))
             h = layer(h, cos, sin, positions_BS, cache_kv, block_mask, doc_ids=None if flex else doc_ids_BS)
         if self.norm is None:
             return h
+        if isinstance(kv_cache, PagedStep) and kv_cache.logit_rows is not None:  # serving: only the tokens sampled from
+            h = h[:, kv_cache.logit_rows]
         h = self.norm(h)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if targets_BS is not None and not h.is_cuda:
