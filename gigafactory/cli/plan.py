@@ -64,13 +64,15 @@ def _model(spec: str):
             raise UserError(f"--model {spec!r}: file not found; pass a preset name or an existing TOML config")
         import tomllib
 
-        from gigafactory.config.loader import load_config
+        from gigafactory.config.loader import build_config
+        from gigafactory.plan.describe import split_model_table
 
-        cfg = load_config(config_path=spec)
         try:
             raw = tomllib.loads(Path(spec).read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-            raw = {}
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"--model {spec!r} is not valid TOML ({err}); fix the syntax") from None
+        trainer_part, _ = split_model_table(raw)
+        cfg = build_config(trainer_part, {})
         return cfg.model, raw.get("parallel"), cfg.training.batch_size
     raise UserError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a .toml config file")
 
@@ -118,7 +120,12 @@ def plan_rows(args) -> tuple[list[dict], str]:
         from gigafactory.plan.sites import parse_link, price_sites
 
         link = parse_link(args.site_link)
-    w = from_model_config(cfg)
+    if args.model.endswith(".toml"):
+        from gigafactory.plan.describe import workload_from_toml
+
+        w = workload_from_toml(args.model, cfg)  # MLA, plain MLPs, shared experts, ... (plan/describe.py)
+    else:
+        w = from_model_config(cfg)
     space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq)), max_idle=args.max_idle,
                         precision=args.precision, reduce_dtype=args.reduce_dtype)
     overrides = dict(pue=args.pue, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_failures_per_day=args.failures_per_gpu_day)

@@ -105,7 +105,10 @@ def _layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_le
             # hide behind the other's compute, which loses the SMs given to communication
             slow = gpu.sms / max(1, gpu.sms - sw.comm_sms)
             fwd_c, bwd_c = fwd_c * slow, bwd_c * slow
-            ep_f, ep_b = max(0.0, ep_f - bwd_c), max(0.0, ep_b - fwd_c)
+            # (DeepSeek-V3 Figure 4): the pair's all-to-alls hide behind the pair's compute, whichever chunk issued them
+            exposed = max(0.0, ep_f + ep_b - fwd_c - bwd_c)
+            share = ep_f / (ep_f + ep_b) if ep_f + ep_b else 0.0
+            ep_f, ep_b = exposed * share, exposed * (1 - share)
 
     ring = 0.0
     if lay.cp > 1:

@@ -6,7 +6,8 @@ Llama 3's 405B run did. A step on p stages with per-microbatch stage times t_i (
 communication included) is:
 
   1f1b, gpipe       (m - 1) * max t + sum t            the first microbatch crosses every stage, the rest queue
-  interleaved_1f1b  m * max t + (sum t - max t) / v    v chunks per rank shrink the fill/drain (needs m % p = 0)
+  interleaved_1f1b  m * max t + (sum t - max t) / v    v chunks per rank shrink the fill/drain (needs m % p = 0;
+                    chunks may differ by a layer)
   zero_bubble       1f1b - (p - 1) * W * (1 + min(1, (m - 1) / (p - 1)))
                     weight gradients W fill the drain (ZB-H1, Qi et al. 2024): (p-1)(F+B-2W) with m >= p
                     microbatches; one microbatch only moves one W per stage off the critical path
@@ -78,9 +79,9 @@ def check_schedule(lay: Layout, n_layers: int) -> None:
             raise UserError("interleaved_1f1b needs pp > 1 and virtual_stages >= 2")
         if m % p:
             raise UserError(f"interleaved_1f1b needs microbatches ({m}) to be a multiple of pp ({p})")
-        layers = lay.stage_layers or (n_layers // p,)
-        if any(n % lay.virtual_stages for n in layers) or (not lay.stage_layers and n_layers % p):
-            raise UserError(f"interleaved_1f1b with v={lay.virtual_stages} needs every stage's layers divisible by v")
+        fewest = min(lay.stage_layers) if lay.stage_layers else n_layers // p
+        if fewest < lay.virtual_stages:
+            raise UserError(f"interleaved_1f1b with v={lay.virtual_stages} needs at least v layers on every stage (fewest: {fewest})")
     if lay.schedule == "dualpipe" and (p % 2 or m % 2 or m < p):
         raise UserError(f"dualpipe needs an even pp ({p}) and an even number of microbatches >= pp ({m})")
 

@@ -132,6 +132,14 @@ class Workload:
         experts = sum(n * k for g, n, k, _ in gemms if g == "expert") * self.n_experts
         return float(dense), float(experts)
 
+    def shape_params(self) -> float:
+        """All parameters from the matmul shapes: layers, routed experts, embedding (+ an untied head)."""
+        dense_d, _ = self.layer_params(False)
+        moe_d, moe_e = self.layer_params(True) if self.is_moe else (dense_d, 0.0)
+        n_dense = self.n_layers - self.n_moe_layers
+        table = self.vocab * self.d_model * (1 if self.tied_embeddings else 2)
+        return self.n_moe_layers * (moe_d + moe_e) + n_dense * dense_d + table
+
     def forward_matmul_flops_per_token(self) -> float:
         """Weight-matmul FLOPs of one token's forward pass, all layers plus the output projection."""
         return _forward_matmul_flops(self)
