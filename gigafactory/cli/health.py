@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="health.json", help="Where rank 0 writes the JSON report (bad_nodes is the exclude list).")
     p.add_argument("--storage-dir", default=".", help="Directory whose write/read speed is measured (the run/checkpoint storage).")
     p.add_argument("--slow-ratio", type=float, default=0.8, help="A rank whose throughput metric is below this x the fleet median is bad.")
-    p.add_argument("--node-name", default="", help="Name of this node in the report (default: the hostname).")
+    p.add_argument("--node-name", default="", help="Name of this node in the report (default: SLURMD_NODENAME, NODE_NAME on Kubernetes, else the hostname).")
     p.add_argument("--size", choices=("quick", "full"), default="quick", help="quick: CPU-sized probes; full: GPU-sized ones.")
     p.add_argument("--pick", type=int, default=0, metavar="N", help="Select N healthy nodes from the per-node reports in --reports (a job's pre-step); prints them comma-separated.")
     p.add_argument("--reports", metavar="DIR", help="--pick: directory of per-node reports, <node>.json each.")
@@ -89,6 +88,7 @@ def _pick(args: argparse.Namespace) -> int:
     for node, reasons in result["dropped"].items():
         print(f"health: dropped {node}: " + "; ".join(reasons[:3]), file=sys.stderr)
     try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     except OSError as err:
         raise UserError(f"cannot write the report to '{args.out}' ({err.strerror or err}); pass a writable --out") from None
@@ -115,6 +115,7 @@ def _measure_and_report(args: argparse.Namespace) -> int:
 
     from gigafactory.fleet.health import ProbeSizes, judge, measure
     from gigafactory.parallel.distributed import all_gather_objects, destroy_distributed, get_rank, init_distributed
+    from gigafactory.resilience.stragglers import node_name
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     init_distributed(device_type, timeout_s=300.0)
@@ -122,13 +123,14 @@ def _measure_and_report(args: argparse.Namespace) -> int:
     sizes = ProbeSizes() if args.size == "quick" else ProbeSizes(matmul_n=8192, memory_mib=2048, comm_mib=256, storage_mib=1024)
     rank = get_rank()
     slow = args.slow_factor if rank == args.slow_rank else 1.0
-    mine = measure(device, Path(args.storage_dir).expanduser(), sizes, args.node_name or socket.gethostname(), slow)
+    mine = measure(device, Path(args.storage_dir).expanduser(), sizes, args.node_name or node_name(), slow)
     everyone = all_gather_objects(mine)
     destroy_distributed()
     if rank != 0:
         return 0
     report = judge(everyone, args.slow_ratio)
     try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a job's pre-step writes RUN_DIR/health/<node>.json
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     except OSError as err:
         raise UserError(f"cannot write the report to '{args.out}' ({err.strerror or err}); pass a writable --out") from None

@@ -60,8 +60,9 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, says):
 
 
 def test_a_slowed_rank_of_four_is_named(tmp_path):
-    out = tmp_path / "health.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    out = tmp_path / "health" / "node.json"  # a job's pre-step writes into a directory that may not exist yet
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+                                                                    "SLURMD_NODENAME", "NODE_NAME", "GIGAFACTORY_NODE_NAME"))}
     proc = subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "health", "--nproc", "4", "--out", str(out),
                            "--storage-dir", str(tmp_path), "--slow-rank", "2", "--slow-factor", "4"],
                           capture_output=True, text=True, timeout=240, env=env)
