@@ -51,7 +51,9 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
     try:
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i
-            own = params if params.constraint is None or i == 0 else replace(params, constraint=params.constraint.fresh())
+            own = params  # the grammar's state is per sequence: every choice after the first gets a fresh one
+            if params.constraint is not None and i:
+                own = replace(params, constraint=params.constraint.fresh())
             seqs.append(engine.submit(ids, own, callback(i), stop, seed, req.ignore_eos, k, deadline, stop_ids))
     except QueueFull as err:
         for seq in seqs:

@@ -36,14 +36,18 @@ def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
 class GrammarConstraint:
     """One sequence's grammar state: consumes the tokens it has not seen, then says which may come next."""
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str):
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, matcher: llguidance.LLMatcher | None = None):
         self.tokenizer, self.grammar = tokenizer, grammar
-        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_LIMITS)
+        self.matcher = matcher or llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_LIMITS)
+        # the start state, copied before any token, for the request's other choices (a copy costs microseconds,
+        # compiling again milliseconds, on the event loop)
+        self._start = self.matcher.deep_copy() if matcher is None else None
         self.consumed = 0
 
     def fresh(self) -> "GrammarConstraint":
         """A new state at the start of the same grammar (one per choice when n > 1)."""
-        return GrammarConstraint(self.tokenizer, self.grammar)
+        start = self._start or llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0, limits=_LIMITS)
+        return GrammarConstraint(self.tokenizer, self.grammar, start.deep_copy())
 
     def allowed(self, output_ids: Sequence[int], vocab_size: int) -> torch.Tensor:
         if len(output_ids) < self.consumed:

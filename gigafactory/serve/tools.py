@@ -136,7 +136,8 @@ class ToolCallReader:
         complete = finish is not None and self._complete()
         args = self.text[len(self.prefixes[self.name]):]
         upto = len(args) - 1 if complete or finish is None else len(args)  # hold back what may be the closing brace
-        entry["function"]["arguments"], self.args_sent = args[self.args_sent:max(upto, self.args_sent)], max(upto, self.args_sent)
+        upto = max(upto, self.args_sent)
+        entry["function"]["arguments"], self.args_sent = args[self.args_sent:upto], upto
         has_news = "id" in entry or entry["function"]["arguments"]
         return ({"tool_calls": [entry]} if has_news else {}), ("tool_calls" if complete else finish)
 

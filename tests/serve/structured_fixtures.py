@@ -3,8 +3,10 @@ structured-output and tool-call tests: constrained decoding must make even rando
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+
 import torch
+from tokenizers import Tokenizer
 
 from gigafactory.models import GrokModel
 from gigafactory.models.config import ModelConfig
@@ -15,12 +17,13 @@ from tests.conftest import TINY_MODEL
 from tests.serve.conftest import running_server
 
 
-@pytest.fixture(scope="module")
-def random_server(loaded):
+@contextlib.contextmanager
+def random_model_server(tokenizer: Tokenizer):
+    """Yields the base URL of a server on a randomly initialised tiny model named grok-tiny."""
     torch.manual_seed(0)
     model = GrokModel(ModelConfig(**{**TINY_MODEL, "max_seq_len": 512}))
     model.init_weights(0)
     metrics = Metrics()
-    engine = Engine(model.eval(), loaded.tokenizer, "grok-tiny", n_slots=4, metrics=metrics)
+    engine = Engine(model.eval(), tokenizer, "grok-tiny", n_slots=4, metrics=metrics)
     with running_server(ServerState({"grok-tiny": engine}, "grok-tiny", metrics)) as url:
         yield url

@@ -15,7 +15,13 @@ from gigafactory.data.tokenizer import EOS_ID
 from gigafactory.inference.sampling import SamplingParams, sample_next
 from gigafactory.serve.protocol import ResponseFormat
 from gigafactory.serve.structured import response_format_constraint
-from tests.serve.structured_fixtures import random_server  # noqa: F401 (fixture)
+from tests.serve.structured_fixtures import random_model_server
+
+@pytest.fixture(scope="module")
+def random_server(loaded):
+    with random_model_server(loaded.tokenizer) as url:
+        yield url
+
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "address"],
           "properties": {"name": {"type": "string", "maxLength": 12},

@@ -12,7 +12,13 @@ import pytest
 
 from gigafactory.serve.protocol import ChatCompletionRequest
 from gigafactory.serve.tools import ToolCallReader, call_text, template_messages, tool_mode
-from tests.serve.structured_fixtures import random_server  # noqa: F401 (fixture)
+from tests.serve.structured_fixtures import random_model_server
+
+@pytest.fixture(scope="module")
+def random_server(loaded):
+    with random_model_server(loaded.tokenizer) as url:
+        yield url
+
 
 WEATHER = {"type": "object", "required": ["city", "days"], "additionalProperties": False,
            "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1,
