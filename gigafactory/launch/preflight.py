@@ -16,6 +16,7 @@ the one held back, the c10d rendezvous store runs in a small Deployment of its o
 
 from __future__ import annotations
 
+import copy
 import shlex
 
 HEALTH_TIMEOUT_S = 900  # a node whose check has not finished by then is dropped (GIGAFACTORY_HEALTH_TIMEOUT)
@@ -65,8 +66,8 @@ def health_init_container(spec, container: dict) -> dict:
     run_dir = spec.pod_run_dir
     command = ["python", "-m", "gigafactory.cli.main", "health", "--nproc", str(spec.gpus_per_node), "--size", "full",
                "--node-name", "$(NODE_NAME)", "--storage-dir", run_dir, "--out", f"{run_dir}/health/$(NODE_NAME).json"]
-    return {"name": "health", "image": container["image"], "command": command, "env": [dict(NODE_NAME_ENV)],
-            "resources": container["resources"], "volumeMounts": container["volumeMounts"]}
+    return copy.deepcopy({"name": "health", "image": container["image"], "command": command, "env": [NODE_NAME_ENV],
+                          "resources": container["resources"], "volumeMounts": container["volumeMounts"]})  # no YAML aliases
 
 
 def rendezvous_documents(spec, port: int, pod_labels: dict[str, str]) -> list[dict]:
@@ -98,7 +99,7 @@ def apply_to_pytorchjob(spec, job: dict, nodes: int) -> None:
     worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
     pod = worker["template"]["spec"]
     (container,) = pod["containers"]
-    container["env"].append(dict(NODE_NAME_ENV))
+    container["env"].append(copy.deepcopy(NODE_NAME_ENV))
     pod["initContainers"] = [health_init_container(spec, container)]
     endpoint = f"--rdzv-endpoint={rendezvous_name(spec)}:{job['spec']['elasticPolicy']['rdzvPort']}"
     container["command"] = [endpoint if a.startswith("--rdzv-endpoint=") else a for a in container["command"]]

@@ -88,6 +88,7 @@ def test_k8s_health_init_container_spares_and_own_rendezvous_store(capsys):
 
     rc, out, err = launch(capsys, "k8s", "--nodes", "2", "--gpus-per-node", "8", "--spares", "1", "--name", "pre")
     assert rc == 0, err
+    assert "&id" not in out  # every mapping written out in full, no YAML anchors
     docs = load_yaml_documents(out)
     validate_manifest(docs)
     job = next(d for d in docs if d["kind"] == "PyTorchJob")
