@@ -10,6 +10,7 @@ generalised to GQA/MLA, gated MLPs and experts (docs/plan.md); stage i of 1F1B h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gigafactory.plan.compute import expert_load, mlp_activation_elems
 from gigafactory.plan.layout import Layout, Software
@@ -37,9 +38,13 @@ class Memory:
 
 def stage_split(w: Workload, layers: tuple[int, ...], stage: int) -> tuple[int, int]:
     """(dense leading layers, expert layers) that `stage` holds; dense layers come first in the model."""
+    leading = w.n_layers - w.n_moe_layers
+    if leading == 0:
+        return 0, layers[stage]
+    if leading == w.n_layers:
+        return layers[stage], 0
     start = sum(layers[:stage])
-    end = start + layers[stage]
-    dense = max(0, min(end, w.n_layers - w.n_moe_layers) - start)
+    dense = max(0, min(start + layers[stage], leading) - start)
     return dense, layers[stage] - dense
 
 
@@ -59,28 +64,32 @@ def stage_params(w: Workload, lay: Layout, layers: tuple[int, ...], stage: int) 
     return dense, expert, biggest
 
 
-def shard_groups(lay: Layout) -> tuple[int, int]:
-    """(ranks the dense states are split over, ranks the expert states are split over) under ZeRO."""
-    if not lay.sharded:
+def shard_groups(lay: Layout, zero: int | None = None) -> tuple[int, int]:
+    """(ranks the dense states are split over, ranks the expert states are split over) under ZeRO (default: the
+    layout's stage)."""
+    zero = lay.zero if zero is None else zero
+    if lay.dp_shard <= 1 or zero == 0:
         return 1, 1
     return lay.dp_shard * lay.cp, max(1, lay.dp_shard * lay.cp // lay.ep)
 
 
-def state_bytes(lay: Layout, sw: Software, dense: float, expert: float, biggest: float) -> float:
-    g_dense, g_expert = shard_groups(lay)
+def state_bytes(lay: Layout, sw: Software, dense: float, expert: float, biggest: float, zero: int | None = None) -> float:
+    zero = lay.zero if zero is None else zero
+    g_dense, g_expert = shard_groups(lay, zero)
     grads = sw.grad_bytes
+    sharded = lay.dp_shard > 1 and zero > 0
 
     def per(params: float, group: int) -> float:
-        if lay.zero == 1 or group == 1:
+        if zero == 1 or group == 1:
             return params * (2 + grads + MASTER_AND_MOMENTS / group)
-        if lay.zero == 2:
+        if zero == 2:
             return params * (2 + (grads + MASTER_AND_MOMENTS) / group)
         return params * (2 + grads + MASTER_AND_MOMENTS) / group
 
     states = per(dense, g_dense) + per(expert, g_expert)
-    if lay.sharded and lay.zero == 3:
+    if sharded and zero == 3:
         states += 2 * 2 * biggest + grads * biggest  # two gathered layers in flight, one layer of full gradients
-    if lay.sharded and lay.zero == 2:
+    if sharded and zero == 2:
         states += grads * biggest  # the bucket being reduce-scattered
     return states * (2 if lay.schedule == "dualpipe" else 1)
 
@@ -114,16 +123,23 @@ def activation_bytes_per_token(w: Workload, lay: Layout, sw: Software, seq_len: 
 
 
 def stage_memory(w: Workload, lay: Layout, sw: Software, seq_len: int, layers: tuple[int, ...], stage: int,
-                 per_token: tuple[float, float, float] | None = None) -> Memory:
+                 per_token: tuple[float, float, float] | None = None, checkpointing: str | None = None) -> Memory:
     """Memory of one stage; `per_token` = activation bytes per token of a dense layer, an expert layer, and an
     expert layer without checkpointing (computed once per layout by estimate_memory)."""
-    dense, expert, biggest = stage_params(w, lay, layers, stage)
-    states = state_bytes(lay, sw, dense, expert, biggest)
+    states = state_bytes(lay, sw, *stage_params(w, lay, layers, stage))
+    activations, buffers = _stage_activations(w, lay, sw, seq_len, layers, stage, per_token, checkpointing)
+    return Memory(states=states, activations=activations, buffers=buffers, reserved=sw.reserved_gb * 1e9, stage=stage)
+
+
+def _stage_activations(w: Workload, lay: Layout, sw: Software, seq_len: int, layers: tuple[int, ...], stage: int,
+                       per_token: tuple[float, float, float] | None, checkpointing: str | None) -> tuple[float, float]:
+    """(activations held for the backward, working buffers) of one stage."""
     tokens = lay.microbatch_size * seq_len // lay.cp
     dense_layers, moe_layers = stage_split(w, layers, stage)
     shard_d = lay.tp if lay.sequence_parallel else 1
-    per_token = per_token or _per_token(w, lay, sw, seq_len)
-    if lay.checkpointing == "full":
+    checkpointing = checkpointing or lay.checkpointing
+    per_token = per_token or _per_token(w, lay, sw, seq_len, checkpointing)
+    if checkpointing == "full":
         stored = (dense_layers + moe_layers) * 2 * w.d_model / shard_d  # the layer inputs only
         working = tokens * per_token[2]  # one layer rebuilt in its backward
     else:
@@ -132,8 +148,7 @@ def stage_memory(w: Workload, lay: Layout, sw: Software, seq_len: int, layers: t
     last = stage == lay.pp - 1
     logits = tokens * (w.vocab / lay.tp) * 6 if last else 0.0  # bf16 logits + fp32 loss temporaries
     comm = 2 * tokens * w.d_model * 2  # send/receive and all-gather staging buffers
-    activations = tokens * stored * in_flight(lay, stage) + logits
-    return Memory(states=states, activations=activations, buffers=working + comm, reserved=sw.reserved_gb * 1e9, stage=stage)
+    return tokens * stored * in_flight(lay, stage) + logits, working + comm
 
 
 def estimate_memory(w: Workload, lay: Layout, sw: Software, seq_len: int, layers: tuple[int, ...] | None = None) -> Memory:
@@ -145,13 +160,35 @@ def estimate_memory(w: Workload, lay: Layout, sw: Software, seq_len: int, layers
     return max((stage_memory(w, lay, sw, seq_len, layers, s, per_token) for s in stages), key=lambda mem: mem.total)
 
 
-def _per_token(w: Workload, lay: Layout, sw: Software, seq_len: int) -> tuple[float, float, float]:
-    if lay.checkpointing == "full":
+def _per_token(w: Workload, lay: Layout, sw: Software, seq_len: int, checkpointing: str | None = None) -> tuple[float, float, float]:
+    checkpointing = checkpointing or lay.checkpointing
+    if checkpointing == "full":
         return 0.0, 0.0, activation_bytes_per_token(w, lay, sw, seq_len, "none", w.is_moe)
-    return (activation_bytes_per_token(w, lay, sw, seq_len, moe=False) if w.n_moe_layers < w.n_layers else 0.0,
-            activation_bytes_per_token(w, lay, sw, seq_len), 0.0)
+    return (activation_bytes_per_token(w, lay, sw, seq_len, checkpointing, moe=False) if w.n_moe_layers < w.n_layers else 0.0,
+            activation_bytes_per_token(w, lay, sw, seq_len, checkpointing), 0.0)
 
 
+@lru_cache(maxsize=4096)
 def even_stages(n_layers: int, pp: int) -> tuple[int, ...]:
     base, extra = divmod(n_layers, pp)
     return tuple(base + (1 if i >= pp - extra else 0) for i in range(pp))
+
+
+def memory_grid(w: Workload, lay: Layout, sw: Software, seq_len: int, zeros: tuple[int, ...]) -> dict[tuple[int, str], float]:
+    """Peak bytes of `lay` under each (ZeRO stage, checkpointing) choice, sharing the per-stage work (the search
+    asks for all nine). States depend only on the ZeRO stage, activations only on the checkpointing."""
+    layers = lay.stage_layers or even_stages(w.n_layers, lay.pp)
+    stages = {lay.pp - 1} | {layers.index(n) for n in set(layers)}
+    out: dict[tuple[int, str], float] = {}
+    ckpts = ("none", "selective", "full")
+    acts = {}
+    params = {s: stage_params(w, lay, layers, s) for s in stages}
+    for c in ckpts:
+        per_token = _per_token(w, lay, sw, seq_len, c)
+        for s in stages:
+            acts[c, s] = sum(_stage_activations(w, lay, sw, seq_len, layers, s, per_token, c)) + sw.reserved_gb * 1e9
+    for z in zeros:
+        states = {s: state_bytes(lay, sw, *params[s], zero=z) for s in stages}
+        for c in ckpts:
+            out[z, c] = max(states[s] + acts[c, s] for s in stages)
+    return out

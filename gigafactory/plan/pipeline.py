@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gigafactory.errors import UserError
 from gigafactory.plan.layout import Layout
@@ -45,6 +46,12 @@ def balanced_stages(n_layers: int, pp: int, t_layer: float, t_head: float) -> tu
     """Layer counts per stage minimising the slowest stage when the last also runs the head (t_head seconds)."""
     if pp == 1:
         return (n_layers,)
+    return _balanced(n_layers, pp, round(t_head / t_layer, 3) if t_layer > 0 else 0.0)
+
+
+@lru_cache(maxsize=4096)
+def _balanced(n_layers: int, pp: int, head_in_layers: float) -> tuple[int, ...]:
+    t_layer, t_head = 1.0, head_in_layers
     best = None
     for k in range(math.ceil(n_layers / pp), n_layers + 1):  # k: most layers on any stage but the last
         last = max(1, n_layers - (pp - 1) * k)

@@ -11,16 +11,17 @@ their memory and a bubble never larger in this model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from gigafactory.config.fields import knob
 from gigafactory.errors import UserError
-from gigafactory.plan.compute import head_time
+from gigafactory.plan.compute import head_time, layer_time
 from gigafactory.plan.cost import StepEstimate, estimate, layer_cost
 from gigafactory.plan.hardware import Cluster
 from gigafactory.plan.layout import CHECKPOINTING, Layout, Software
-from gigafactory.plan.memory import estimate_memory
+from gigafactory.plan.memory import memory_grid
 from gigafactory.plan.workload import Workload
 
 
@@ -87,6 +88,19 @@ def _model_compute(w: Workload, cluster: Cluster, sw: Software, tokens: int, seq
     return total, w.n_moe_layers * moe.wgrad + n_dense * dense.wgrad
 
 
+def _recompute(w: Workload, cluster: Cluster, sw: Software, tokens: int, seq_len: int, tp: int, cp: int, ep: int,
+               space: SearchSpace) -> dict[str, float]:
+    """Seconds of recompute per microbatch over all layers, per checkpointing choice."""
+    fp8 = space.precision == "fp8"
+    out = {"none": 0.0, "selective": 0.0, "full": 0.0}
+    for moe, count in ((True, w.n_moe_layers), (False, w.n_layers - w.n_moe_layers)):
+        if count:
+            lt = layer_time(w, cluster.gpu, sw, tokens, seq_len, tp, cp, ep, space.sequence_parallel, moe, fp8)
+            out["selective"] += count * lt.recompute_selective
+            out["full"] += count * lt.recompute_full
+    return out
+
+
 def _pipeline_bound(t: float, wgrad: float, p: int, m: int, schedule: str, v: int) -> float:
     """A lower bound on pipeline.pipeline_time when every stage takes exactly its share t of the compute."""
     if p == 1:
@@ -120,14 +134,15 @@ def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: Sea
                         continue
                     model_s, wgrad_s = _model_compute(w, cluster, sw, tokens, seq_len, tp, cp, ep, mbs, space)
                     bound = model_s * tp * cp / (tokens * cp * n)
-                    candidates.append((bound, tp, cp, ep, mbs, model_s, wgrad_s))
+                    rec = _recompute(w, cluster, sw, tokens, seq_len, tp, cp, ep, space)
+                    candidates.append((bound, tp, cp, ep, mbs, model_s, wgrad_s, rec))
     candidates.sort()
     results: list[StepEstimate] = []
     best = math.inf
     priced = 0
     smallest_mem = math.inf
     target, slack = space.global_batch, space.batch_slack
-    for bound, tp, cp, ep, mbs, model_s, wgrad_s in candidates:
+    for bound, tp, cp, ep, mbs, model_s, wgrad_s, rec in candidates:
         if bound >= best:
             break
         for pp in sorted(set(_divisors(w.n_layers, min(w.n_layers, 128))) | set(_pow2_upto(min(w.n_layers // 2, 128)))):
@@ -157,21 +172,20 @@ def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: Sea
                             continue  # past the smallest shard group that fits, only full sharding is tried too
                         # the lightest sharding that fits, then the lightest checkpointing: each step up only adds
                         # traffic (ZeRO-1 -> 2 -> 3) or recompute (none -> selective -> full)
-                        lightest = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
-                                          microbatch_size=mbs, microbatches=m, schedule=sched, virtual_stages=v,
-                                          checkpointing="full", sequence_parallel=space.sequence_parallel,
-                                          zero=3 if shard > 1 else 0, precision=space.precision)
-                        mem = estimate_memory(w, lightest, sw, seq_len).total
-                        smallest_mem = min(smallest_mem, mem)
-                        if mem > gpu.hbm_gb * 1e9:
-                            continue  # memory only grows with lighter sharding or checkpointing
-                        for zero, ckpt in [(z, c) for z in ((1, 2, 3) if shard > 1 else (0,)) for c in CHECKPOINTING]:
-                            lay = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
-                                         microbatch_size=mbs, microbatches=m, schedule=sched, virtual_stages=v,
-                                         checkpointing=ckpt, sequence_parallel=space.sequence_parallel, zero=zero,
-                                         precision=space.precision, reduce_dtype=space.reduce_dtype)
-                            if estimate_memory(w, lay, sw, seq_len).total > gpu.hbm_gb * 1e9:
+                        base = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
+                                      microbatch_size=mbs, microbatches=m, schedule=sched, virtual_stages=v,
+                                      sequence_parallel=space.sequence_parallel, precision=space.precision,
+                                      reduce_dtype=space.reduce_dtype)
+                        zeros = (1, 2, 3) if shard > 1 else (0,)
+                        grid = memory_grid(w, base, sw, seq_len, zeros)
+                        smallest_mem = min(smallest_mem, min(grid.values()))
+                        for zero, ckpt in [(z, c) for z in zeros for c in CHECKPOINTING]:
+                            if grid[zero, ckpt] > gpu.hbm_gb * 1e9:
                                 continue
+                            lay = dataclasses.replace(base, zero=zero, checkpointing=ckpt)
+                            t_min = _pipeline_bound((model_s + rec[ckpt]) / pp, wgrad_s / pp, pp, m, sched, v)
+                            if t_min / (dp * mbs * m * seq_len) >= best:
+                                continue  # its recompute alone makes it slower than the best so far
                             est = estimate(w, lay, cluster, sw, seq_len)
                             priced += 1
                             if not est.fits:

@@ -50,11 +50,11 @@ class Workload:
     params_expert: int = knob(0, "Parameters of one expert of one layer (the whole MLP when dense).")
     seq_flops_override: tuple = knob((), "(a, b, c): model FLOPs/token = a + b*seq (paper formula); empty = flops.py.")
 
-    @property
+    @cached_property
     def is_moe(self) -> bool:
         return self.n_experts > 1
 
-    @property
+    @cached_property
     def n_moe_layers(self) -> int:
         return self.n_layers - self.n_dense_layers if self.is_moe else 0
 
