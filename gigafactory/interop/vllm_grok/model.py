@@ -169,7 +169,7 @@ class GrokDecoderLayer(nn.Module):
         return h + self.post_moe_norm(f)
 
 
-class GrokModel(nn.Module):
+class GrokDecoder(nn.Module):
     def __init__(self, m: dict, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.embedding_multiplier = m["embedding_multiplier"]
@@ -201,7 +201,7 @@ class GigafactoryGrokForVLLM(nn.Module):
         m = architecture(config)
         self.config, self.m = config, m
         self.names = export_names(config.gigafactory.get("format"))
-        self.model = GrokModel(m, vllm_config, "model" if not prefix else f"{prefix}.model")
+        self.model = GrokDecoder(m, vllm_config, "model" if not prefix else f"{prefix}.model")
         self.output_multiplier = m["output_multiplier"]
         self.lm_head = ParallelLMHead(m["vocab_size"], m["d_model"], quant_config=vllm_config.quant_config,
                                       prefix="lm_head" if not prefix else f"{prefix}.lm_head")
