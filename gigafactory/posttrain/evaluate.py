@@ -1,6 +1,7 @@
 """`gigafactory eval`: held-out perplexity of the pre-training data, and the KJV instruction task (tasks.py): its
-exact match under greedy decoding with serve's chat template, and the loss of its answers (which moves before
-exact match does). Results go to a JSON file and a table.
+exact match under greedy decoding with serve's chat template, and continuous scores that move long before exact
+match does (task_metrics.py: answer log-likelihood and token accuracy, preference accuracy on held-out near misses).
+Results go to a JSON file and a table.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import torch
 
 from gigafactory.data.chat import ChatTemplate
 from gigafactory.data.loader import PackedSequenceLoader
-from gigafactory.data.sft import PackedChatLoader, pack_conversations
 from gigafactory.data.shards import open_split, prepare_dataset
 from gigafactory.data.tokenizer import plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.inference.generate import LoadedModel, generate_tokens, load_for_inference
 from gigafactory.inference.sampling import SamplingParams
-from gigafactory.models.grok.head_loss import IGNORE_INDEX
+from gigafactory.posttrain.task_metrics import answer_scores, preference_scores
 from gigafactory.posttrain.tasks import build_task, exact_match
 
 
@@ -44,8 +44,9 @@ def heldout_perplexity(loaded: LoadedModel, batches: int, batch_size: int = 4) -
 
 @torch.no_grad()
 def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16) -> dict:
-    """Exact match (greedy) overall and per kind, and the mean loss of the answer tokens (with their [EOS]). An
-    item whose prompt and answer do not fit the model's context counts as a miss (reported as too_long)."""
+    """Exact match (greedy) overall and per kind, the teacher-forced answer scores and the preference accuracy
+    (task_metrics.py). An item whose prompt and answer do not fit the model's context counts as a miss for exact
+    match (reported as too_long)."""
     tok = loaded.tokenizer
     template = ChatTemplate(tok, plain_text_encoder(tok))
     device = next(loaded.model.parameters()).device
@@ -63,17 +64,10 @@ def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16
         hits.setdefault(item["kind"], []).append(exact_match(prediction, item["answer"]))
         if len(examples) < 5:
             examples.append({"question": item["messages"][-2]["content"], "answer": item["answer"], "prediction": prediction})
-    seq_len = loaded.model.cfg.max_seq_len - 1
-    rows = pack_conversations([template.encode_conversation(item["messages"]) for item in items], seq_len)
-    loader = PackedChatLoader(rows, 1, 0, shuffle=False)
-    total = count = 0.0
-    for _ in range(len(rows)):
-        x, y, pos, doc = (t.to(device) for t in loader.next_batch()[:4])
-        n = int((y != IGNORE_INDEX).sum())
-        total += float(loaded.model(x, pos, targets_BS=y, doc_ids_BS=doc)) * n
-        count += n
     every = [h for hs in hits.values() for h in hs]
-    return {"exact_match": sum(every) / len(every), "items": len(every), "too_long": too_long, "answer_loss": total / max(count, 1),
+    return {"exact_match": sum(every) / len(every), "items": len(every), "too_long": too_long,
+            **answer_scores(loaded.model, template, items),
+            "preference": preference_scores(loaded.model, template, items),
             "by_kind": {k: {"exact_match": sum(v) / len(v), "items": len(v)} for k, v in sorted(hits.items())},
             "examples": examples}
 
@@ -94,7 +88,12 @@ def table(result: dict) -> str:
              f"| held-out loss | {h['loss']:.4f} |", f"| held-out perplexity | {h['perplexity']:.2f} |",
              f"| KJV task exact match ({t['items']} items) | {t['exact_match']:.3f} |",
              *(f"| - {k} ({v['items']}) | {v['exact_match']:.3f} |" for k, v in t["by_kind"].items()),
-             f"| KJV task answer loss | {t['answer_loss']:.4f} |"]
+             f"| KJV answer log-likelihood per token | {t['answer_logp_per_token']:.4f} |",
+             f"| KJV answer token accuracy | {t['answer_token_accuracy']:.3f} |"]
+    if t["preference"]:
+        p = t["preference"]
+        lines += [f"| KJV preference accuracy ({p['pairs']} held-out pairs) | {p['preference_accuracy']:.3f} |",
+                  f"| KJV preference margin (nats) | {p['preference_margin']:.3f} |"]
     return "\n".join(lines)
 
 

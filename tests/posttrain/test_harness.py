@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +56,65 @@ def test_greedy_flag_and_generate_until_stop(lm):
     assert stop not in cut and text.startswith(cut)
 
 
-def test_is_the_harness_lm_when_lm_eval_is_installed(lm):
-    api = pytest.importorskip("lm_eval.api.model")
-    assert isinstance(lm, api.LM)
+TASKS = """\
+task: kjv_choice
+dataset_path: json
+dataset_kwargs: {data_files: {test: DOCS}, cache_dir: CACHE}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{gold}}"
+target_delimiter: ""
+metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]
+---
+task: kjv_rolling
+dataset_path: json
+dataset_kwargs: {data_files: {test: DOCS}, cache_dir: CACHE}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity, higher_is_better: false}]
+---
+task: kjv_generate
+dataset_path: json
+dataset_kwargs: {data_files: {test: DOCS}, cache_dir: CACHE}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{choices[gold]}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 4}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+"""
+DOCS = [{"question": "In the beginning God created the heaven and the", "choices": [" earth.", " sea.", " night."], "gold": 0,
+         "text": "And God said, Let there be light: and there was light."},
+        {"question": "The LORD is my", "choices": [" king", " shepherd"], "gold": 1, "text": "Jesus wept."}]
+
+
+def test_lm_eval_runs_local_tasks_of_every_request_type_on_our_model(lm, tmp_path):
+    """simple_evaluate on local task files (no download): multiple choice (loglikelihood), rolling perplexity
+    and generation all run through GrokLM, and each metric is what our interface's own answers give."""
+    import math
+
+    import lm_eval
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    assert isinstance(lm, LM)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    for k, text in enumerate(TASKS.split("---\n")):
+        (tmp_path / f"task{k}.yaml").write_text(text.replace("DOCS", str(docs)).replace("CACHE", str(tmp_path / "hf")))
+    out = lm_eval.simple_evaluate(model=lm, tasks=["kjv_choice", "kjv_rolling", "kjv_generate"], bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    results = out["results"]
+    scores = [[ll for ll, _ in lm.loglikelihood([req(d["question"], c) for c in d["choices"]])] for d in DOCS]
+    assert results["kjv_choice"]["acc,none"] == pytest.approx(sum(s.index(max(s)) == d["gold"] for s, d in zip(scores, DOCS)) / 2)
+    rolling = lm.loglikelihood_rolling([req(d["text"]) for d in DOCS])
+    words = sum(len(d["text"].split()) for d in DOCS)
+    assert results["kjv_rolling"]["word_perplexity,none"] == pytest.approx(math.exp(-sum(rolling) / words), rel=1e-5)
+    generated = lm.generate_until([req(d["question"], {"until": ["\n"], "max_gen_toks": 4}) for d in DOCS])
+    expect = sum(g.strip() == d["choices"][d["gold"]].strip() for g, d in zip(generated, DOCS)) / 2
+    assert results["kjv_generate"]["exact_match,none"] == pytest.approx(expect)
+    assert [s["resps"][0][0] for s in out["samples"]["kjv_generate"]] == generated
