@@ -91,7 +91,7 @@ def plan_rows(args) -> tuple[list[dict], str]:
     from gigafactory.plan.forecast import forecast
     from gigafactory.plan.hardware import load_catalog, make_cluster
     from gigafactory.plan.layout import MODERN
-    from gigafactory.plan.reliability import with_failures
+    from gigafactory.plan.reliability import best_with_failures
     from gigafactory.plan.report import row
     from gigafactory.plan.search import SearchSpace, search
     from gigafactory.plan.workload import from_model_config
@@ -127,7 +127,7 @@ def plan_rows(args) -> tuple[list[dict], str]:
     else:
         w = from_model_config(cfg)
     space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq)), max_idle=args.max_idle,
-                        precision=args.precision, reduce_dtype=args.reduce_dtype)
+                        precision=args.precision, reduce_dtype=args.reduce_dtype, keep=30)
     overrides = dict(pue=args.pue, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_failures_per_day=args.failures_per_gpu_day)
     for key in ("pue", "usd_per_gpu_hour", "gpu_failures_per_day", "storage_write_gbps"):
         if overrides.get(key) is None and key in catalog.cluster:
@@ -140,8 +140,8 @@ def plan_rows(args) -> tuple[list[dict], str]:
     for n in _counts(args.gpus):
         cluster = make_cluster(gpu, n, network=network, catalog=catalog, **overrides)
         best, priced = search(w, cluster, MODERN, seq, space)
-        fc = forecast(best[0], w, cluster, args.tokens)
-        rows.append(row(best[0], fc, cluster, priced, with_failures(best[0], fc, w, cluster, args.recovery), w))
+        chosen, fc, failures = best_with_failures(best, w, cluster, args.tokens, args.recovery)
+        rows.append(row(chosen, fc, cluster, priced, failures, w))
         if args.sites > 1:  # each site plans its own share; the sites' batches add up
             if n < args.sites:
                 raise UserError(f"--gpus {n} cannot be split over --sites {args.sites}")

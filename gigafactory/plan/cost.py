@@ -11,6 +11,7 @@ docs/plan.md states each term.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -141,11 +142,31 @@ def _layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_le
     )
 
 
+def paired_fraction(lay: Layout) -> float:
+    """Share of DualPipe's chunks that run as a forward-backward pair (its steady phase): the warm-up and cool-down
+    chunks, about pp of the m microbatches, run alone and hide nothing."""
+    if lay.schedule != "dualpipe" or lay.pp < 2:
+        return 0.0
+    return max(0.0, lay.microbatches - lay.pp) / lay.microbatches
+
+
+def _paired_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int, moe: bool) -> LayerCost:
+    """A layer's cost under DualPipe: paired chunks' (all-to-all hidden, SMs lost) mixed with unpaired chunks'."""
+    f = paired_fraction(lay)
+    if lay.schedule != "dualpipe" or f == 1.0:
+        return layer_cost(w, lay, cluster, sw, seq_len, moe)
+    alone = layer_cost(w, dataclasses.replace(lay, schedule="1f1b"), cluster, sw, seq_len, moe)
+    if f == 0.0:
+        return alone
+    paired = layer_cost(w, lay, cluster, sw, seq_len, moe)
+    return LayerCost(*(f * a + (1 - f) * b for a, b in zip(dataclasses.astuple(paired), dataclasses.astuple(alone))))
+
+
 def estimate(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int) -> StepEstimate:
     gpu = cluster.gpu
     tokens = lay.microbatch_size * seq_len // lay.cp
-    moe_cost = layer_cost(w, lay, cluster, sw, seq_len, True)
-    dense_cost = layer_cost(w, lay, cluster, sw, seq_len, False) if w.n_moe_layers < w.n_layers else moe_cost
+    moe_cost = _paired_cost(w, lay, cluster, sw, seq_len, True)
+    dense_cost = _paired_cost(w, lay, cluster, sw, seq_len, False) if w.n_moe_layers < w.n_layers else moe_cost
     head_f, head_b, _ = head_time(w, gpu, sw, tokens, lay.tp)
     v = lay.virtual_stages if lay.schedule == "interleaved_1f1b" else 1
     p2p = comm.p2p(tokens * w.d_model * 2 / lay.tp, lay.tp * lay.cp * lay.dp, cluster) * v if lay.pp > 1 else 0.0
