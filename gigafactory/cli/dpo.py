@@ -10,6 +10,7 @@ from gigafactory.errors import UserError
 
 
 def register(subparsers) -> None:
+    from gigafactory.cli.sft import add_launch_arguments
     from gigafactory.posttrain.options import DPOOptions
 
     parser = subparsers.add_parser(
@@ -20,7 +21,8 @@ def register(subparsers) -> None:
             "DPO from a checkpoint (pre-trained or SFT), which is also the frozen reference: its log-probs of every "
             "pair are computed once and cached in the run directory. Pairs are packed with attention kept inside each "
             "sequence. Settings: the checkpoint's config, then DPO defaults (lr 1e-4, 50 steps), then --section.key "
-            "flags. Re-running the same command resumes. Layouts: data parallel, FSDP, expert parallel."
+            "flags. Re-running the same command resumes. Layouts: data parallel, FSDP, expert parallel; --nproc N runs it "
+            "under torchrun as `train --nproc` does."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -31,12 +33,13 @@ def register(subparsers) -> None:
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"dpo_{f.name}", type=type(f.default), default=f.default,
                             choices=f.metadata.get("choices") or None, help=f.metadata["help"])
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as TOML and exit.")
+    add_launch_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gigafactory.cli.sft import train_and_report
+    from gigafactory.cli.sft import launch_if_asked, train_and_report
     from gigafactory.posttrain.dpo import DPOTrainer
     from gigafactory.posttrain.options import DPO_DEFAULTS, DPOOptions
     from gigafactory.posttrain.sft import SFTData, sft_config
@@ -49,4 +52,6 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_toml(cfg), end="")
         return 0
+    if (code := launch_if_asked("dpo", args, cfg)) is not None:
+        return code
     return train_and_report(DPOTrainer(cfg, SFTData(base, args.data, args.val_fraction), opts), "eval DPO loss (held-out pairs)")

@@ -1,5 +1,7 @@
 """SFT and DPO train alike on one process and on two (FSDP; tensor + sequence parallel for SFT): per-step losses
-equal to fp32 rounding, because each rank weights its loss by its share of the micro-batch's tokens (or pairs)."""
+equal to fp32 rounding, because each rank weights its loss by its share of the micro-batch's tokens (or pairs).
+The FSDP SFT run goes through `gigafactory sft --nproc 2` (the launcher `train --nproc` uses); the others share one
+torchrun launch of parity_runner.py."""
 
 from __future__ import annotations
 
@@ -29,14 +31,18 @@ def test_two_process_layouts_match_one_process(pretrained, tmp_path):
     pairs.write_text("".join(json.dumps({"prompt": f"Quote verse {i}", "chosen": v, "rejected": v.replace("e", "a")}) + "\n"
                              for i, v in enumerate(["Jesus wept.", "For God so loved the world.", "The LORD is my shepherd."] * 7)))
     chat = str(pretrained / "chat.jsonl")
-    jobs = [{"name": f"sft-{n}", "kind": "sft", "data": chat, "overrides": {**COMMON, **o}} for n, o in LAYOUTS.items()]
-    jobs.append({"name": "dpo-fsdp", "kind": "dpo", "data": str(pairs), "overrides": {**COMMON, **LAYOUTS["fsdp"], "data.seq_len": 128}})
+    jobs = [{"name": "sft-tp_sp", "kind": "sft", "data": chat, "overrides": {**COMMON, **LAYOUTS["tp_sp"]}},
+            {"name": "dpo-fsdp", "kind": "dpo", "data": str(pairs), "overrides": {**COMMON, **LAYOUTS["fsdp"], "data.seq_len": 128}}]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"checkpoint": str(pretrained / "pre"), "runs": jobs}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    flags = [f"--{k}={v}" for k, v in {**COMMON, **LAYOUTS["fsdp"], "logging.run_dir": tmp_path / "sft-fsdp"}.items()]
+    launched = subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "sft", "--nproc", "2", "--checkpoint", str(pretrained / "pre"),
+                               "--data", chat, *flags], capture_output=True, text=True, timeout=300, env=env)
+    assert launched.returncode == 0 and "eval loss (assistant tokens)" in launched.stdout, launched.stderr[-3000:]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             str(Path(__file__).with_name("parity_runner.py")), str(spec)],
-                            capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+                             str(Path(__file__).with_name("parity_runner.py")), str(spec)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     run(str(pretrained / "pre"), tmp_path, {"name": "sft-one", "kind": "sft", "overrides": {**COMMON, "training.batch_size": 4}, "data": chat})
