@@ -41,6 +41,10 @@ def tool_mode(req: ChatCompletionRequest) -> tuple[str, list[str]]:
     names = [t.function.name for t in req.tools or []]
     if len(set(names)) != len(names):
         raise ApiError(400, "two tools have the same function name", param="tools", code="invalid_value")
+    for i, tool in enumerate(req.tools or []):
+        if (tool.function.parameters or {}).get("type", "object") != "object":
+            raise ApiError(400, "a function's 'parameters' must be a JSON schema of type object (its arguments)",
+                           param=f"tools.{i}.function.parameters", code="invalid_value")
     if not req.tools or choice == "none":
         return "none", []
     if req.ignore_eos:
