@@ -71,8 +71,9 @@ class Slo:
 class Health:
     path: str = knob("/ready", "Default health route of a replica (gigafactory serve: /ready).")
     interval_s: float = knob(1.0, "Seconds between checks of each replica.")
-    timeout_s: float = knob(1.0, "A check slower than this fails.")
-    failures_to_eject: int = knob(2, "Consecutive failed checks before a replica leaves the pool.")
+    timeout_s: float = knob(2.0, "A check slower than this fails (a refused or reset connection fails at once).")
+    failures_to_eject: int = knob(2, "Consecutive failed checks before a replica leaves the pool (a refused or reset connection: at once).")
+    hung_after_s: float = knob(10.0, "Checks timing out this long: the requests waiting on the replica are cut loose (retried, or a stream's error event).")
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,15 @@ A replica leaves the pool after `failures_to_eject` failed checks in a row (abou
 proxied request finds it unreachable (connection refused or reset, a stalled read); a passing check brings it back.
 Checks run concurrently, so one hung replica delays no other's verdict.
 
-When it leaves because it cannot be reached (not because /ready said 503: a full queue still finishes its work), every
-wait on it is cut short (Watch): a hung replica's requests go elsewhere or end cleanly within seconds, not after
-routing.read_timeout_s.
+When it is dead (connection refused or reset) it leaves at once, and every wait on it is cut short (Watch): its
+requests go elsewhere or end cleanly. When its checks time out it leaves after `failures_to_eject` of them, and its
+waits are cut once the timeouts have lasted `hung_after_s`: a hung replica holds nobody for long, while one that is
+only slow under load keeps finishing what it runs. A /ready 503 (a full queue) only stops new traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -34,6 +34,7 @@ class ReplicaState:
     assigned: int = 0  # requests ever sent (breaks ties between equally loaded replicas: round robin)
     last_error: str = ""
     changed_at: float = 0.0  # when it last entered or left the pool (monotonic)
+    failing_since: float = 0.0  # first of the current run of failed checks (monotonic; 0 = passing)
     watches: set = field(default_factory=set)  # the Watch of every request waiting on it
 
     @property
@@ -55,36 +56,35 @@ class ReplicaLost(Exception):
 
 
 class Watch:
-    """Wraps each wait of one request on one replica; `fire()` (the replica is unreachable) ends the current and any
-    later wait with ReplicaLost. Costs no task per wait: an asyncio.timeout that is rescheduled to now."""
+    """Wraps each wait of one request on one replica (`async with watch:`); `fire()` (the replica is unreachable) ends
+    the current and any later wait with ReplicaLost. Costs no task per wait: an asyncio.timeout rescheduled to now."""
 
     def __init__(self, state: ReplicaState):
         self.state, self.lost, self._timeout = state, False, None
+        state.watches.add(self)
 
-    def __enter__(self):
-        self.state.watches.add(self)
-        return self
-
-    def __exit__(self, *exc):
+    def close(self) -> None:
         self.state.watches.discard(self)
 
-    @contextlib.asynccontextmanager
-    async def guard(self):
+    async def __aenter__(self):
         if self.lost:
             raise ReplicaLost(self.state.name)
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        return self
+
+    async def __aexit__(self, kind, err, tb):
+        timeout, self._timeout = self._timeout, None
         try:
-            async with asyncio.timeout(None) as self._timeout:
-                yield
+            return await timeout.__aexit__(kind, err, tb)
         except TimeoutError:
             if self.lost:
                 raise ReplicaLost(self.state.name) from None
             raise
-        finally:
-            self._timeout = None
 
     def fire(self) -> None:
         self.lost = True
-        if self._timeout is not None:
+        if self._timeout is not None and not self._timeout.expired():  # an expiring one is already on its way
             self._timeout.reschedule(asyncio.get_running_loop().time())
 
 
@@ -112,20 +112,24 @@ class Pool:
             return own
         return [s for s in self.replicas.values() if s.healthy and s.replica.pool == pool]
 
-    def set_health(self, state: ReplicaState, ok: bool, error: str = "", eject_now: bool = False,
-                   unreachable: bool = False) -> None:
+    def set_health(self, state: ReplicaState, ok: bool, error: str = "", dead: bool = False, silent: bool = False) -> None:
+        """One verdict on a replica: ok, or failed; `dead` = refused/reset (out now, its waits cut), `silent` = timed
+        out (its waits cut once silent for hung_after_s)."""
+        now = time.monotonic()
         if ok:
-            state.failures, state.last_error = 0, ""
+            state.failures, state.last_error, state.failing_since = 0, "", 0.0
             if not state.healthy:
                 log.info("replica %s joins the pool", state.name)
                 state.healthy, state.changed_at = True, time.monotonic()
         else:
             state.failures += 1
             state.last_error = error[:200]
-            if state.healthy and (eject_now or state.failures >= self.cfg.health.failures_to_eject):
+            state.failing_since = state.failing_since or now
+            if state.healthy and (dead or state.failures >= self.cfg.health.failures_to_eject):
                 log.warning("replica %s leaves the pool: %s", state.name, state.last_error)
                 state.healthy, state.changed_at = False, time.monotonic()
-            if unreachable and not state.healthy:
+            hung = silent and now - state.failing_since >= self.cfg.health.hung_after_s
+            if (dead or hung) and not state.healthy:
                 for watch in list(state.watches):
                     watch.fire()
         if self.metrics is not None:
@@ -137,10 +141,11 @@ class Pool:
         try:
             async with asyncio.timeout(timeout):
                 resp = await client.get(state.replica.url + path, timeout=timeout, headers=state.auth_headers())
-            ok, error, unreachable = resp.status_code == 200, f"{path} answered {resp.status_code}", False
-        except (httpx.HTTPError, TimeoutError) as err:
-            ok, error, unreachable = False, f"{path}: {type(err).__name__} {err}".strip(), True
-        self.set_health(state, ok, error, unreachable=unreachable)
+            self.set_health(state, resp.status_code == 200, f"{path} answered {resp.status_code}")
+        except (httpx.TimeoutException, TimeoutError) as err:
+            self.set_health(state, False, f"{path}: no answer in {timeout:g} s ({type(err).__name__})", silent=True)
+        except httpx.HTTPError as err:
+            self.set_health(state, False, f"{path}: {type(err).__name__} {err}".strip(), dead=True)
 
     async def check_all(self, client: httpx.AsyncClient) -> None:
         await asyncio.gather(*(self.check(client, s) for s in list(self.replicas.values())))

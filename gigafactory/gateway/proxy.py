@@ -10,6 +10,7 @@ whole). Every attempt on the canary pool is reported to the canary controller.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from gigafactory.gateway import router
 from gigafactory.gateway.pool import Pool, ReplicaLost, ReplicaState, Watch
 
 REPLICA_HEADER = "X-Gateway-Replica"
+log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
@@ -77,10 +79,10 @@ class Proxy:
         state.outstanding += 1
         state.assigned += 1
         self.metrics.outstanding.labels(replica=state.name).set(state.outstanding)
-        return Watch(state).__enter__()
+        return Watch(state)
 
     def end(self, state: ReplicaState, watch: Watch) -> None:
-        watch.__exit__(None, None, None)
+        watch.close()
         state.outstanding -= 1
         self.metrics.outstanding.labels(replica=state.name).set(state.outstanding)
 
@@ -92,10 +94,13 @@ class Proxy:
             self.controller.record(route.region, outcome in ("ok", "client_error"), latency)
 
     def lost(self, state: ReplicaState, err: Exception) -> str:
-        """The replica could not be reached or broke off: out of the pool now (a passing check brings it back)."""
-        why = f"{state.name}: {type(err).__name__}"
-        self.pool.set_health(state, False, f"{type(err).__name__}: {err}", eject_now=True, unreachable=True)
-        return why
+        """The replica could not be reached, broke off, or stayed silent past read_timeout_s: out of the pool now,
+        with every wait on it cut (a passing check brings it back). ReplicaLost: that already happened."""
+        if isinstance(err, (httpx.ConnectTimeout, httpx.PoolTimeout)):  # slow to accept: maybe only busy
+            self.pool.set_health(state, False, f"{type(err).__name__}: {err}", silent=True)
+        elif not isinstance(err, ReplicaLost):
+            self.pool.set_health(state, False, f"{type(err).__name__}: {err}", dead=True)
+        return f"{state.name}: {type(err).__name__}"
 
     async def _attempt(self, state: ReplicaState, path: str, body: dict, route: Route, started: float) -> Response | str:
         """The relayed answer, or a string saying why this replica failed (the caller tries another)."""
@@ -105,21 +110,21 @@ class Proxy:
             payload = dict(body, model=state.replica.model)
             request = self.client.build_request("POST", state.replica.url + path, json=payload,
                                                 headers=state.auth_headers())
-            async with watch.guard():
+            async with watch:
                 upstream = await self.client.send(request, stream=True)
             if upstream.status_code >= 500:
-                async with watch.guard():
+                async with watch:
                     text = (await upstream.aread())[:200].decode("utf-8", "replace")
                 self.outcome(state, route, "server_error", None)
                 return f"{state.name} answered {upstream.status_code} {text}"
             chunks = upstream.aiter_raw()
-            async with watch.guard():
+            async with watch:
                 first = await anext(chunks, b"")
             latency = time.monotonic() - started
             headers = {REPLICA_HEADER: state.name}
             kind = upstream.headers.get("content-type", "application/json")
             if not kind.startswith("text/event-stream"):
-                async with watch.guard():
+                async with watch:
                     content = first + b"".join([c async for c in chunks])
                 self.outcome(state, route, "ok" if upstream.status_code < 400 else "client_error", latency)
                 for name in ("retry-after",):
@@ -167,7 +172,7 @@ class RelayResponse(StreamingResponse):
                 if cut >= 0:  # whole events only: a failure later never leaves a half-written one behind
                     yield pending[:cut + 2]
                     pending = pending[cut + 2:]
-                async with self.watch.guard():
+                async with self.watch:
                     chunk = await anext(chunks, None)
                 if chunk is None:
                     break
@@ -180,6 +185,10 @@ class RelayResponse(StreamingResponse):
             self._record("stream_broken")
             yield error_event(f"the replica serving this stream failed ({why}); the answer is incomplete, send it again",
                               "upstream_failed")
+        except Exception as err:  # a gateway bug: still a clean end for the client, and in the log
+            log.exception("relaying a stream from %s failed", self.state.name)
+            self._record("stream_broken")
+            yield error_event(f"internal gateway error ({type(err).__name__}); send the request again", "internal_error")
 
     async def __call__(self, scope, receive, send):
         try:

@@ -42,8 +42,8 @@ class FakeFleet:
 
 
     async def maybe_hang(self, request: Request) -> None:
-        if request.url.hostname in self.hung:
-            await asyncio.sleep(3600)
+        while request.url.hostname in self.hung:
+            await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

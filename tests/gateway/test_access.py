@@ -111,7 +111,7 @@ def test_headers_from_an_untrusted_peer_are_ignored_and_no_replica_is_a_503(tmp_
     async def scenario(gw, client, fleet):
         assert (await post(client, "sk-tester", **{"X-Region": "DE"})).json()["model"] == "v1"  # stays in the US
         for s in gw.pool.replicas.values():
-            gw.pool.set_health(s, False, "test", eject_now=True)
+            gw.pool.set_health(s, False, "test", dead=True)
         r = await post(client, "sk-tester")
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert "no healthy replica of pool 'v1'" in r.json()["error"]["message"]

@@ -1,6 +1,7 @@
 """A replica that stops answering (no reset, no error: a stopped process or a partition) leaves the pool after its
-health checks time out, and the requests waiting on it are moved to another replica then, not after the read
-timeout: nothing hangs."""
+health checks time out, and once they have timed out for hung_after_s the requests waiting on it are moved to another
+replica, not after the read timeout: nothing hangs. A replica that is only slow to answer its checks keeps its
+requests."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ default_region = "EU"
 interval_s = 0.2
 timeout_s = 0.3
 failures_to_eject = 2
+hung_after_s = 0.5
 [routing]
 read_timeout_s = 60
 [[replicas]]
@@ -44,7 +46,29 @@ def test_requests_waiting_on_a_hung_replica_move_within_its_health_timeouts():
             assert [r.status_code for r in answers] == [200] * 4
             assert {r.headers["x-gateway-replica"] for r in answers} == {"b"}
             assert gw.pool.replicas["a"].assigned >= 1  # some were sent to a first ...
-            assert elapsed < 3, elapsed  # ... and moved after ~2 x 0.3 s of failed checks, not the 60 s read timeout
+            assert elapsed < 3, elapsed  # ... and moved after ~0.5 s of timed-out checks, not the 60 s read timeout
             assert not gw.pool.replicas["a"].healthy and gw.pool.replicas["a"].outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_slow_to_answer_its_checks_keeps_its_requests():
+    fleet = FakeFleet()
+    slow = CONFIG.replace("hung_after_s = 0.5", "hung_after_s = 30")
+
+    async def scenario():
+        async with gateway_client(slow, fleet) as (gw, client):
+            fleet.hung.add("a")
+            body = {"messages": [{"role": "user", "content": "hi"}]}
+            pending = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(4)]
+            while gw.pool.replicas["a"].healthy:  # its checks time out: out of the pool for new requests ...
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            waiting = gw.pool.replicas["a"].outstanding
+            assert waiting >= 1 and not any(t.done() and t.result().headers.get("x-gateway-replica") == "a" for t in pending)
+            fleet.hung.discard("a")  # ... but what it runs is not cut while it may still answer
+            answers = await asyncio.wait_for(asyncio.gather(*pending), timeout=20)
+            assert [r.status_code for r in answers] == [200] * 4
+            assert sum(r.headers["x-gateway-replica"] == "a" for r in answers) == waiting  # answered by a, not cut
 
     asyncio.run(scenario())
