@@ -132,10 +132,13 @@ def plan_rows(args) -> tuple[list[dict], str]:
     for key in ("pue", "usd_per_gpu_hour", "gpu_failures_per_day", "storage_write_gbps"):
         if overrides.get(key) is None and key in catalog.cluster:
             overrides[key] = float(catalog.cluster[key])  # load_catalog checked it is a finite number in range
+    if args.precision == "fp8" and gpu in catalog.gpus and not catalog.gpus[gpu].fp8_tflops:
+        raise UserError(f"--precision fp8: {gpu} has no fp8 tensor cores (fp8_tflops = 0 in the catalog)")
     if args.layout or parallel_table is not None:
         from gigafactory.cli.plan_given import given_rows
 
-        return given_rows(args, w, catalog, gpu, network, overrides, seq, space, parallel_table, batch_size, cfg.name)
+        return given_rows(args, w, catalog, gpu, network, overrides, seq, space, parallel_table, batch_size, cfg.name,
+                          _counts(args.gpus) if args.gpus_given else [])
     rows = []
     for n in _counts(args.gpus):
         cluster = make_cluster(gpu, n, network=network, catalog=catalog, **overrides)

@@ -8,8 +8,9 @@ import math
 from gigafactory.errors import UserError
 
 
-def given_rows(args, w, catalog, gpu: str, network, overrides: dict, seq: int, space, parallel_table, batch_size: int, name: str):
-    from gigafactory.cli.plan import _counts
+def given_rows(args, w, catalog, gpu: str, network, overrides: dict, seq: int, space, parallel_table, batch_size: int,
+               name: str, counts: list[int]):
+    """Rows for the given layout and the search's best; `counts` = the GPU counts the user gave (none: its size)."""
     from gigafactory.plan.cost import estimate
     from gigafactory.plan.forecast import forecast
     from gigafactory.plan.given import (
@@ -23,7 +24,6 @@ def given_rows(args, w, catalog, gpu: str, network, overrides: dict, seq: int, s
     from gigafactory.plan.search import search
 
     node = catalog.gpus[gpu].gpus_per_node if gpu in catalog.gpus else 8
-    counts = _counts(args.gpus) if args.gpus_given else []
     if len(counts) > 1:
         raise UserError("--layout prices one cluster: give one --gpus count (or none: the layout's own size)")
     if args.layout:

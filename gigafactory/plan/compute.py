@@ -76,6 +76,7 @@ def layer_time(w: Workload, gpu: GPU, sw: Software, tokens: int, seq_kv: int, tp
     router, attention core, norms and the output head stay bf16, and every fp8 GEMM pays for quantising its
     inputs (read bf16, write fp8) in the forward and its output gradient in the backward."""
     moe = moe and w.is_moe
+    fp8 = fp8 and gpu.fp8_tflops > 0  # no fp8 tensor cores (A100): the GEMMs stay bf16
     fwd = bwd = wgrad = flops = t_cast = 0.0
     hbm = gpu.hbm_gbps * 1e9 * sw.hbm_efficiency
     for group, n, k, mult in w.layer_gemms(moe):

@@ -92,24 +92,27 @@ def _layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_le
     t_tp = comm.all_reduce(act_bytes, lay.tp, 1, cluster) * (1 - sw.tp_overlap)
     tp_f, tp_b = 2 * t_tp, (2 + (2 if full else 0)) * t_tp
 
-    ep_f = ep_b = 0.0
+    # Expert all-to-all: what cannot overlap anything stays on the critical path; the rest joins the pool of
+    # traffic hidden behind the layer's compute. Without DualPipe only the shared expert's compute runs while the
+    # routed tokens are in flight; under DualPipe a forward and a backward chunk of different microbatches run
+    # together and the pair's all-to-alls hide behind the pair's compute (DeepSeek-V3 Figure 4), which loses the
+    # SMs given to communication.
+    ep_f = ep_b = ep_hideable = 0.0
     if moe and lay.ep > 1:
         local = tokens / (lay.tp if lay.sequence_parallel else 1) * w.d_model * expert_load(w, sw)
         a2a = lambda nbytes: comm.moe_all_to_all(local * nbytes, w.top_k, lay.ep, lay.tp, cluster, w.node_limit)  # noqa: E731
         dispatch, combine = a2a(1 if fp8 else 2), a2a(2)
         ep_f, ep_b = dispatch + combine, 2 * a2a(2) + (dispatch + combine if full else 0.0)
-        if w.n_shared_experts:  # the shared expert runs while the routed tokens are in flight
-            share = w.n_shared_experts / (w.n_shared_experts + w.top_k)
-            ep_f, ep_b = max(0.0, ep_f - share * lt.fwd * 0.5), max(0.0, ep_b - share * lt.bwd * 0.5)
         if lay.schedule == "dualpipe":
-            # a forward chunk and a backward chunk of different microbatches run together: each one's all-to-alls
-            # hide behind the other's compute, which loses the SMs given to communication
             slow = gpu.sms / max(1, gpu.sms - sw.comm_sms)
             fwd_c, bwd_c = fwd_c * slow, bwd_c * slow
-            # (DeepSeek-V3 Figure 4): the pair's all-to-alls hide behind the pair's compute, whichever chunk issued them
-            exposed = max(0.0, ep_f + ep_b - fwd_c - bwd_c)
-            share = ep_f / (ep_f + ep_b) if ep_f + ep_b else 0.0
-            ep_f, ep_b = exposed * share, exposed * (1 - share)
+            ep_hideable = ep_f + ep_b
+        elif w.n_shared_experts:
+            shared = w.n_shared_experts / (w.n_shared_experts + w.top_k) * 0.5 * (lt.fwd + lt.bwd)  # its GEMMs' share
+            ep_hideable = min(ep_f + ep_b, shared)
+    ep_fixed = ep_f + ep_b - ep_hideable
+    f_share = fwd_c / (fwd_c + bwd_c)
+    ep_f_fixed, ep_b_fixed = (ep_fixed * ep_f / (ep_f + ep_b), ep_fixed * ep_b / (ep_f + ep_b)) if ep_f + ep_b else (0.0, 0.0)
 
     ring = 0.0
     if lay.cp > 1:
@@ -130,15 +133,16 @@ def _layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_le
         zero = collective(red, red)  # gradients reduce-scattered per microbatch
         if lay.zero == 3:
             zero += 2 * collective(2, 2)  # bf16 weights gathered in the forward and again in the backward
+    # The ring, ZeRO traffic and the hideable all-to-all share one window, the layer's compute: only the excess shows.
     compute = fwd_c + bwd_c
-    hidden_exposed = max(0.0, ring + zero - compute)
-    t_cp = hidden_exposed * ring / (ring + zero) if ring + zero else 0.0
-    t_zero = hidden_exposed - t_cp
-    f_share = fwd_c / compute
+    pool = ring + zero + ep_hideable
+    exposed = max(0.0, pool - compute)
+    t_cp, t_zero, t_ep = ((exposed * x / pool) for x in (ring, zero, ep_hideable)) if pool else (0.0, 0.0, 0.0)
+    free = max(0.0, compute - pool)
     return LayerCost(
-        fwd=fwd_c + tp_f + ep_f + hidden_exposed * f_share, bwd=bwd_c + tp_b + ep_b + hidden_exposed * (1 - f_share),
-        wgrad=lt.wgrad, compute=compute, free_fwd=f_share * max(0.0, compute - ring - zero),
-        free_bwd=(1 - f_share) * max(0.0, compute - ring - zero), recompute=recompute, tp=tp_f + tp_b, ep=ep_f + ep_b, cp=t_cp, zero=t_zero,
+        fwd=fwd_c + tp_f + ep_f_fixed + exposed * f_share, bwd=bwd_c + tp_b + ep_b_fixed + exposed * (1 - f_share),
+        wgrad=lt.wgrad, compute=compute, free_fwd=f_share * free, free_bwd=(1 - f_share) * free, recompute=recompute,
+        tp=tp_f + tp_b, ep=ep_fixed + t_ep, cp=t_cp, zero=t_zero,
     )
 
 

@@ -47,6 +47,7 @@ def test_parallel_table_in_the_model_toml_is_priced(run_plan, tmp_path):
     (["--layout", "pp=4,dp=2", "--schedule", "dualpipe", "--microbatches", "2"], "dualpipe needs"),
     (["--layout", "dp=8", "--gpus", "32,64"], "one --gpus count"),
     (["--layout", "tp=8,dp=64", "--gpus", "64"], "needs 512 GPUs"),
+    (["--gpu", "a100-80gb", "--gpus", "64", "--precision", "fp8"], "no fp8 tensor cores"),
 ])
 def test_impossible_layouts_are_one_line(run_plan, argv, needle):
     with pytest.raises(UserError) as err:

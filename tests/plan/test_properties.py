@@ -25,14 +25,15 @@ def cases(draw):
     cp = draw(st.sampled_from([1, 2, 4]))
     shard = draw(st.sampled_from([1, 2, 8, 32]))
     ep = draw(st.sampled_from([e for e in (1, 2, 4, 8) if e <= w.n_experts and (shard * cp) % e == 0]))
-    sched, v = draw(st.sampled_from([("1f1b", 1), ("gpipe", 1), ("zero_bubble", 1), ("interleaved_1f1b", 2)]))
+    sched, v = draw(st.sampled_from([("1f1b", 1), ("gpipe", 1), ("zero_bubble", 1), ("interleaved_1f1b", 2), ("dualpipe", 1)]))
     if sched == "interleaved_1f1b" and (w.n_layers // pp) % 2:
         sched, v = "1f1b", 1
     lay = Layout(
         dp_replicate=draw(st.sampled_from([1, 2, 16])), dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
         microbatch_size=draw(st.sampled_from([1, 2, 4])), microbatches=draw(st.integers(1, 64)), schedule=sched,
         virtual_stages=v, checkpointing=draw(st.sampled_from(["none", "selective", "full"])),
-        sequence_parallel=draw(st.booleans()),
+        sequence_parallel=draw(st.booleans()), zero=draw(st.sampled_from([1, 2, 3])),
+        precision=draw(st.sampled_from(["bf16", "fp8"])), reduce_dtype=draw(st.sampled_from(["fp32", "bf16"])),
     )
     sw = draw(st.sampled_from([MODERN, MEGATRON_SC21]))
     seq = draw(st.sampled_from([2048, 4096, 8192]))
