@@ -148,12 +148,23 @@ class Engine:
         decoding = [s for s in self.scheduler.running if s.finish_reason is None and s.output_ids]
         sampled = self._forward(decoding) if decoding or self.runner.planned else []
         if sampled:
-            greedy = torch.stack([logits for _, logits in sampled]).argmax(-1).tolist()  # one op for the greedy rows
-            for (seq, logits), g in zip(sampled, greedy):
-                self._guard(seq, lambda s=seq, lg=logits, g=g: self._accept(s, self.runner.sample(s, lg, g)))
+            seqs = [seq for seq, _ in sampled]
+            logits_NV = torch.stack([logits for _, logits in sampled])
+            greedy = logits_NV.argmax(-1).tolist()  # one op for the plain greedy rows
+            plain = self._batch_sample(seqs, logits_NV)  # a few ops for the plain-temperature rows
+            for seq, logits, g, token in zip(seqs, logits_NV, greedy, plain):
+                self._guard(seq, lambda s=seq, lg=logits, g=g, t=token:
+                            self._accept(s, self.runner.sample(s, lg, g) if t is None else t))
         self.scheduler.retire()
         self.metrics.step(self.name, time.perf_counter() - t0, len(sampled), self.queue_length, self.n_running,
                           self.kv.blocks_in_use / self.kv.n_blocks, self.kv.blocks_in_use)
+
+    def _batch_sample(self, seqs: list[Sequence], logits_NV: torch.Tensor) -> list[int | None]:
+        try:
+            return self.runner.sample_batch(seqs, logits_NV)
+        except Exception:  # each row on its own instead, so a failure is its request's alone
+            log.exception("batched sampling failed; sampling %d requests one by one", len(seqs))
+            return [None] * len(seqs)
 
     def _forward(self, decoding: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
         """(sequence, its logits) for each sequence that samples this step and whose forward succeeded."""

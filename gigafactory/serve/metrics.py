@@ -24,9 +24,16 @@ class _Family:
     def __init__(self, kind, name: str, help: str, labels: tuple[str, ...], registry, **kw):
         self.labelnames = tuple(sorted(labels))
         self.metric = kind(name, help, self.labelnames, registry=registry, **kw)
+        self._children: dict[tuple, object] = {}  # the engine updates a few series per token: skip labels() lookups
 
     def _child(self, labels: dict):
-        return self.metric.labels(**{k: str(labels[k]) for k in self.labelnames}) if self.labelnames else self.metric
+        if not self.labelnames:
+            return self.metric
+        key = tuple(str(labels[k]) for k in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.metric.labels(*key)
+        return child
 
     def inc(self, amount: float = 1, **labels) -> None:
         self._child(labels).inc(amount)
