@@ -35,6 +35,7 @@ class ReplicaState:
     last_error: str = ""
     changed_at: float = 0.0  # when it last entered or left the pool (monotonic)
     failing_since: float = 0.0  # first of the current run of failed checks (monotonic; 0 = passing)
+    dead: bool = False  # the last failure was a refused or reset connection (not just slow)
     watches: set = field(default_factory=set)  # the Watch of every request waiting on it
 
     @property
@@ -106,16 +107,23 @@ class Pool:
                 self.replicas[r.name] = ReplicaState(r)
 
     def candidates(self, region: str, pool: str) -> list[ReplicaState]:
-        """Healthy replicas of `pool` in `region`; with routing.cross_region, another region's when it has none."""
-        own = [s for s in self.replicas.values() if s.healthy and s.replica.pool == pool and s.replica.region == region]
-        if own or not self.cfg.routing.cross_region:
-            return own
-        return [s for s in self.replicas.values() if s.healthy and s.replica.pool == pool]
+        """Healthy replicas of `pool` in `region`; with routing.cross_region, another region's when it has none.
+        When none is healthy, the ones that are only slow (checks timing out for less than hung_after_s, never
+        refused): under a load spike every replica can miss its checks, and a slow answer beats a certain 503."""
+        of_pool = [s for s in self.replicas.values() if s.replica.pool == pool
+                   and (self.cfg.routing.cross_region or s.replica.region == region)]
+        own = [s for s in of_pool if s.healthy and s.replica.region == region]
+        healthy = own or [s for s in of_pool if s.healthy]
+        if healthy:
+            return healthy
+        now, hung_after = time.monotonic(), self.cfg.health.hung_after_s
+        return [s for s in of_pool if not s.dead and s.failing_since and now - s.failing_since < hung_after]
 
     def set_health(self, state: ReplicaState, ok: bool, error: str = "", dead: bool = False, silent: bool = False) -> None:
         """One verdict on a replica: ok, or failed; `dead` = refused/reset (out now, its waits cut), `silent` = timed
         out (its waits cut once silent for hung_after_s)."""
         now = time.monotonic()
+        state.dead = dead
         if ok:
             state.failures, state.last_error, state.failing_since = 0, "", 0.0
             if not state.healthy:

@@ -72,3 +72,22 @@ def test_a_replica_slow_to_answer_its_checks_keeps_its_requests():
             assert sum(r.headers["x-gateway-replica"] == "a" for r in answers) == waiting  # answered by a, not cut
 
     asyncio.run(scenario())
+
+
+def test_when_every_replica_only_misses_its_checks_requests_still_go_to_them():
+    fleet = FakeFleet()
+    slow = CONFIG.replace("hung_after_s = 0.5", "hung_after_s = 30")
+
+    async def scenario():
+        async with gateway_client(slow, fleet) as (gw, client):
+            fleet.hung.update({"a", "b"})  # a load spike: both miss their checks
+            while any(s.healthy for s in gw.pool.replicas.values()):
+                await asyncio.sleep(0.05)
+            request = asyncio.create_task(client.post("/v1/chat/completions",
+                                                      json={"messages": [{"role": "user", "content": "hi"}]}))
+            await asyncio.sleep(0.3)
+            fleet.hung.clear()
+            answer = await asyncio.wait_for(request, timeout=20)
+            assert answer.status_code == 200  # sent to a slow replica, not refused with a 503
+
+    asyncio.run(scenario())
