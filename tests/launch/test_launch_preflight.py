@@ -76,11 +76,20 @@ def test_sbatch_drops_failed_slow_silent_and_straggler_nodes_and_trains_on_spare
     assert "ECC" in fleet["dropped"]["node-c"][0] and "bad_nodes.json" in fleet["dropped"]["node-e"][0]
 
 
-def test_sbatch_stops_when_too_few_nodes_are_healthy(tmp_path, capsys):
-    _, proc, state, _ = run_sbatch(tmp_path, capsys, nodes=3, spares=1, hosts="node-a,node-b,node-c,node-d")
-    assert proc.returncode != 0
-    assert "only 1 of 4 nodes are healthy and the job needs 3" in proc.stderr
-    assert len((state / "steps.log").read_text().splitlines()) == 1  # no training step started
+def test_pick_stops_when_too_few_nodes_are_healthy(tmp_path, capsys):
+    """`health --pick` (the script's selection step) exits 1 with one line naming why, and still writes its report."""
+    from gigafactory.cli import main as cli_main
+
+    for node, tflops in (("n1", 1.0), ("n2", 1.0), ("n3", 0.1)):
+        ranks = [{"rank": 0, "node": node, "errors": [], "numerics": "beef", "matmul_tflops": tflops}]
+        (tmp_path / f"{node}.json").write_text(json.dumps({"ranks": ranks}))
+    out = tmp_path / "fleet.json"
+    argv = ["health", "--pick", "3", "--reports", str(tmp_path), "--candidates", "n1,n2,n3,n4", "--out", str(out)]
+    assert cli_main.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "only 2 of 4 nodes are healthy and the job needs 3" in captured.err
+    assert sorted(json.loads(out.read_text())["dropped"]) == ["n3", "n4"]
+    assert cli_main.main([*argv[:2], "2", *argv[3:]]) == 0 and capsys.readouterr().out == "n1,n2\n"
 
 
 def test_k8s_health_init_container_spares_and_own_rendezvous_store(capsys):

@@ -51,7 +51,7 @@ def test_board_power_is_absent_off_gpu_never_guessed():
 def test_trainer_holds_the_floor_through_saves_and_ramps_at_start(tiny_job):
     from gigafactory.train.trainer import Trainer
 
-    cfg = tiny_job(training__steps=3, training__eval_every=0, resilience__power_floor=0.25, resilience__power_ramp_s=0.3)
+    cfg = tiny_job(training__steps=2, training__eval_every=0, resilience__power_floor=0.25, resilience__power_ramp_s=0.3)
     trainer = Trainer(cfg)
     try:
         trainer.train()

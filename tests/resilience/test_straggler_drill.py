@@ -13,7 +13,7 @@ from gigafactory.resilience.events import read_events
 from gigafactory.resilience.stragglers import add_bad_nodes, straggler_report
 from tests.conftest import TINY_MODEL
 
-EVERY, SLOW_FROM, STEPS = 3, 7, 12
+EVERY, SLOW_FROM, STEPS = 3, 7, 9
 
 
 def test_bad_nodes_file_merges_and_is_what_launch_exclude_reads(tmp_path):
