@@ -10,7 +10,7 @@ from gigafactory.errors import UserError
 
 
 def register(subparsers) -> None:
-    from gigafactory.cli.sft import add_launch_arguments
+    from gigafactory.cli.sft import add_launch_arguments, add_lora_arguments
     from gigafactory.posttrain.options import DPOOptions
 
     parser = subparsers.add_parser(
@@ -33,13 +33,14 @@ def register(subparsers) -> None:
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"dpo_{f.name}", type=type(f.default), default=f.default,
                             choices=f.metadata.get("choices") or None, help=f.metadata["help"])
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as TOML and exit.")
+    add_lora_arguments(parser)
     add_launch_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gigafactory.cli.sft import launch_if_asked, train_and_report
+    from gigafactory.cli.sft import launch_if_asked, lora_options, train_and_report
     from gigafactory.posttrain.dpo import DPOTrainer
     from gigafactory.posttrain.options import DPO_DEFAULTS, DPOOptions
     from gigafactory.posttrain.sft import SFTData, sft_config
@@ -48,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
     opts = DPOOptions(**{f.name: getattr(args, f"dpo_{f.name}") for f in dataclasses.fields(DPOOptions)})
     opts.validate()
+    lora = lora_options(args)
     base, cfg = sft_config(args.checkpoint, args, defaults=DPO_DEFAULTS, suffix="-dpo")
     if args.print_config:
         print(config_to_toml(cfg), end="")
         return 0
     if (code := launch_if_asked("dpo", args, cfg)) is not None:
         return code
-    return train_and_report(DPOTrainer(cfg, SFTData(base, args.data, args.val_fraction), opts), "eval DPO loss (held-out pairs)")
+    return train_and_report(DPOTrainer(cfg, SFTData(base, args.data, args.val_fraction, lora), opts), "eval DPO loss (held-out pairs)")

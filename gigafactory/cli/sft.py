@@ -20,7 +20,8 @@ def register(subparsers) -> None:
             "Fine-tune a pre-trained checkpoint on OpenAI-style chat JSONL with serve's chat template: conversations "
             "packed into data.seq_len sequences with attention kept inside each one, loss on assistant tokens only. "
             "Settings: the checkpoint's config, then SFT defaults (lr 3e-4, 100 steps), then --section.key flags. "
-            "Re-running the same command resumes. --nproc N runs it under torchrun as `train --nproc` does."
+            "Re-running the same command resumes. --nproc N runs it under torchrun as `train --nproc` does. --lora.rank R "
+            "trains low-rank adapters on a frozen base instead (one process); checkpoints hold the merged weights."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -28,9 +29,30 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, metavar="FILE.jsonl", help="Chat data: one {\"messages\": [{\"role\", \"content\"}, ...]} per line.")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="Conversations held out for the eval loss.")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as TOML and exit.")
+    add_lora_arguments(parser)
     add_launch_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_lora_arguments(parser) -> None:
+    """--lora.rank/alpha/targets (shared by `sft` and `dpo`); dests without a dot, so the config loader skips them."""
+    import dataclasses
+
+    from gigafactory.posttrain.options import LoRAOptions
+
+    for f in dataclasses.fields(LoRAOptions):
+        parser.add_argument(f"--lora.{f.name}", dest=f"lora_{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+
+
+def lora_options(args: argparse.Namespace):
+    import dataclasses
+
+    from gigafactory.posttrain.options import LoRAOptions
+
+    opts = LoRAOptions(**{f.name: getattr(args, f"lora_{f.name}") for f in dataclasses.fields(LoRAOptions)})
+    opts.validate()
+    return opts
 
 
 def add_launch_arguments(parser) -> None:
@@ -80,13 +102,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.val_fraction < 1.0:
         raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    lora = lora_options(args)
     base, cfg = sft_config(args.checkpoint, args)
     if args.print_config:
         print(config_to_toml(cfg), end="")
         return 0
     if (code := launch_if_asked("sft", args, cfg)) is not None:
         return code
-    return train_and_report(SFTTrainer(cfg, SFTData(base, args.data, args.val_fraction)), "eval loss (assistant tokens)")
+    return train_and_report(SFTTrainer(cfg, SFTData(base, args.data, args.val_fraction, lora)), "eval loss (assistant tokens)")
 
 
 def train_and_report(trainer, eval_name: str) -> int:

@@ -28,3 +28,26 @@ class DPOOptions:
             raise UserError(f"--label-smoothing {self.label_smoothing} must be in [0, 0.5)")
         if self.loss_type not in LOSS_TYPES:
             raise UserError(f"--loss-type {self.loss_type!r} must be one of {', '.join(LOSS_TYPES)}")
+
+
+LORA_TARGETS = "wq,wk,wv,wo,w_gate,w_up,w_down"  # attention projections and the dense MLP (MoE experts are not nn.Linear)
+
+
+@dataclass
+class LoRAOptions:
+    """Low-rank adapters instead of a full fine-tune (flags --lora.rank, --lora.alpha, --lora.targets)."""
+
+    rank: int = knob(0, "Adapter rank r; 0 = full fine-tune (every weight trains).")
+    alpha: float = knob(16.0, "Adapter scale numerator: the update is (alpha / r) * B A.")
+    targets: str = knob(LORA_TARGETS, "Comma-separated names of the linear layers that get adapters (the last part of the module name).")
+
+    def target_names(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise UserError(f"--lora.rank {self.rank} must be >= 0 (0 = full fine-tune)")
+        if self.rank and not self.alpha > 0:
+            raise UserError(f"--lora.alpha {self.alpha} must be > 0")
+        if self.rank and not self.target_names():
+            raise UserError("--lora.targets names no layer; e.g. wq,wk,wv,wo")

@@ -7,21 +7,26 @@ generate, serve and export load them as they load pre-trained ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gigafactory.config.job import JobConfig
-from gigafactory.config.loader import load_config
+from gigafactory.config.loader import config_to_toml, load_config
 from gigafactory.data.chat import ChatTemplate
 from gigafactory.data.sft import PackedChatLoader, build_rows, read_chat_jsonl, split_conversations
 from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
 from gigafactory.parallel.sequence_parallel import slice_sequence
+from gigafactory.posttrain.lora import LoRA
+from gigafactory.posttrain.options import LoRAOptions
 from gigafactory.train.checkpoint import load_checkpoint
 from gigafactory.train.checkpoint_files import resolve_checkpoint
+from gigafactory.train.optim import build_optimizer, clip_grad_norm_
 from gigafactory.train.trainer import Trainer
 
 # Fine-tuning settings that differ from pre-training's; a --section.key flag still wins.
@@ -36,6 +41,7 @@ class SFTData:
     base: Path  # the pre-trained checkpoint directory (config.toml, tokenizer.json, DCP shards)
     chat_jsonl: str  # OpenAI-style {"messages": [...]} lines
     val_fraction: float = 0.05  # held-out conversations for the eval loss (assistant tokens only)
+    lora: LoRAOptions = field(default_factory=LoRAOptions)  # rank 0: full fine-tune
 
 
 def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, overrides: dict | None = None,
@@ -58,8 +64,15 @@ def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, over
 
 class SFTTrainer(Trainer):
     def __init__(self, cfg: JobConfig, sft: SFTData):
-        self.sft = sft
+        self.sft, self.lora = sft, None
+        sft.lora.validate()
+        if sft.lora.rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--lora.rank runs on one process for now (the adapters are neither sharded nor all-reduced); "
+                            "drop --nproc, or fine-tune every weight (--lora.rank 0)")
         super().__init__(cfg)
+        if sft.lora.rank:  # the base is frozen; the optimizer holds the adapters only
+            self.lora = LoRA(self.model, sft.lora, seed=cfg.data.seed)
+            self.optimizer = build_optimizer(self.lora, cfg.optimizer)
 
     def build_data(self) -> None:
         if self.dims.cp > 1 or self.dims.pp > 1:
@@ -96,3 +109,33 @@ class SFTTrainer(Trainer):
         self._check_same_model(self.sft.base)
         load_checkpoint(self.sft.base, self.model)
         self.events.record("sft_init", once=True, path=str(self.sft.base))
+
+    # ---- LoRA: adapters train, checkpoints hold the merged weights ------------------------------------------------
+    def forward_backward(self, step: int) -> tuple[float, float]:
+        loss, grad_norm = super().forward_backward(step)
+        if self.lora is None:
+            return loss, grad_norm
+        return loss, float(clip_grad_norm_(list(self.lora.parameters()), self.cfg.optimizer.grad_clip))  # the base has no gradients
+
+    def save(self, checkpointer=None):
+        """With LoRA: an ordinary checkpoint of W + (alpha / r) B A (no adapter keys, no optimizer state), so
+        generate, serve and export load it unchanged."""
+        if self.lora is None:
+            return super().save(checkpointer)
+        train_state = {"step": self.step, "loader": self.train_loader.state_dict(), "guard": json.dumps(self.guard.state_dict())}
+        side = {"config.toml": config_to_toml(self.cfg), "tokenizer.json": self.tokenizer_json}
+        with self.lora.merged():  # an async save has staged the state in host memory when save() returns
+            return self._guarded(lambda: (checkpointer or self.checkpointer).save(self.step, self.model, [], train_state, side))
+
+    def load(self, path: Path, keep_data_position: bool = False) -> None:
+        """With LoRA: the merged weights become the new frozen base and training goes on with fresh adapters
+        (B = 0: the same function) and fresh optimizer state; the step, data position and detector are restored."""
+        if self.lora is None:
+            return super().load(path, keep_data_position)
+        state = load_checkpoint(path, self.model, None, {"step": 0, "loader": self.train_loader.state_dict(), "guard": ""})
+        self.step = int(state["step"])
+        if not keep_data_position:
+            self.train_loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(json.loads(state["guard"] or "{}"), keep_rollback_counts=keep_data_position)
+        self.lora.restart(seed=self.cfg.data.seed + self.step)
+        self.optimizer.state.clear()
