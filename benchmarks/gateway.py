@@ -86,8 +86,9 @@ async def overhead(direct: str, gateway: str, rounds: int) -> dict:
     return {k: (statistics.median(v), sorted(v)[int(0.9 * len(v))]) for k, v in times.items()}
 
 
-async def throughput(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
-    tokens, requests, errors = 0, 0, 0
+async def throughput(urls: list[str], clients: int, seconds: float, max_tokens: int) -> dict:
+    """Closed loop for `seconds`: client c streams requests to urls[c % len(urls)], one after another."""
+    tokens, requests, errors, split = 0, 0, 0, {}
     stop = time.perf_counter() + seconds
 
     async def worker(c: int, client: httpx.AsyncClient):
@@ -98,22 +99,32 @@ async def throughput(url: str, clients: int, seconds: float, max_tokens: int) ->
             body = {"messages": [{"role": "user", "content": f"Tell me about day {c}-{i}."}], "max_tokens": max_tokens,
                     "stream": True, "ignore_eos": True, "temperature": 0.8, "seed": i,
                     "stream_options": {"include_usage": True}}
-            async with client.stream("POST", "/v1/chat/completions", json=body, headers={"X-User-Id": f"u{c}"}) as r:
-                if r.status_code != 200:
-                    errors += 1
-                    continue
-                async for line in r.aiter_lines():
-                    if line.startswith("data: {") and '"usage"' in line:
-                        usage = json.loads(line[6:]).get("usage")
-                        if usage:
-                            tokens += usage["completion_tokens"]
+            url = urls[c % len(urls)]
+            try:
+                async with client.stream("POST", url + "/v1/chat/completions", json=body,
+                                         headers={"X-User-Id": f"u{c}"}) as r:
+                    if r.status_code != 200:
+                        errors += 1
+                        continue
+                    replica = r.headers.get("x-gateway-replica", url.rsplit(":", 1)[1])
+                    split[replica] = split.get(replica, 0) + 1
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {") and '"usage"' in line:
+                            usage = json.loads(line[6:]).get("usage")
+                            if usage:
+                                tokens += usage["completion_tokens"]
+                        elif line.startswith('data: {"error"'):
+                            errors += 1
+            except httpx.HTTPError:
+                errors += 1
             requests += 1
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
         await asyncio.gather(*(worker(c, client) for c in range(clients)))
     wall = time.perf_counter() - start
-    return {"tokens_per_s": tokens / wall, "requests": requests, "errors": errors, "wall_s": wall}
+    return {"tokens_per_s": tokens / wall, "requests": requests, "errors": errors, "wall_s": wall,
+            "split": "/".join(str(split[k]) for k in sorted(split))}
 
 
 def main() -> int:
@@ -121,7 +132,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", help="Checkpoint to serve (default: train a tiny one in a temp dir).")
     ap.add_argument("--replicas", type=int, default=3, help="Largest replica count measured (1..N).")
     ap.add_argument("--clients", type=int, default=24, help="Concurrent streaming clients in the throughput runs.")
-    ap.add_argument("--seconds", type=float, default=10, help="Length of each throughput run.")
+    ap.add_argument("--seconds", type=float, default=8, help="Length of each throughput run.")
+    ap.add_argument("--repeats", type=int, default=2, help="Rounds over all configurations (the table shows each and the median).")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=100, help="Overhead: requests each way.")
     ap.add_argument("--slots", type=int, default=16)
@@ -143,6 +155,8 @@ def main() -> int:
         for p, proc in zip(ports + gw_ports, procs):
             wait_healthy(f"http://127.0.0.1:{p}", proc)
         time.sleep(2)  # the gateways' first health checks
+        for p in ports:  # every replica warm before anything is timed
+            asyncio.run(throughput([f"http://127.0.0.1:{p}"], 4, 2, 8))
         direct, gw1 = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{gw_ports[0]}"
         o = asyncio.run(overhead(direct, gw1, args.rounds))
         added = (o["gateway"][0] - o["direct"][0]) * 1e3
@@ -151,18 +165,29 @@ def main() -> int:
               f" / p90 {o['gateway'][1] * 1e3:.1f} ms; added p50 {added:.1f} ms")
         print(f"\n{args.clients} streaming clients, max_tokens {args.max_tokens}, {args.seconds:g} s each "
               f"(load average before: {load:.1f}, {os.cpu_count()} CPUs)")
-        print("| path | replicas | requests | errors | output tok/s | × 1 replica | gateway CPU ms per 1k tokens |\n"
-              "|---|---|---|---|---|---|---|")
-        d = asyncio.run(throughput(direct, args.clients, args.seconds, args.max_tokens))
-        print(f"| direct | 1 | {d['requests']} | {d['errors']} | {d['tokens_per_s']:.0f} | - | - |")
-        base = None
-        for n, (p, proc) in enumerate(zip(gw_ports, procs[len(ports):]), start=1):
-            cpu = cpu_seconds(proc.pid)
-            r = asyncio.run(throughput(f"http://127.0.0.1:{p}", args.clients, args.seconds, args.max_tokens))
-            cpu = cpu_seconds(proc.pid) - cpu
-            base = base or r["tokens_per_s"]
-            print(f"| gateway | {n} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.0f} | "
-                  f"{r['tokens_per_s'] / base:.2f}× | {cpu * 1e3 / max(1.0, r['tokens_per_s'] * r['wall_s'] / 1e3):.0f} |")
+        print("| path | replicas | requests (per replica), each round | errors | output tok/s, each round | median | "
+              "× 1 replica, same path (medians) | gateway CPU ms per 1k tokens |\n|---|---|---|---|---|---|---|---|")
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        targets = [("direct", n, urls[:n], None) for n in range(1, len(ports) + 1)]  # clients split by hand: the control
+        targets += [("gateway", n, [f"http://127.0.0.1:{p}"], proc) for n, (p, proc)
+                    in enumerate(zip(gw_ports, procs[len(ports):]), start=1)]
+        runs = {t[:2]: [] for t in targets}
+        for _ in range(args.repeats):  # rounds interleave the configurations: machine load drifts over all alike
+            for path, n, url, proc in targets:
+                cpu = cpu_seconds(proc.pid) if proc else 0.0
+                r = asyncio.run(throughput(url, args.clients, args.seconds, args.max_tokens))
+                r["cpu_ms_per_1k"] = ((cpu_seconds(proc.pid) - cpu) * 1e3 / max(1.0, r["tokens_per_s"] * r["wall_s"] / 1e3)
+                                      if proc else None)
+                runs[(path, n)].append(r)
+        for (path, n), rs in runs.items():
+            med = statistics.median(r["tokens_per_s"] for r in rs)
+            cpu = [r["cpu_ms_per_1k"] for r in rs if r["cpu_ms_per_1k"] is not None]
+            requests = ", ".join(f"{r['requests']} ({r['split']})" for r in rs)
+            rates = ", ".join(f"{r['tokens_per_s']:.0f}" for r in rs)
+            scale = f"{med / statistics.median(r['tokens_per_s'] for r in runs[(path, 1)]):.2f}×"
+            cpu_text = f"{statistics.median(cpu):.0f}" if cpu else "-"
+            print(f"| {path} | {n} | {requests} | {sum(r['errors'] for r in rs)} | {rates} | {med:.0f} | {scale} | {cpu_text} |")
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0
 
 
