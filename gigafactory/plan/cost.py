@@ -46,6 +46,9 @@ class StepEstimate:
         return self.tokens_per_step / self.step_time_s
 
 
+PARTS = ("compute", "free_fwd", "free_bwd", "recompute", "tp", "ep", "cp", "zero")  # LayerCost fields summed per stage
+
+
 @dataclass(frozen=True)
 class LayerCost:
     fwd: float  # wall seconds of one layer's forward for one microbatch (exposed communication included)
@@ -61,11 +64,15 @@ class LayerCost:
     zero: float
 
 
-def layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int, moe: bool) -> LayerCost:
-    """One layer's cost under `lay`; cached on the few layout fields it depends on (the search prices thousands)."""
-    zero = lay.zero if lay.sharded else 0
+def layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int, moe: bool, *,
+               zero: int | None = None, checkpointing: str | None = None, dualpipe: bool | None = None) -> LayerCost:
+    """One layer's cost under `lay` (or it with another ZeRO stage, checkpointing or DualPipe pairing); cached on
+    the few layout fields it depends on (the search prices thousands)."""
+    zero = lay.zero if zero is None else zero
+    zero = zero if lay.dp_shard > 1 else 0
+    dualpipe = lay.schedule == "dualpipe" if dualpipe is None else dualpipe
     return _layer_cost_cached(w, cluster, sw, seq_len, moe, lay.tp, lay.cp, lay.ep, lay.microbatch_size,
-                              lay.sequence_parallel, lay.checkpointing, lay.precision, lay.schedule == "dualpipe",
+                              lay.sequence_parallel, checkpointing or lay.checkpointing, lay.precision, dualpipe,
                               zero, lay.dp_shard if zero else 1, lay.reduce_dtype)
 
 
@@ -154,48 +161,48 @@ def paired_fraction(lay: Layout) -> float:
     return max(0.0, lay.microbatches - lay.pp) / lay.microbatches
 
 
-def _paired_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int, moe: bool) -> LayerCost:
+def paired_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int, moe: bool, *,
+                zero: int | None = None, checkpointing: str | None = None) -> LayerCost:
     """A layer's cost under DualPipe: paired chunks' (all-to-all hidden, SMs lost) mixed with unpaired chunks'."""
     f = paired_fraction(lay)
+    kw = dict(zero=zero, checkpointing=checkpointing)
     if lay.schedule != "dualpipe" or f == 1.0:
-        return layer_cost(w, lay, cluster, sw, seq_len, moe)
-    alone = layer_cost(w, dataclasses.replace(lay, schedule="1f1b"), cluster, sw, seq_len, moe)
+        return layer_cost(w, lay, cluster, sw, seq_len, moe, **kw)
+    alone = layer_cost(w, lay, cluster, sw, seq_len, moe, dualpipe=False, **kw)
     if f == 0.0:
         return alone
-    paired = layer_cost(w, lay, cluster, sw, seq_len, moe)
-    return LayerCost(*(f * a + (1 - f) * b for a, b in zip(dataclasses.astuple(paired), dataclasses.astuple(alone))))
+    paired = layer_cost(w, lay, cluster, sw, seq_len, moe, **kw)
+    return LayerCost(*(f * a + (1 - f) * b for a, b in zip(vars(paired).values(), vars(alone).values())))
 
 
 def estimate(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int) -> StepEstimate:
     gpu = cluster.gpu
     tokens = lay.microbatch_size * seq_len // lay.cp
-    moe_cost = _paired_cost(w, lay, cluster, sw, seq_len, True)
-    dense_cost = _paired_cost(w, lay, cluster, sw, seq_len, False) if w.n_moe_layers < w.n_layers else moe_cost
+    moe_cost = paired_cost(w, lay, cluster, sw, seq_len, True)
+    dense_cost = paired_cost(w, lay, cluster, sw, seq_len, False) if w.n_moe_layers < w.n_layers else moe_cost
     head_f, head_b, _ = head_time(w, gpu, sw, tokens, lay.tp)
     v = lay.virtual_stages if lay.schedule == "interleaved_1f1b" else 1
     p2p = comm.p2p(tokens * w.d_model * 2 / lay.tp, lay.tp * lay.cp * lay.dp, cluster) * v if lay.pp > 1 else 0.0
     layers = lay.stage_layers or balanced_stages(w.n_layers, lay.pp, moe_cost.fwd + moe_cost.bwd, head_f + head_b)
 
-    fwd, bwd, wgrad, kinds = [], [], [], []
-    kind_parts: dict = {}
-    for s in range(lay.pp):
-        n_dense, n_moe = stage_split(w, layers, s)
-        last = s == lay.pp - 1
-        fwd.append(n_dense * dense_cost.fwd + n_moe * moe_cost.fwd + p2p + (head_f if last else 0.0))
-        bwd.append(n_dense * dense_cost.bwd + n_moe * moe_cost.bwd + p2p + (head_b if last else 0.0))
-        wgrad.append(n_dense * dense_cost.wgrad + n_moe * moe_cost.wgrad)
-        kind = (n_dense, n_moe, last)
-        kinds.append(kind)
-        if kind not in kind_parts:
-            part = {k: n_dense * getattr(dense_cost, k) + n_moe * getattr(moe_cost, k)
-                    for k in ("compute", "free_fwd", "free_bwd", "recompute", "tp", "ep", "cp", "zero")}
-            part["free_fwd"] += head_f if last else 0.0
-            part["free_bwd"] += head_b if last else 0.0
-            part["compute"] += (head_f + head_b) if last else 0.0
-            part["pp_p2p"] = 2 * p2p
-            kind_parts[kind] = part
-    parts = [kind_parts[k] for k in kinds]
-    stages = StageTimes(tuple(fwd), tuple(bwd), tuple(wgrad))
+    # stages holding the same layers cost the same: price each kind once
+    kinds = [(*stage_split(w, layers, s), s == lay.pp - 1) for s in range(lay.pp)]
+    priced: dict = {}
+    for kind in set(kinds):
+        n_dense, n_moe, last = kind
+        head = (head_f, head_b) if last else (0.0, 0.0)
+        part = {k: n_dense * getattr(dense_cost, k) + n_moe * getattr(moe_cost, k) for k in PARTS}
+        part["free_fwd"] += head[0]
+        part["free_bwd"] += head[1]
+        part["compute"] += head[0] + head[1]
+        part["pp_p2p"] = 2 * p2p
+        times = (n_dense * dense_cost.fwd + n_moe * moe_cost.fwd + p2p + head[0],
+                 n_dense * dense_cost.bwd + n_moe * moe_cost.bwd + p2p + head[1],
+                 n_dense * dense_cost.wgrad + n_moe * moe_cost.wgrad)
+        priced[kind] = (times, part)
+    fwd, bwd, wgrad = zip(*(priced[k][0] for k in kinds))
+    parts = [priced[k][1] for k in kinds]
+    stages = StageTimes(fwd, bwd, wgrad)
     m = lay.microbatches
     pipeline = pipeline_time(lay, stages)
     slowest = stages.slowest()
@@ -243,7 +250,7 @@ def estimate(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: 
         "pp_p2p": m * slow["pp_p2p"], "pp_bubble": pipeline - m * stages.total[slowest],
         "dp_comm": dp_exposed, "weight_gather": gather_exposed, "optimizer": optimizer,
     }
-    avg = {k: sum(p[k] for p in parts) / lay.pp for k in parts[0]}
+    avg = {k: sum(priced[kind][1][k] * kinds.count(kind) for kind in priced) / lay.pp for k in ("compute", *PARTS[4:], "pp_p2p")}
     busy = m * avg["compute"]
     waiting = m * (avg["tp"] + avg["ep"] + avg["cp"] + avg["zero"] + avg["pp_p2p"]) + dp_exposed + gather_exposed
     phases = {"compute": busy, "communication": waiting, "optimizer": optimizer,

@@ -11,6 +11,7 @@ are the simulator's defaults. Closed form (simulate/expected.py): microseconds p
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from gigafactory.plan.cost import StepEstimate
 from gigafactory.plan.forecast import CHECKPOINT_BYTES_PER_PARAM, Forecast
@@ -25,8 +26,15 @@ from gigafactory.simulate.recovery import MODES, RecoverySpec
 RECOVERY_MODES = MODES
 
 
+@lru_cache(maxsize=1)
 def _default_rate() -> float:
     return float(load_catalog().defaults.get("gpu_failures_per_day", 4.7e-4))
+
+
+@lru_cache(maxsize=1)
+def _classes() -> tuple:
+    """The shipped failure classes, read once (the layout choice prices dozens of candidates)."""
+    return tuple(load_failure_classes())
 
 
 def sim_config(est: StepEstimate, fc: Forecast, w: Workload, cluster: Cluster, recovery: str) -> SimConfig:
@@ -47,7 +55,7 @@ def with_failures(est: StepEstimate, fc: Forecast, w: Workload, cluster: Cluster
     """ETTR and the run's days, GPU-hours, energy and cost once failures (and checkpoints) are paid for."""
     cfg = sim_config(est, fc, w, cluster, recovery)
     cfg.validate()
-    classes = load_failure_classes()
+    classes = list(_classes())
     exp = expected(cfg, classes)
     ettr = exp["ettr"]
     failures = sum(c.rate_per_s(cfg.cluster) for c in classes if c.kills_job) * 86400.0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from gigafactory.config.fields import knob
 from gigafactory.errors import UserError
 from gigafactory.plan.compute import head_time, layer_time
-from gigafactory.plan.cost import StepEstimate, estimate, layer_cost
+from gigafactory.plan.cost import StepEstimate, paired_cost, estimate, layer_cost
 from gigafactory.plan.hardware import Cluster
 from gigafactory.plan.layout import CHECKPOINTING, Layout, Software
 from gigafactory.plan.memory import memory_grid
@@ -75,9 +75,9 @@ def _model_compute(w: Workload, cluster: Cluster, sw: Software, tokens: int, seq
     layout with these tp, cp, ep and microbatch: kernels plus the tensor- and expert-parallel exposure that no data
     or pipeline choice removes (the smaller of the plain and the DualPipe-overlapped all-to-all)."""
     def cheapest(moe: bool):
-        costs = [layer_cost(w, Layout(tp=tp, cp=cp, ep=ep, microbatch_size=mbs, sequence_parallel=space.sequence_parallel,
-                                      precision=space.precision, schedule=s), cluster, sw, seq_len, moe)
-                 for s in ("1f1b", "dualpipe")]
+        lay = Layout(tp=tp, cp=cp, ep=ep, microbatch_size=mbs, sequence_parallel=space.sequence_parallel,
+                     precision=space.precision)
+        costs = [layer_cost(w, lay, cluster, sw, seq_len, moe, dualpipe=d) for d in (False, True)]
         return min(costs, key=lambda c: c.fwd + c.bwd - c.cp - c.zero)
 
     moe, dense = cheapest(True), cheapest(False)
@@ -99,6 +99,20 @@ def _recompute(w: Workload, cluster: Cluster, sw: Software, tokens: int, seq_len
             out["selective"] += count * lt.recompute_selective
             out["full"] += count * lt.recompute_full
     return out
+
+
+def _layout_bound(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len: int, head_s: float, zero: int,
+                  checkpointing: str) -> float:
+    """A lower bound on the step of `lay` with this ZeRO stage and checkpointing: its layers as priced (exposed
+    traffic included), spread evenly over the stages, through the schedule; no once-per-step sync or imbalance."""
+    kw = dict(zero=zero, checkpointing=checkpointing)
+    moe = paired_cost(w, lay, cluster, sw, seq_len, True, **kw)
+    dense = paired_cost(w, lay, cluster, sw, seq_len, False, **kw) if w.n_moe_layers < w.n_layers else moe
+    n_dense = w.n_layers - w.n_moe_layers
+    total = w.n_moe_layers * (moe.fwd + moe.bwd) + n_dense * (dense.fwd + dense.bwd) + head_s
+    wgrad = w.n_moe_layers * moe.wgrad + n_dense * dense.wgrad
+    v = lay.virtual_stages if lay.schedule == "interleaved_1f1b" else 1
+    return _pipeline_bound(total / lay.pp, wgrad / lay.pp, lay.pp, lay.microbatches, lay.schedule, v)
 
 
 def _pipeline_bound(t: float, wgrad: float, p: int, m: int, schedule: str, v: int) -> float:
@@ -135,14 +149,15 @@ def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: Sea
                     model_s, wgrad_s = _model_compute(w, cluster, sw, tokens, seq_len, tp, cp, ep, mbs, space)
                     bound = model_s * tp * cp / (tokens * cp * n)
                     rec = _recompute(w, cluster, sw, tokens, seq_len, tp, cp, ep, space)
-                    candidates.append((bound, tp, cp, ep, mbs, model_s, wgrad_s, rec))
+                    hf, hb, _ = head_time(w, gpu, sw, tokens, tp)
+                    candidates.append((bound, tp, cp, ep, mbs, model_s, wgrad_s, rec, hf + hb))
     candidates.sort()
     results: list[StepEstimate] = []
     best = math.inf
     priced = 0
     smallest_mem = math.inf
     target, slack = space.global_batch, space.batch_slack
-    for bound, tp, cp, ep, mbs, model_s, wgrad_s, rec in candidates:
+    for bound, tp, cp, ep, mbs, model_s, wgrad_s, rec, head_s in candidates:
         if bound >= best:
             break
         for pp in sorted(set(_divisors(w.n_layers, min(w.n_layers, 128))) | set(_pow2_upto(min(w.n_layers // 2, 128)))):
@@ -177,15 +192,19 @@ def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: Sea
                                       sequence_parallel=space.sequence_parallel, precision=space.precision,
                                       reduce_dtype=space.reduce_dtype)
                         zeros = (1, 2, 3) if shard > 1 else (0,)
+                        if _layout_bound(w, base, cluster, sw, seq_len, head_s, zeros[0], "none") / (dp * mbs * m * seq_len) >= best:
+                            continue  # even its lightest sharding and no recompute is slower than the best so far
                         grid = memory_grid(w, base, sw, seq_len, zeros)
                         smallest_mem = min(smallest_mem, min(grid.values()))
                         for zero, ckpt in [(z, c) for z in zeros for c in CHECKPOINTING]:
                             if grid[zero, ckpt] > gpu.hbm_gb * 1e9:
                                 continue
-                            lay = dataclasses.replace(base, zero=zero, checkpointing=ckpt)
                             t_min = _pipeline_bound((model_s + rec[ckpt]) / pp, wgrad_s / pp, pp, m, sched, v)
                             if t_min / (dp * mbs * m * seq_len) >= best:
                                 continue  # its recompute alone makes it slower than the best so far
+                            if _layout_bound(w, base, cluster, sw, seq_len, head_s, zero, ckpt) / (dp * mbs * m * seq_len) >= best:
+                                continue  # its layers' own exposed traffic makes it slower than the best so far
+                            lay = dataclasses.replace(base, zero=zero, checkpointing=ckpt)
                             est = estimate(w, lay, cluster, sw, seq_len)
                             priced += 1
                             if not est.fits:
