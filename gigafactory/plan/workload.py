@@ -44,10 +44,7 @@ class Workload:
     dropout: bool = knob(False, "Dropout after attention and MLP and on attention probabilities (GPT-era runs).")
     rope: bool = knob(True, "Rotary embeddings applied to q and k.")
     tied_embeddings: bool = knob(True, "Input embedding shared with the output projection.")
-    params_total: int = knob(0, "All parameters.")
-    params_embedding: int = knob(0, "Embedding (+ untied head) parameters.")
-    params_layer_dense: int = knob(0, "Per-layer parameters outside the experts (attention, router, norms, dense MLP).")
-    params_expert: int = knob(0, "Parameters of one expert of one layer (the whole MLP when dense).")
+    params_total: int = knob(0, "All parameters (checkpoint size, failure recovery); per-layer counts come from the shapes.")
     seq_flops_override: tuple = knob((), "(a, b, c): model FLOPs/token = a + b*seq (paper formula); empty = flops.py.")
 
     @cached_property
@@ -174,14 +171,12 @@ def _forward_matmul_flops(w: Workload) -> float:
 def from_model_config(cfg: ModelConfig) -> Workload:
     """A Grok-family (or Mixtral-style) config; parameter counts come from `count_params`."""
     p = count_params(cfg)
-    per_layer_dense = (p.attention + p.dense_ffn + p.router) // cfg.n_layers + (p.norms - cfg.d_model) // cfg.n_layers
     return Workload(
         name=cfg.name, vocab=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim, ffn_dim=cfg.moe_ffn_dim, gated=True,
         n_experts=cfg.n_experts, top_k=cfg.top_k, dense_ffn_dim=cfg.dense_ffn_dim,
         norms_per_layer=4 if cfg.norm_placement == "sandwich" else 2, dropout=False, rope=True,
-        tied_embeddings=cfg.tie_embeddings, params_total=p.total, params_embedding=p.embedding,
-        params_layer_dense=per_layer_dense, params_expert=p.per_expert,
+        tied_embeddings=cfg.tie_embeddings, params_total=p.total,
     )
 
 
@@ -201,7 +196,6 @@ def megatron_gpt(hidden: int, layers: int, heads: int, vocab: int = 51200, seq_l
     return Workload(
         name=f"gpt-{h}x{l}", vocab=vocab, d_model=h, n_layers=l, n_heads=heads, n_kv_heads=heads,
         head_dim=h // heads, ffn_dim=4 * h, gated=False, norms_per_layer=2, dropout=True, rope=False,
-        tied_embeddings=True, params_total=l * layer + embedding + 2 * h, params_embedding=embedding,
-        params_layer_dense=layer, params_expert=0,
+        tied_embeddings=True, params_total=l * layer + embedding + 2 * h,
         seq_flops_override=(72.0 * l * h * h + 6.0 * vocab * h, 12.0 * l * h, 0.0),
     )
