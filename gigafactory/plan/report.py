@@ -57,9 +57,13 @@ def _power(r: dict) -> str:
     p = r.get("power")
     if not p:
         return "-"
-    return (f"step avg {p['step_avg_it_mw']:.1f}, peak {p['peak_it_mw']:.1f}\npause {p['checkpoint_pause']['it_mw']:.1f} "
-            f"(ckpt {p['checkpoint_pause']['seconds']:.0f} s, restart {p['restart_pause']['seconds']:.0f} s)\n"
-            f"swing {p['swing_mw']:.1f} MW at {p['swing_mw_per_s']:.0f} MW/s\nwithin a step {p['swing_within_step_mw']:.1f} MW")
+    names = {"compute": "compute", "communication": "exposed comm", "idle": "bubble", "optimizer": "optimizer"}
+    phases = [f"{names[ph['phase']]} {ph['seconds']:.3f} s @ {ph['it_mw']:.1f}" for ph in p["step_phases"] if ph["seconds"] >= 0.0005]
+    return "\n".join(phases + [
+        f"step average {p['step_avg_it_mw']:.1f}",
+        f"checkpoint {p['checkpoint_pause']['seconds']:.0f} s / restart {p['restart_pause']['seconds']:.0f} s @ {p['checkpoint_pause']['it_mw']:.1f}",
+        f"largest swing {p['swing_mw']:.1f} MW at {p['swing_mw_per_s']:.0f} MW/s",
+        f"swing inside a step {p['swing_within_step_mw']:.1f} MW"])
 
 
 def render_table(rows: list[dict], title: str) -> None:
@@ -86,7 +90,7 @@ def render_table(rows: list[dict], title: str) -> None:
         ("GPU-hours", lambda r: f"{r['gpu_hours'] / 1e6:.2f} M"),
         ("energy", lambda r: f"{r['energy_mwh']:,.0f} MWh"),
         ("facility power: peak / step average", lambda r: f"{r['facility_mw']:.1f} / {r.get('facility_mw_avg', r['facility_mw']):.1f} MW (PUE {r['pue']})"),
-        ("IT power profile (MW)", _power),
+        ("IT power (MW) by phase", _power),
         ("cost", lambda r: f"${r['cost_usd'] / 1e6:,.1f} M" + (f" (ETTR {r['ettr']:.3f})" if "ettr" in r else "")),
         ("failures / day (of kinds that restart the job)", lambda r: f"{r['interruptions_per_day']:.1f} ({r.get('restarting_failures_per_day', r['interruptions_per_day']):.1f})"),
         ("checkpoint write", lambda r: f"{r['checkpoint_time_s']:.1f} s"),
