@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gigafactory.config.fields import knob
@@ -222,9 +222,10 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
         sections_built[key] = _build(cls, raw.get(key, {}), key, source)
     if not 0 <= sections_built["slo"].max_error_rate <= 1:
         _fail(source, "slo.max_error_rate must be a fraction in 0..1")
-    for key in ("interval_s", "timeout_s"):
-        if getattr(sections_built["health"], key) <= 0:
-            _fail(source, f"health.{key} must be > 0")
+    for section, key in (("health", "interval_s"), ("health", "timeout_s"), ("slo", "window_s"),
+                         ("slo", "evaluate_every_s"), ("routing", "connect_timeout_s"), ("routing", "read_timeout_s")):
+        if getattr(sections_built[section], key) <= 0:
+            _fail(source, f"{section}.{key} must be > 0")
     if sections_built["health"].failures_to_eject < 1 or sections_built["routing"].max_attempts < 1:
         _fail(source, "health.failures_to_eject and routing.max_attempts must be >= 1")
     import ipaddress

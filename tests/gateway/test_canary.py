@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 
 from tests.gateway.fakes import FakeFleet, gateway_client
 
@@ -109,7 +111,7 @@ def test_phase_advances_inside_the_slo_and_rolls_back_on_injected_errors(tmp_pat
     assert json.loads((tmp_path / "state.json").read_text())["EU"]["phase"] == 0
 
 
-def test_p99_over_the_slo_rolls_back_and_kill_by_config_reload(tmp_path):
+def test_p99_over_the_slo_rolls_back_and_kill_by_config_and_sighup(tmp_path):
     fleet = FakeFleet()
     now = [1000.0]
     toml_path = tmp_path / "gateway.toml"
@@ -124,8 +126,13 @@ def test_p99_over_the_slo_rolls_back_and_kill_by_config_reload(tmp_path):
             assert (await ask(client, "tester")).json()["model"] == "grok-v1"  # before phase 0: fallback only
 
             toml_path.write_text(CONFIG.replace('fallback = "grok-v1"', 'fallback = "grok-v1"\nkilled = true'))
-            assert gw.reload()
+            os.kill(os.getpid(), signal.SIGHUP)  # the lifespan's handler re-reads the file (we are the main thread)
+            for _ in range(100):
+                if gw.controller.status()["EU"]["killed"]:
+                    break
+                await asyncio.sleep(0.02)
             assert gw.controller.status()["EU"]["killed"]
+            assert (await ask(client, "tester")).json()["model"] == "grok-v1"
             toml_path.write_text("not toml [")
             assert not gw.reload()  # a broken file keeps the running config
             assert gw.controller.status()["EU"]["killed"]

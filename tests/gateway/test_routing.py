@@ -102,6 +102,7 @@ def test_region_pools_and_cross_region_failover():
     (lambda t: t + '[[regions.EU.phases]]\npool = "v1"\nstart = 2030-01-01T00:00:00\n', "needs a time zone"),
     (lambda t: t + "[slo]\nmin_requests = 2.5\n", "slo.min_requests = 2.5 has the wrong type"),
     (lambda t: t + "[slo]\nmax_error_rate = 5\n", "max_error_rate must be a fraction"),
+    (lambda t: t + "[slo]\nevaluate_every_s = 0\n", "slo.evaluate_every_s must be > 0"),
     (lambda t: 'default_region = "JP"\n' + t, "default_region 'JP' is not a configured region"),
     (lambda t: 'trusted_proxies = ["10.0.0.0/33"]\n' + t, "is not an IP address or network"),
     (lambda t: t + "[[replicas]]\nurl = \"http://a:1\"\nregion = \"EU\"\npool = \"v1\"\n", "replica names repeat"),
