@@ -69,7 +69,7 @@ def layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_len
     """One layer's cost under `lay` (or it with another ZeRO stage, checkpointing or DualPipe pairing); cached on
     the few layout fields it depends on (the search prices thousands)."""
     zero = lay.zero if zero is None else zero
-    zero = zero if lay.dp_shard > 1 else 0
+    zero = zero if lay.dp_shard > 1 and zero >= 2 else 0  # ZeRO-0/1 add no per-layer traffic
     dualpipe = lay.schedule == "dualpipe" if dualpipe is None else dualpipe
     return _layer_cost_cached(w, cluster, sw, seq_len, moe, lay.tp, lay.cp, lay.ep, lay.microbatch_size,
                               lay.sequence_parallel, checkpointing or lay.checkpointing, lay.precision, dualpipe,
@@ -115,7 +115,8 @@ def _layer_cost(w: Workload, lay: Layout, cluster: Cluster, sw: Software, seq_le
             fwd_c, bwd_c = fwd_c * slow, bwd_c * slow
             ep_hideable = ep_f + ep_b
         elif w.n_shared_experts:
-            shared = w.n_shared_experts / (w.n_shared_experts + w.top_k) * 0.5 * (lt.fwd + lt.bwd)  # its GEMMs' share
+            # the shared expert's part of the MLP work, the MLP taken as half the layer's compute
+            shared = w.n_shared_experts / (w.n_shared_experts + w.top_k) * 0.5 * (lt.fwd + lt.bwd)
             ep_hideable = min(ep_f + ep_b, shared)
     ep_fixed = ep_f + ep_b - ep_hideable
     f_share = fwd_c / (fwd_c + bwd_c)
