@@ -4,7 +4,8 @@ directory (so a resumed run, whose model is the policy by then, reads them inste
 
 loss(pair) = -(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z),  z = beta * ((pi_c - pi_r) - (ref_c - ref_r))
 (Rafailov et al. 2023; ls > 0 is conservative DPO for noisy labels). loss_type "ipo" is (z / beta - 1 / (2 beta))^2
-(Azar et al. 2023), "hinge" max(0, 1 - z) (SLiC). Rewards beta * (pi - ref) of the chosen and rejected replies,
+(Azar et al. 2023), "hinge" max(0, 1 - z) (SLiC); sft_weight > 0 adds the chosen reply's per-token NLL (RPO, Pang
+et al. 2024), which keeps the chosen answer's likelihood from falling as the margin widens. Rewards beta * (pi - ref) of the chosen and rejected replies,
 their margin and how often the chosen one wins are logged each step.
 """
 
@@ -22,12 +23,14 @@ from gigafactory.data.preference import PackedPairLoader, pack_pairs, read_prefe
 from gigafactory.data.sft import split_conversations
 from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
+from gigafactory.models.grok.head_loss import IGNORE_INDEX
 from gigafactory.parallel.distributed import all_reduce_mean
 from gigafactory.posttrain.options import DPOOptions
 from gigafactory.posttrain.sft import SFTData, SFTTrainer
 
-def dpo_loss(pi_c, pi_r, ref_c, ref_r, opts: DPOOptions) -> tuple[torch.Tensor, dict]:
-    """Mean loss over pairs and the reward statistics (summed log-probabilities in, one per pair)."""
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, opts: DPOOptions, chosen_tokens=None) -> tuple[torch.Tensor, dict]:
+    """Mean loss over pairs and the reward statistics (summed log-probabilities in, one per pair). With
+    opts.sft_weight > 0, plus sft_weight * the chosen reply's mean per-token NLL (chosen_tokens: its token counts)."""
     z = opts.beta * ((pi_c - pi_r) - (ref_c - ref_r))
     if opts.loss_type == "sigmoid":
         losses = -(1 - opts.label_smoothing) * F.logsigmoid(z) - opts.label_smoothing * F.logsigmoid(-z)
@@ -35,6 +38,8 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, opts: DPOOptions) -> tuple[torch.Tensor, 
         losses = (z / opts.beta - 1 / (2 * opts.beta)) ** 2
     else:
         losses = torch.relu(1 - z)
+    if opts.sft_weight:
+        losses = losses - opts.sft_weight * pi_c / chosen_tokens
     chosen, rejected = (opts.beta * (pi_c - ref_c)).detach(), (opts.beta * (pi_r - ref_r)).detach()
     stats = {"reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item(),
              "reward_margin": (chosen - rejected).mean().item(), "reward_accuracy": (chosen > rejected).float().mean().item()}
@@ -111,20 +116,27 @@ class DPOTrainer(SFTTrainer):
             self.ref_logps = torch.load(self.ref_path)
 
     # ---- loss ---------------------------------------------------------------------------------------------------
-    def pair_logps(self, inputs, targets, positions, doc_ids, pair_docs) -> torch.Tensor:
-        """[B, P, 2]: summed log-probs of the chosen and rejected replies of each pair slot (garbage where unused)."""
+    def pair_logps(self, inputs, targets, positions, doc_ids, pair_docs, counts: bool = False):
+        """[B, P, 2]: summed log-probs of the chosen and rejected replies of each pair slot (garbage where unused);
+        with counts=True also their token counts (same shape)."""
         inputs, targets, positions, doc_ids, pair_docs = (x.to(self.device) for x in (inputs, targets, positions, doc_ids, pair_docs))
         with self.autocast():
             logits = self.pmodel.parts[0](inputs, positions, doc_ids_BS=doc_ids)
-        seq = sequence_logps(logits, targets, doc_ids, 2 * pair_docs.shape[1])
-        return torch.stack([seq.gather(1, pair_docs[..., side].clamp(min=0)) for side in (0, 1)], -1)
+        n_docs = 2 * pair_docs.shape[1]
+        per_slot = lambda seq: torch.stack([seq.gather(1, pair_docs[..., side].clamp(min=0)) for side in (0, 1)], -1)  # noqa: E731
+        logps = per_slot(sequence_logps(logits, targets, doc_ids, n_docs))
+        if not counts:
+            return logps
+        ones = torch.zeros(targets.shape[0], n_docs + 1, device=targets.device)
+        ones.scatter_add_(1, doc_ids.clamp(max=n_docs), (targets != IGNORE_INDEX).float())
+        return logps, per_slot(ones[:, :n_docs])
 
     def loss_on(self, inputs, targets, positions=None, doc_ids=None, pair_docs=None, n_global=None) -> torch.Tensor:
         """The mean over this rank's pairs, reweighted by its share of the micro-batch's pairs (as SFT's tokens)."""
-        logps = self.pair_logps(inputs, targets, positions, doc_ids, pair_docs)
+        logps, tokens = self.pair_logps(inputs, targets, positions, doc_ids, pair_docs, counts=True)
         ok = pair_docs[..., 2].to(self.device) >= 0
         ref = self.ref_logps.to(self.device)[pair_docs[..., 2].to(self.device)[ok]]
-        loss, stats = dpo_loss(logps[ok][:, 0], logps[ok][:, 1], ref[:, 0], ref[:, 1], self.opts)
+        loss, stats = dpo_loss(logps[ok][:, 0], logps[ok][:, 1], ref[:, 0], ref[:, 1], self.opts, tokens[ok][:, 0])
         if torch.is_grad_enabled():
             self.step_stats.append(stats)
         return loss * (float(ok.sum()) * self.dims.dp / float(n_global))

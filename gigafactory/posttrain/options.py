@@ -20,12 +20,16 @@ class DPOOptions:
     beta: float = knob(0.1, "Strength of the KL tie to the reference: the implicit reward is beta * log(pi / ref).")
     label_smoothing: float = knob(0.0, "Probability that a preference label is flipped (conservative DPO); 0 = plain DPO.")
     loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo or hinge.", choices=LOSS_TYPES)
+    sft_weight: float = knob(0.0, "Weight of the chosen reply's per-token negative log-likelihood added to the loss (RPO, "
+                             "Pang et al. 2024): keeps DPO from lowering the chosen answer's likelihood; 0 = plain DPO.")
 
     def validate(self) -> None:
         if not self.beta > 0:
             raise UserError(f"--beta {self.beta} must be > 0")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label-smoothing {self.label_smoothing} must be in [0, 0.5)")
+        if self.sft_weight < 0:
+            raise UserError(f"--sft-weight {self.sft_weight} must be >= 0")
         if self.loss_type not in LOSS_TYPES:
             raise UserError(f"--loss-type {self.loss_type!r} must be one of {', '.join(LOSS_TYPES)}")
 

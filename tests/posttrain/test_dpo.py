@@ -33,6 +33,8 @@ def test_dpo_loss_equals_direct_computation():
         loss, stats = dpo_loss(pi_c, pi_r, ref_c, ref_r, DPOOptions(beta, ls, loss_type))
         assert loss.item() == pytest.approx(want, abs=1e-6), loss_type
     assert stats["reward_accuracy"] == 0.5 and stats["reward_margin"] == pytest.approx(sum(z) / 2, abs=1e-6)
+    rpo, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, DPOOptions(beta, ls, "sigmoid", sft_weight=0.5), torch.tensor([3.0, 5.0]))
+    assert rpo.item() == pytest.approx(expect["sigmoid"] + 0.5 * (3.0 / 3 + 7.5 / 5) / 2, abs=1e-6)  # + the chosen per-token NLL
 
 
 def test_packed_pair_logps_match_separate_sequences(template):  # noqa: F811
