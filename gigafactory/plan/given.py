@@ -143,6 +143,8 @@ def distance(given: StepEstimate, found: StepEstimate) -> dict:
     a, b = dataclasses.asdict(given.layout), dataclasses.asdict(found.layout)
     a["stage_layers"], b["stage_layers"] = list(given.stage_layers), list(found.stage_layers)
     changed = {k: [a[k], b[k]] for k in COMPARED if a[k] != b[k]}
+    if "pp" in changed:
+        changed.pop("stage_layers", None)  # a different pp implies a different split
     speedup = (given.step_time_s / given.tokens_per_step) / (found.step_time_s / found.tokens_per_step)
     return {"changed": changed, "speedup_per_token": speedup, "fields_changed": len(changed)}
 
