@@ -125,13 +125,14 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        """Ready while at least one replica of every pool is in the pool (all regions together)."""
-        healthy = {p: 0 for p in gw.cfg.pools()}
+        """Ready while any replica is in the pool: a load balancer must not take the whole front door away because
+        one pool (a canary, one region) is down; the body names the pools without a healthy replica."""
+        healthy = {p: 0 for p in sorted(gw.cfg.pools())}
         for s in gw.pool.replicas.values():
             healthy[s.replica.pool] += s.healthy
-        empty = sorted(p for p, n in healthy.items() if not n)
-        body = {"status": "not ready" if empty else "ready", "healthy_replicas": healthy}
-        return JSONResponse(body, status_code=503 if empty else 200)
+        body = {"status": "ready" if any(healthy.values()) else "not ready", "healthy_replicas": healthy,
+                "empty_pools": [p for p, n in healthy.items() if not n]}
+        return JSONResponse(body, status_code=200 if any(healthy.values()) else 503)
 
     @app.get("/metrics")
     async def metrics():
