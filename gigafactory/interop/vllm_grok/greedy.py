@@ -19,7 +19,7 @@ import json
 import os
 
 
-def decode(export_dir: str, prompts: list[list[int]], max_tokens: int, dtype: str) -> dict:
+def decode(export_dir: str, prompts: list[list[int]], max_tokens: int, dtype: str, tensor_parallel: int = 1) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -27,6 +27,7 @@ def decode(export_dir: str, prompts: list[list[int]], max_tokens: int, dtype: st
         config = json.load(f)
     vocab = config["vocab_size"]
     llm = LLM(model=export_dir, dtype=dtype, enforce_eager=True, skip_tokenizer_init=True, seed=0,
+              tensor_parallel_size=tensor_parallel,
               max_model_len=config["max_position_embeddings"], max_logprobs=vocab, logprobs_mode="raw_logits")
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=vocab, detokenize=False)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--out", required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a large share of the RAM
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     import vllm
 
     prompts = json.loads(args.prompts)
-    runs = {d: decode(d, prompts, args.max_tokens, args.dtype) for d in args.export_dirs}
+    runs = {d: decode(d, prompts, args.max_tokens, args.dtype, args.tensor_parallel_size) for d in args.export_dirs}
     with open(args.out, "w") as f:
         json.dump({"vllm": vllm.__version__, "runs": runs}, f)
 
