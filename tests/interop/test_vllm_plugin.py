@@ -7,6 +7,7 @@ ours); the parity test skips only when that venv is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,8 +40,6 @@ MAX_TOKENS = 16
 @pytest.mark.parametrize("fmt,overrides", [("hf-grok1", {}), ("hf-grok1", {"tie_embeddings": False}),
                                            ("sglang-grok", GROK2_STYLE)], ids=["hf-grok1", "hf-grok1-untied", "sglang-grok2"])
 def test_every_exported_tensor_has_one_place_in_the_vllm_model(fmt, overrides):
-    import dataclasses
-
     cfg = dataclasses.replace(get_preset("grok-tiny"), **VLLM_SIZE, **overrides)
     names = export_names(fmt)
     targets = [names.translate(e.name) for e in entries(fmt, cfg)]
@@ -77,7 +76,8 @@ def test_vllm_serves_grok_exports_token_for_token(tmp_path):
     proc = subprocess.run([str(VLLM_PYTHON), "-m", "gigafactory.interop.vllm_grok.greedy", *exports,
                            "--prompts", json.dumps(PROMPTS), "--max-tokens", str(MAX_TOKENS), "--out", str(result_file)],
                           capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, ("vLLM failed (is the plugin installed in .venv-vllm? scripts/setup-vllm.sh):\n"
+                                  + (proc.stdout + proc.stderr)[-4000:])
     result = json.loads(result_file.read_text())
     for export, run in result["runs"].items():
         model = models[export]
