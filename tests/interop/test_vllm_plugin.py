@@ -91,5 +91,7 @@ def test_vllm_serves_grok_exports_token_for_token(tmp_path):
             diff = (theirs - logits).abs().max().item()
             print(f"vLLM {result['vllm']} {Path(export).name} prompt of {len(prompt)}: max |d logit| {diff:.2e} "
                   f"(logit std {logits.std():.2f})")
-            # 1e-4 is 100x below the engine deviations vLLM's old Grok code had (router cap 30, erf GELU: ~1e-2)
-            assert logits.std() > 0.3 and diff < 1e-4
+            # fp32 rounding measures <= 3.2e-6. Each math vLLM's old Grok code did differently moves these logits by
+            # more than 2e-5: router cap 30 9.5e-4, erf GELU 3.4e-4, renormalised top-2 gates 5.1e-5 (small: the
+            # post-MoE norm removes most of a per-token scale).
+            assert logits.std() > 0.3 and diff < 2e-5
