@@ -213,6 +213,31 @@ async def read_json(request: Request, allow_empty: bool = False) -> dict:
     return body
 
 
+async def unless_client_leaves(request: Request, forwarding) -> Response:
+    """The forwarded answer, unless the client disconnects first (checked every 0.5 s): then the attempt is cancelled,
+    which closes the upstream connection, so the replica aborts the request and frees its slot (a stream is already
+    handled this way by its response once it has started)."""
+    forward = asyncio.ensure_future(forwarding)
+
+    async def gone():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({forward, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not forward.done():
+            forward.cancel()
+    try:
+        return await forward
+    except asyncio.CancelledError:
+        if watcher.cancelled() or not watcher.done():  # we are being cancelled ourselves
+            raise
+        return Response(status_code=499)  # nobody is listening; the status is for the logs and /metrics
+
+
 async def proxied(gw: Gateway, request: Request, path: str) -> Response:
     started = time.monotonic()
     region, pool, status = "none", "none", 500
@@ -240,7 +265,7 @@ async def proxied(gw: Gateway, request: Request, path: str) -> Response:
         pool = assignment.pool
         body = await read_json(request)
         route = Route(region, pool, assignment.canary, affinity_key(body, user, gw.cfg.routing.prefix_chars))
-        response = await gw.proxy.forward(path, body, route, started)
+        response = await unless_client_leaves(request, gw.proxy.forward(path, body, route, started))
         status = response.status_code
         return response
     except GatewayError as err:

@@ -20,6 +20,7 @@ class FakeFleet:
         self.fail_rate: dict[str, float] = {}  # host -> share of requests answered 500
         self.down: set[str] = set()  # hosts whose /ready fails
         self.hung: set[str] = set()  # hosts that never answer anything (a stopped process, a partition)
+        self.abandoned = 0  # requests whose gateway side went away while a host was holding them
         self.served: list[tuple[str, str]] = []  # (host, model sent upstream)
         self.rng = random.Random(seed)
         self.app = FastAPI()
@@ -32,7 +33,7 @@ class FakeFleet:
         @self.app.post("/v1/chat/completions")
         async def chat(request: Request):
             host, body = request.url.hostname, await request.json()
-            await self.maybe_hang(request)
+            await self.maybe_hang(request, count=True)
             if self.rng.random() < self.fail_rate.get(host, 0.0):
                 return JSONResponse({"error": {"message": "injected", "code": "generation_failed"}}, status_code=500)
             self.served.append((host, body["model"]))
@@ -41,9 +42,13 @@ class FakeFleet:
                                  "finish_reason": "stop"}]}
 
 
-    async def maybe_hang(self, request: Request) -> None:
-        while request.url.hostname in self.hung:
-            await asyncio.sleep(0.02)
+    async def maybe_hang(self, request: Request, count: bool = False) -> None:
+        try:
+            while request.url.hostname in self.hung:
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            self.abandoned += count
+            raise
 
 
 @contextlib.asynccontextmanager

@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
+
+from gigafactory.gateway.app import Gateway, create_app
+from gigafactory.gateway.config import parse_config
 from tests.gateway.fakes import FakeFleet, gateway_client
 
 CONFIG = """
@@ -89,5 +93,48 @@ def test_when_every_replica_only_misses_its_checks_requests_still_go_to_them():
             fleet.hung.clear()
             answer = await asyncio.wait_for(request, timeout=20)
             assert answer.status_code == 200  # sent to a slow replica, not refused with a 503
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_a_non_streamed_request_frees_the_replica():
+    """The gateway notices the disconnect while the replica is still working and closes the upstream request."""
+    fleet = FakeFleet()
+    fleet.hung.add("a")
+    fleet.hung.add("b")
+
+    async def scenario():
+        gw = Gateway(parse_config(CONFIG.replace("hung_after_s = 0.5", "hung_after_s = 30"), "t.toml"),
+                     transport=httpx.ASGITransport(fleet.app))
+        app = create_app(gw)
+        async with app.router.lifespan_context(app):
+            for s in gw.pool.replicas.values():
+                gw.pool.set_health(s, True)
+            body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+            sent, left = [], asyncio.Event()
+
+            async def receive():
+                if not sent:
+                    sent.append(1)
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await left.wait()
+                return {"type": "http.disconnect"}
+
+            messages = []
+
+            async def send(message):
+                messages.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                     "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+                     "headers": [(b"content-type", b"application/json"), (b"host", b"gw")],
+                     "client": ("127.0.0.1", 1), "server": ("gw", 80)}
+            call = asyncio.create_task(app(scope, receive, send))
+            while not any(s.outstanding for s in gw.pool.replicas.values()):
+                await asyncio.sleep(0.02)
+            left.set()  # the client goes away while the replica is still generating
+            await asyncio.wait_for(call, timeout=5)
+            assert fleet.abandoned == 1 and all(s.outstanding == 0 for s in gw.pool.replicas.values())
+            assert messages[0]["status"] == 499
 
     asyncio.run(scenario())
