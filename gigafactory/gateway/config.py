@@ -82,7 +82,7 @@ class Routing:
     affinity_slack: int = knob(4, "A preferred (affinity/prefix) replica is used while its outstanding requests exceed the least-loaded one's by at most this.")
     max_attempts: int = knob(3, "Replicas tried for a request that has not streamed anything yet.")
     connect_timeout_s: float = knob(2.0, "Connecting to a replica.")
-    read_timeout_s: float = knob(120.0, "Longest silence from a replica mid-request (a hung replica ends here).")
+    read_timeout_s: float = knob(600.0, "Longest silence from a replica mid-request, then 504; a non-streamed answer is silent until done, so keep it above the backends' own request timeout.")
     cross_region: bool = knob(True, "A region with no healthy replica of a pool borrows another region's.")
 
 

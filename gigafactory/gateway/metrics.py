@@ -17,7 +17,7 @@ class GatewayMetrics:
         self.requests = prom.Counter(p + "requests_total", "Answered requests by region, pool and status.",
                                      ("region", "pool", "status"), registry=r)
         self.attempts = prom.Counter(p + "upstream_attempts_total", "Attempts on replicas by outcome "
-                                     "(ok, client_error, server_error, unreachable, stream_broken).",
+                                     "(ok, client_error, server_error, unreachable, timeout, stream_broken, client_gone).",
                                      ("replica", "outcome"), registry=r)
         self.retries = prom.Counter(p + "retries_total", "Requests sent to another replica after a failed attempt "
                                     "that had streamed nothing.", registry=r)

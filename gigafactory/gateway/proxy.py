@@ -1,7 +1,8 @@
 """Forward one request to a replica and relay its answer, retrying on another replica while nothing was sent.
 
 A request is retried (on a replica not tried yet, up to routing.max_attempts) when its replica is unreachable, answers
-5xx, or fails before its first byte. A non-streamed answer is read whole before anything reaches the client, so it is
+5xx, or fails before its first byte; when every attempt got a 5xx, the last one is the answer (a full queue's 503 and
+Retry-After say more than the gateway could). A replica silent for routing.read_timeout_s is a 504, not retried. A non-streamed answer is read whole before anything reaches the client, so it is
 always retryable. A stream is committed at the replica's first byte; if the replica fails after that, the client
 gets one error event in OpenAI's shape and `data: [DONE]`, never a hang or a half-written event (events are relayed
 whole). Every attempt on the canary pool is reported to the canary controller.
@@ -58,6 +59,7 @@ class Proxy:
         routing = self.pool.cfg.routing
         tried: set[str] = set()
         failures: list[str] = []
+        last_answer: Response | None = None  # the last replica's own 5xx, returned if no replica does better
         for _ in range(routing.max_attempts):
             state = router.choose(self.pool.candidates(route.region, route.pool), route.affinity, routing.affinity_slack, tried)
             if state is None:
@@ -67,8 +69,14 @@ class Proxy:
             tried.add(state.name)
             result = await self._attempt(state, path, body, route, started)
             if isinstance(result, Response):
-                return result
-            failures.append(result)
+                if result.status_code < 500:
+                    return result
+                last_answer = result
+                failures.append(f"{state.name} answered {result.status_code}")
+            else:
+                failures.append(result)
+        if last_answer is not None:  # e.g. every replica's queue is full: its own 503 and Retry-After say it best
+            return last_answer
         if not tried:
             why = f"no healthy replica of pool '{route.pool}' for region {route.region}"
         else:
@@ -94,8 +102,8 @@ class Proxy:
             self.controller.record(route.region, outcome in ("ok", "client_error"), latency)
 
     def lost(self, state: ReplicaState, err: Exception) -> str:
-        """The replica could not be reached, broke off, or stayed silent past read_timeout_s: out of the pool now,
-        with every wait on it cut (a passing check brings it back). ReplicaLost: that already happened."""
+        """The replica could not be reached or broke off: out of the pool now, with every wait on it cut (a passing
+        check brings it back). ReplicaLost: that already happened."""
         if isinstance(err, (httpx.ConnectTimeout, httpx.PoolTimeout)):  # slow to accept: maybe only busy
             self.pool.set_health(state, False, f"{type(err).__name__}: {err}", silent=True)
         elif not isinstance(err, ReplicaLost):
@@ -112,27 +120,30 @@ class Proxy:
                                                 headers=state.auth_headers())
             async with watch:
                 upstream = await self.client.send(request, stream=True)
-            if upstream.status_code >= 500:
+            headers = {REPLICA_HEADER: state.name}
+            if "retry-after" in upstream.headers:
+                headers["Retry-After"] = upstream.headers["retry-after"]
+            kind = upstream.headers.get("content-type", "application/json")
+            if upstream.status_code >= 500:  # the caller tries another replica, and keeps this answer as the last word
                 async with watch:
-                    text = (await upstream.aread())[:200].decode("utf-8", "replace")
+                    content = await upstream.aread()
                 self.outcome(state, route, "server_error", None)
-                return f"{state.name} answered {upstream.status_code} {text}"
+                return Response(content, status_code=upstream.status_code, media_type=kind, headers=headers)
             chunks = upstream.aiter_raw()
             async with watch:
                 first = await anext(chunks, b"")
             latency = time.monotonic() - started
-            headers = {REPLICA_HEADER: state.name}
-            kind = upstream.headers.get("content-type", "application/json")
             if not kind.startswith("text/event-stream"):
                 async with watch:
                     content = first + b"".join([c async for c in chunks])
                 self.outcome(state, route, "ok" if upstream.status_code < 400 else "client_error", latency)
-                for name in ("retry-after",):
-                    if name in upstream.headers:
-                        headers[name] = upstream.headers[name]
                 return Response(content, status_code=upstream.status_code, media_type=kind, headers=headers)
             handed_over = True
             return RelayResponse(self, state, watch, route, upstream, first, chunks, latency, headers)
+        except httpx.ReadTimeout:  # silent for read_timeout_s: another replica would make the client wait as long again
+            self.outcome(state, route, "timeout", None)
+            raise GatewayError(504, f"replica {state.name} sent nothing for {self.pool.cfg.routing.read_timeout_s:g} s",
+                               "timeout") from None
         except (httpx.HTTPError, ReplicaLost) as err:
             self.outcome(state, route, "unreachable", None)
             return self.lost(state, err)

@@ -110,6 +110,11 @@ def test_keys_limits_quota_and_identity(tmp_path):
 def test_headers_from_an_untrusted_peer_are_ignored_and_no_replica_is_a_503(tmp_path):
     async def scenario(gw, client, fleet):
         assert (await post(client, "sk-tester", **{"X-Region": "DE"})).json()["model"] == "v1"  # stays in the US
+        fleet.fail_rate["eu1"] = 1.0  # the only v1 replica fails the request itself: its own 500 is the answer
+        r = await post(client, "sk-tester")
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+        assert r.headers["x-gateway-replica"] == "eu1"
+        fleet.fail_rate.clear()
         for s in gw.pool.replicas.values():
             gw.pool.set_health(s, False, "test", dead=True)
         r = await post(client, "sk-tester")
