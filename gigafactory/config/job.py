@@ -51,6 +51,8 @@ class TrainingConfig:
     eval_batches: int = knob(8, "Micro-batches averaged for one evaluation.")
     compile: bool = knob(False, "torch.compile each block (slow to start on CPU; worth it on GPUs).")
     threads: int = knob(0, "CPU threads for torch; 0 = torch's default.")
+    precision: str = knob("bf16", "GEMM precision: bf16 (the compute dtype) or fp8 (torchao float8 for the attention and dense projections; experts, router, head and norms stay in the compute dtype).", choices=("bf16", "fp8"))
+    fp8_recipe: str = knob("rowwise", "Float8 scaling with precision=fp8: rowwise (per-row scales, the accurate default) or tensorwise (one scale per tensor; FSDP then gathers weights in float8).", choices=("rowwise", "tensorwise"))
 
 
 @dataclass

@@ -5,6 +5,8 @@ vLLM's and SGLang's Grok code hard-codes parts of the math that Grok-1's own cod
 in the fused MoE kernel (Grok-1 uses the tanh form) and, in vLLM versions before the config was read, renormalised
 top-k gates. An export cannot change the engines, so `gigafactory export` says so, with the size of the difference
 measured on the exported weights: the model run as trained against the same weights run with the engine's math.
+vLLM's built-in Grok was removed after v0.24; current vLLM serves hf-grok1 / sglang-grok exports through our plugin
+(interop/vllm_grok), which computes the model exactly, so the hf-grok1 lines name the old built-in code.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def engine_deviations(fmt: str, cfg: ModelConfig) -> list[str]:
     """One phrase per way the engine behind `fmt` computes something else than `cfg` (empty: exact)."""
     if fmt not in ("hf-grok1", "sglang-grok"):
         return []
-    engine = "vLLM" if fmt == "hf-grok1" else "SGLang"
+    engine = "vLLM <= 0.24's built-in Grok" if fmt == "hf-grok1" else "SGLang"
     out = []
     if cfg.router_softcap != ENGINE_ROUTER_CAP:
         out.append(f"{engine} caps router logits at {ENGINE_ROUTER_CAP:g} (the model: {cfg.router_softcap:g})")
@@ -76,4 +78,5 @@ def deviation_warnings(checkpoint: str | Path, fmt: str, cfg: ModelConfig) -> li
     measured = measure_deviation(checkpoint, fmt)
     size = (f"on this checkpoint the logits differ by up to {measured[0]:.3g} (logit std {measured[1]:.3g}; fp32, random tokens)"
             if measured else f"not measured: the model has more than {MEASURE_MAX_PARAMS:,} parameters")
-    return [*found, f"together: {size}; docs/interop.md, 'Engine deviations'"]
+    exact = " current vLLM with gigafactory's plugin (scripts/setup-vllm.sh) computes the model exactly;" if fmt == "hf-grok1" else ""
+    return [*found, f"together: {size};{exact} docs/interop.md, 'Engine deviations'"]

@@ -15,6 +15,7 @@ from torch import nn
 from gigafactory.config.job import JobConfig
 from gigafactory.errors import UserError
 from gigafactory.models import GrokModel
+from gigafactory.models.float8 import convert_to_float8
 from gigafactory.parallel import pipeline
 from gigafactory.parallel.balance import global_microbatches, setup_balance_stats
 from gigafactory.parallel.dims import ParallelDims
@@ -59,6 +60,8 @@ def check_supported(cfg: JobConfig, dims: ParallelDims) -> None:
         raise UserError(f"parallel.ep={dims.ep} with parallel.tp={dims.tp}: expert and tensor parallel together are not supported; use one of them")
     if sequence_parallel(cfg, dims) and (dims.pp > 1 or dims.cp > 1 or cfg.model.dense_ffn_dim):
         raise UserError("parallel.sequence_parallel with pipeline or context parallel, or a dense FFN, is not supported; set parallel.sequence_parallel=false")
+    if cfg.training.precision == "fp8" and dims.tp > 1:
+        raise UserError(f"training.precision=fp8 with parallel.tp={dims.tp} is not supported (no float8 tensor-parallel styles wired); use tp=1 or precision=bf16")
     if dims.pp > 1 and dims.cp > 1:
         raise UserError(f"parallel.pp={dims.pp} with parallel.cp={dims.cp}: pipeline and context parallel together are not supported")
     if dims.pp > 1:
@@ -85,6 +88,10 @@ def build_parallel_model(cfg: JobConfig, dims: ParallelDims, mesh, device: torch
         indices = pipeline.stage_indices(pp_rank, dims.pp, p.schedule)
         parts = [pipeline.build_stage_model(cfg.model, i, n_stages) for i in indices]
     for part in parts:
+        if cfg.training.precision == "fp8":
+            report = convert_to_float8(part, cfg.training.fp8_recipe, fsdp_float8_all_gather=cfg.training.fp8_recipe == "tensorwise" and dims.dp_shard > 1)
+            if (mesh is None or mesh.get_rank() == 0) and part is parts[0]:
+                print(report.summary(), flush=True)
         parallelize(part, dims, mesh, param_dtype=dtype, activation_checkpointing=p.activation_checkpointing,
                     compile=cfg.training.compile, sequence_parallel=sequence_parallel(cfg, dims))
         part.to_empty(device=device)

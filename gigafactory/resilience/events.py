@@ -17,7 +17,7 @@ Event kinds written by the resilience modules (`gigafactory report` reads them):
   rollback              state reloaded from a checkpoint (from_step, to_step, steps_lost, batches_skipped)
   signal                SIGTERM/SIGINT received (signal, step, grace_s); the run saves and exits
   checkpoint_saved / checkpoint_failed / checkpoint_corrupt / checkpoint_unverified
-  stragglers            per-rank mean step times and the slowest ranks
+  stragglers            per-rank compute and wait medians over a window, the slowest ranks, board power (NVML)
   resume                a checkpoint was loaded (step, path, source: disk | memory)
   ft_quorum             fault tolerance: this replica group's quorum changed (group, step, participants)
   ft_heal               fault tolerance: this group received its state from a live peer (from_step, to_step, bytes)
