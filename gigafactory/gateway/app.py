@@ -46,10 +46,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     def __post_init__(self):
-        self.keys = load_keys(self.cfg.api_keys or None, env="", quotas=True)
-        if self.cfg.rate_limit and not self.keys:
-            raise UserError("gateway config: rate_limit limits requests per API key, and no key is configured; "
-                            "set api_keys or drop rate_limit")
+        self.keys = access_keys(self.cfg)
         self.limiter, self.quota = RateLimiter(self.cfg.rate_limit), DailyQuota()
         self.pool = Pool(self.cfg, self.metrics)
         self.controller = Controller(self.cfg, self.clock, self.metrics)
@@ -62,7 +59,7 @@ class Gateway:
             return False
         try:
             cfg = load_config(self.path)
-            keys = load_keys(cfg.api_keys or None, env="", quotas=True)
+            keys = access_keys(cfg)
         except UserError as err:
             log.error("gateway config not reloaded, keeping the previous one: %s", err)
             return False
@@ -85,6 +82,15 @@ class Gateway:
         while True:
             await asyncio.sleep(self.cfg.slo.evaluate_every_s)
             self.controller.evaluate()
+
+
+def access_keys(cfg: GatewayConfig) -> dict:
+    """The keys of cfg.api_keys (the environment's GIGAFACTORY_API_KEYS is not read: the file is the one source)."""
+    keys = load_keys(cfg.api_keys or None, env="", quotas=True)
+    if cfg.rate_limit and not keys:
+        raise UserError(f"gateway config {cfg.source}: rate_limit limits requests per API key, and no key is configured; "
+                        "set api_keys or drop rate_limit")
+    return keys
 
 
 def create_app(gw: Gateway) -> FastAPI:

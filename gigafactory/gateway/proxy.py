@@ -116,8 +116,9 @@ class Proxy:
         upstream, handed_over = None, False
         try:
             payload = dict(body, model=state.replica.model)
-            request = self.client.build_request("POST", state.replica.url + path, json=payload,
-                                                headers=state.auth_headers())
+            routing = self.pool.cfg.routing  # per request, so a reload's timeouts apply at once
+            request = self.client.build_request("POST", state.replica.url + path, json=payload, headers=state.auth_headers(),
+                                                timeout=httpx.Timeout(routing.read_timeout_s, connect=routing.connect_timeout_s))
             async with watch:
                 upstream = await self.client.send(request, stream=True)
             headers = {REPLICA_HEADER: state.name}
