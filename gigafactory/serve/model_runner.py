@@ -34,6 +34,7 @@ class ModelRunner:
     def __init__(self, model: GrokModel, kv: PagedKVCache, prefix: PrefixCache | None = None):
         self.model, self.kv, self.prefix = model, kv, prefix
         self.device = next(model.parameters()).device
+        self.heads = model.cfg.n_kv_heads
         self.planned: list[Chunk] = []  # prompt chunks for the next decode() forward
 
     def prefill(self, seq: Sequence, budget: int) -> int:
@@ -72,13 +73,13 @@ class ModelRunner:
                 positions.append(pos)
                 rows.append(s.block_table[pos // bs] * bs + pos % bs)
             segments.append(Segment.build(0, [s.block_table[:blocks_for(s.length, bs)] for s in seqs],
-                                          [[s.length - 1] for s in seqs], bs, self.device))
+                                          [[s.length - 1] for s in seqs], bs, self.heads, self.device))
             logit_rows.extend(range(len(seqs)))
             sampled.extend(seqs)
         for c in chunks:  # each prompt chunk: a segment of one row with end - start queries
             table = c.seq.block_table
             segments.append(Segment.build(len(tokens), [table[:blocks_for(c.end, bs)]], [list(range(c.start, c.end))],
-                                          bs, self.device))
+                                          bs, self.heads, self.device))
             tokens.extend(c.seq.prompt_ids[c.start:c.end])
             positions.extend(range(c.start, c.end))
             rows.extend(kv.rows(table, c.start, c.end))

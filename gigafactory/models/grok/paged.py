@@ -35,25 +35,30 @@ class BlockPool:
 
 @dataclass
 class Segment:
-    """Tokens [start, start + R*S) of the step, as R rows of S queries; row r attends to the pool rows key_rows[r]
-    (its block table unrolled to K positions) where key position <= its query's position (mask [R, S, K])."""
+    """Tokens [start, start + R*S) of the step, as R rows of S queries; row r attends to its block table unrolled to
+    K positions where key position <= its query's position (mask [R, S, K]). `key_index` [R*G*K] picks those keys
+    from a layer pool seen as [pool rows * G, Dh], so one index_select gives them as [R, G, K, Dh], contiguous."""
 
     start: int
     rows: int
     queries: int
-    key_rows_RK: torch.Tensor
+    keys: int
+    key_index: torch.Tensor
     mask_RSK: torch.Tensor
 
     @classmethod
-    def build(cls, start: int, tables: list[list[int]], positions: list[list[int]], block_size: int, device) -> "Segment":
+    def build(cls, start: int, tables: list[list[int]], positions: list[list[int]], block_size: int, n_kv_heads: int,
+              device) -> "Segment":
         """`tables`: each row's block table (any length; shorter ones are padded with block 0, masked out);
         `positions`: each row's query positions (all rows the same count)."""
         n_blocks = max(len(t) for t in tables)
         table_RN = torch.tensor([t + [0] * (n_blocks - len(t)) for t in tables], dtype=torch.long)
-        key_rows = (table_RN[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+        key_rows_RK = (table_RN[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+        index_RGK = key_rows_RK[:, None, :] * n_kv_heads + torch.arange(n_kv_heads)[None, :, None]
         pos_RS = torch.tensor(positions, dtype=torch.long)
         mask = torch.arange(n_blocks * block_size)[None, None, :] <= pos_RS[:, :, None]
-        return cls(start, len(tables), len(positions[0]), key_rows.to(device), mask.to(device))
+        return cls(start, len(tables), len(positions[0]), n_blocks * block_size, index_RGK.flatten().to(device),
+                   mask.to(device))
 
 
 @dataclass
@@ -83,13 +88,14 @@ class PagedLayer:
         rows = self.step.write_rows_T
         self.k_pool.index_copy_(0, rows, k_1GTD[0].transpose(0, 1).to(self.k_pool.dtype))
         self.v_pool.index_copy_(0, rows, v_1GTD[0].transpose(0, 1).to(self.v_pool.dtype))
-        H, Dh = q_1HTD.shape[1], q_1HTD.shape[3]
+        H, G, Dh = q_1HTD.shape[1], self.k_pool.shape[1], q_1HTD.shape[3]
+        k_flat, v_flat = self.k_pool.view(-1, Dh), self.v_pool.view(-1, Dh)
         outs = []
         for seg in self.step.segments:
             n = seg.rows * seg.queries
             q = q_1HTD[0, :, seg.start:seg.start + n].reshape(H, seg.rows, seg.queries, Dh).transpose(0, 1).contiguous()
-            k = self.k_pool[seg.key_rows_RK].transpose(1, 2).to(q.dtype)  # [R, G, K, Dh]
-            v = self.v_pool[seg.key_rows_RK].transpose(1, 2).to(q.dtype)
+            k = k_flat.index_select(0, seg.key_index).view(seg.rows, G, seg.keys, Dh).to(q.dtype)
+            v = v_flat.index_select(0, seg.key_index).view(seg.rows, G, seg.keys, Dh).to(q.dtype)
             out = masked_attention(q, k, v, seg.mask_RSK)  # [R, H, S, Dh]
             outs.append(out.transpose(0, 1).reshape(H, n, Dh))
         return torch.cat(outs, dim=1)[None] if len(outs) > 1 else outs[0][None]
