@@ -1,5 +1,5 @@
 """For real: three `gigafactory serve` processes on 127.0.0.1 behind the gateway. Routing keeps a shared system prompt
-and a user on one replica; one replica is SIGKILLed under load: no 5xx for any request that had not started
+on one replica (whose prefix cache then serves it) and a user on one replica; one replica is SIGKILLed under load: no 5xx for any request that had not started
 streaming, a stream cut off mid-way ends with one clean error event and [DONE], nothing hangs, the replica leaves
 the pool at once and the rest of the load is served by the other two."""
 
@@ -107,14 +107,20 @@ def test_three_replicas_affinity_and_a_replica_killed_under_load(fleet_checkpoin
     with serve_replicas(fleet_checkpoint, 3) as (procs, ports):
         gw = Gateway(parse_config(fleet_config(ports), "fleet.toml"))
         with running_gateway(gw) as url:
-            asyncio.run(scenario(gw, url, procs))
+            asyncio.run(scenario(gw, url, procs, ports))
 
 
-async def scenario(gw: Gateway, url: str, procs: list[subprocess.Popen]) -> None:
+async def scenario(gw: Gateway, url: str, procs: list[subprocess.Popen], ports: list[int]) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         # affinity: one system prompt -> one replica for every user; one user (no system prompt) -> one replica
-        shared = [await one(client, chat(f"question {i}", "You are Grok."), f"u{i}") for i in range(4)]
+        system = "You are Grok, who answers in the words of the King James Bible."
+        shared = [await one(client, chat(f"q{i}", system, max_tokens=2), f"u{i}") for i in range(4)]
         assert {r[0] for r in shared} == {200} and len({r[1] for r in shared}) == 1, shared
+        home = ports[int(shared[0][1][1:])]
+        metrics = httpx.get(f"http://127.0.0.1:{home}/metrics").text  # the prompt is computed once, there
+        cached = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("gigafactory_serve_prefix_cached_tokens_total{"))
+        assert cached >= 3 * 16, metrics[-2000:]  # at least one 16-token block reused by each later request
         alice = [await one(client, chat(f"question {i}"), "alice") for i in range(4)]
         assert {r[0] for r in alice} == {200} and len({r[1] for r in alice}) == 1, alice
         status, replica, [answer] = await one(client, chat("hello"), "bob")
