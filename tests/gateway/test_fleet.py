@@ -126,14 +126,15 @@ async def scenario(gw: Gateway, url: str, procs: list[subprocess.Popen], ports: 
         status, replica, [answer] = await one(client, chat("hello"), "bob")
         assert status == 200 and answer["model"] == "grok-tiny" and answer["choices"][0]["message"]["content"]
 
-        results, stop, i = [], asyncio.Event(), 0
+        results, starts, stop, i = [], [], asyncio.Event(), 0
 
         async def worker(w: int):
             nonlocal i
             while not stop.is_set():
                 i += 1
                 body = chat(f"Tell me about day {i}", stream=bool(i % 2), max_tokens=40)
-                results.append((time.monotonic(), body["stream"], await one(client, body, f"user-{i % 17}")))
+                starts.append(time.monotonic())
+                results.append((starts[-1], body["stream"], await one(client, body, f"user-{i % 17}")))
 
         workers = [asyncio.create_task(worker(w)) for w in range(12)]
         deadline = time.monotonic() + 20
@@ -145,10 +146,12 @@ async def scenario(gw: Gateway, url: str, procs: list[subprocess.Popen], ports: 
         killed_at = time.monotonic()
         procs[int(victim.name[1:])].send_signal(signal.SIGKILL)
         while victim.healthy:
-            assert time.monotonic() - killed_at < 3, "the dead replica is still in the pool after 3 s"
+            assert time.monotonic() - killed_at < 5, "the dead replica is still in the pool after 5 s"
             await asyncio.sleep(0.02)
         left_after = time.monotonic() - killed_at
-        await asyncio.sleep(1.5)
+        while sum(t > killed_at + left_after for t in starts) < 8:  # the load goes on without it
+            assert time.monotonic() - killed_at < 60, "the load stalled after the kill"
+            await asyncio.sleep(0.05)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*workers), timeout=60)  # nothing hangs
 
