@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--ppl-batches", type=int, default=8, help="Held-out batches (of 4 sequences) for the perplexity.")
     parser.add_argument("--out", default="", help="JSON file to write (a .md table beside it); default RUN/eval-step-N.json.")
     parser.add_argument("--write-task", metavar="DIR", default="", help="Write kjv-train.jsonl and kjv-test.jsonl to DIR and exit.")
+    parser.add_argument("--harness-tasks", default="", metavar="T1,T2", help="Also run these lm-evaluation-harness tasks on the checkpoint (needs lm-eval).")
+    parser.add_argument("--harness-include", default="", metavar="DIR", help="A directory of lm-eval task YAML files (local data, no download) for --harness-tasks.")
+    parser.add_argument("--harness-limit", type=int, default=0, help="Documents per harness task (0 = all).")
     parser.set_defaults(func=run)
 
 
@@ -39,7 +42,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("eval needs --checkpoint RUN (or --write-task DIR)")
     if args.limit < 1 or args.ppl_batches < 1:
         raise UserError("--limit and --ppl-batches must be >= 1")
+    harness = {}
+    if args.harness_tasks:  # first: a bad task name fails before the slow part
+        from gigafactory.posttrain.harness import run_harness
+
+        tasks = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
+        out = run_harness(args.checkpoint, tasks, args.harness_include, args.harness_limit or None, args.device)
+        harness = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in out["results"].items()}
     result = evaluate_checkpoint(args.checkpoint, args.device, args.limit, args.ppl_batches)
+    if harness:
+        result["harness"] = harness
     ckpt = Path(result["checkpoint"])
     out = Path(args.out).expanduser() if args.out else ckpt.parent.parent / f"eval-{ckpt.name}.json"
     json_path, md_path = write_results(result, out)

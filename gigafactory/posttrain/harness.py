@@ -1,9 +1,7 @@
 """lm-evaluation-harness (PyPI `lm-eval`) over a Gigafactory checkpoint: its LM interface (loglikelihood,
 loglikelihood_rolling, generate_until), so every harness task can score our models.
 
-    import lm_eval
-    from gigafactory.posttrain.harness import GrokLM
-    lm_eval.simple_evaluate(model=GrokLM("runs/pre-sft"), tasks=[...])
+    gigafactory eval --checkpoint runs/pre-sft --harness-tasks my_task --harness-include tasks/   # run_harness below
 
 lm-eval is optional: without it GrokLM is a plain class with the same methods (requests are objects with `.args`,
 as the harness's Instance), so the scoring is tested here either way. Text is encoded with the plain-text encoder
@@ -13,10 +11,13 @@ prefix of an empty context. Contexts longer than the model's window keep their e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from gigafactory.data.tokenizer import EOS_ID, plain_text_encoder
+from gigafactory.errors import UserError
 from gigafactory.inference.generate import generate_tokens, load_for_inference
 from gigafactory.inference.sampling import SamplingParams
 
@@ -99,3 +100,25 @@ class GrokLM(_Base):
             cut = min([text.index(s) for s in until if s in text], default=len(text))
             out.append(text[:cut])
         return out
+
+
+def run_harness(model: GrokLM | str, tasks: list[str], include_path: str = "", limit: int | None = None,
+                device: str = "cpu", log_samples: bool = False) -> dict:
+    """lm_eval.simple_evaluate over our model: harness tasks by name, with task YAML files from include_path
+    (local `dataset_path: json` files run without a download). Returns the harness's output (results, samples)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--harness-tasks needs lm-evaluation-harness: pip install lm-eval") from None
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise UserError(f"--harness-include '{include_path}' is not a directory of task YAML files")
+    local = str(Path(include_path).expanduser()) if include_path else None
+    manager = TaskManager(include_path=local, include_defaults=False) if local else None  # indexing the built-ins takes seconds
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=local)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}; name tasks of the harness or of --harness-include DIR")
+    lm = GrokLM(model, device) if isinstance(model, str) else model
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=log_samples)

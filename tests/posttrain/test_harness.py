@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from gigafactory.cli.main import main
 from gigafactory.data.tokenizer import EOS_ID
 from gigafactory.posttrain.harness import GrokLM
 
@@ -92,23 +93,24 @@ DOCS = [{"question": "In the beginning God created the heaven and the", "choices
         {"question": "The LORD is my", "choices": [" king", " shepherd"], "gold": 1, "text": "Jesus wept."}]
 
 
-def test_lm_eval_runs_local_tasks_of_every_request_type_on_our_model(lm, tmp_path):
-    """simple_evaluate on local task files (no download): multiple choice (loglikelihood), rolling perplexity
-    and generation all run through GrokLM, and each metric is what our interface's own answers give."""
+def test_lm_eval_runs_local_tasks_of_every_request_type_on_our_model(lm, pretrained, tmp_path):
+    """`gigafactory eval --harness-tasks` on local task files (no download): multiple choice (loglikelihood),
+    rolling perplexity and generation all run through GrokLM, and each metric is what our interface's own answers
+    give."""
     import math
 
-    import lm_eval
     from lm_eval.api.model import LM
-    from lm_eval.tasks import TaskManager
 
     assert isinstance(lm, LM)
-    docs = tmp_path / "docs.jsonl"
+    docs = tmp_path / "tasks" / "docs.jsonl"
+    docs.parent.mkdir()
     docs.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     for k, text in enumerate(TASKS.split("---\n")):
-        (tmp_path / f"task{k}.yaml").write_text(text.replace("DOCS", str(docs)).replace("CACHE", str(tmp_path / "hf")))
-    out = lm_eval.simple_evaluate(model=lm, tasks=["kjv_choice", "kjv_rolling", "kjv_generate"], bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
-    results = out["results"]
+        (docs.parent / f"task{k}.yaml").write_text(text.replace("DOCS", str(docs)).replace("CACHE", str(tmp_path / "hf")))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "1", "--ppl-batches", "1", "--out", str(out),
+                 "--harness-tasks", "kjv_choice,kjv_rolling,kjv_generate", "--harness-include", str(docs.parent)]) == 0
+    results = json.loads(out.read_text())["harness"]
     scores = [[ll for ll, _ in lm.loglikelihood([req(d["question"], c) for c in d["choices"]])] for d in DOCS]
     assert results["kjv_choice"]["acc,none"] == pytest.approx(sum(s.index(max(s)) == d["gold"] for s, d in zip(scores, DOCS)) / 2)
     rolling = lm.loglikelihood_rolling([req(d["text"]) for d in DOCS])
@@ -117,4 +119,3 @@ def test_lm_eval_runs_local_tasks_of_every_request_type_on_our_model(lm, tmp_pat
     generated = lm.generate_until([req(d["question"], {"until": ["\n"], "max_gen_toks": 4}) for d in DOCS])
     expect = sum(g.strip() == d["choices"][d["gold"]].strip() for g, d in zip(generated, DOCS)) / 2
     assert results["kjv_generate"]["exact_match,none"] == pytest.approx(expect)
-    assert [s["resps"][0][0] for s in out["samples"]["kjv_generate"]] == generated
