@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from gigafactory.cli.paths import png_file
 from gigafactory.errors import UserError
 
 DEFAULT_BATCH_TOKENS = 16 * 2**20  # Llama 3 405B's final batch (Dubey et al. 2024); change with --batch-tokens
@@ -49,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp8"), help="GEMM precision of the layers, searched and given (default bf16).")
     p.add_argument("--reduce-dtype", default="fp32", choices=("fp32", "bf16"), help="Gradient reduction dtype (default fp32).")
     p.add_argument("--json", action="store_true", help="Print a JSON list, one object per cluster size, instead of the table.")
-    p.add_argument("--plot", metavar="PNG", help="Write a sweep plot (days, MFU, cost vs GPUs) to this PNG file.")
+    p.add_argument("--plot", metavar="PNG", type=png_file, help="Write a sweep plot (days, MFU, cost vs GPUs) to this PNG file.")
     p.set_defaults(func=run)
 
 

@@ -13,6 +13,7 @@ import math
 import sys
 import typing
 
+from gigafactory.cli.paths import png_file
 from gigafactory.errors import UserError
 from gigafactory.simulate.config import ClusterSpec, JobSpec, SimConfig, SimSpec
 from gigafactory.simulate.power import PowerSpec
@@ -34,11 +35,11 @@ def register(subparsers) -> None:
     p.add_argument("--from-plan", metavar="FILE", help="`gigafactory plan --json` output; reads gpus, step_time_s, tokens_per_step, checkpoint_time_s, replica_group_gpus, params.")
     p.add_argument("--rate", metavar="CLASS=PER_DAY", action="append", default=[], help="Override one class's failures per device-day (repeatable).")
     p.add_argument("--sweep", metavar="KEY=V1,V2", help="Run at several values of one knob, e.g. checkpoint_interval=300,600,1200 or gpus=10000,100000.")
-    p.add_argument("--plot", metavar="PNG", help="Write the timeline of the first seed (or the sweep curve) to this PNG.")
+    p.add_argument("--plot", metavar="PNG", type=png_file, help="Write the timeline of the first seed (or the sweep curve) to this PNG.")
     p.add_argument("--json", action="store_true", help="Print the results as JSON instead of tables.")
     p.add_argument("--list-classes", action="store_true", help="Print the failure classes (rates and sources) and exit.")
     p.add_argument("--power", action="store_true", help="Add the facility power timeline: MW over time, the largest swing in MW and MW/s, and what smoothing costs (docs/operations.md).")
-    p.add_argument("--power-plot", metavar="PNG", help="Write the facility power over time (whole run and around the first failure) to this PNG; implies --power.")
+    p.add_argument("--power-plot", metavar="PNG", type=png_file, help="Write the facility power over time (whole run and around the first failure) to this PNG; implies --power.")
     for section, cls in (*SPECS, ("power", PowerSpec)):
         group = p.add_argument_group(f"{section} ({cls.__doc__.strip()})")
         hints = typing.get_type_hints(cls)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from gigafactory.errors import UserError
 from gigafactory.plan.cost import StepEstimate
 from gigafactory.plan.forecast import Forecast
 from gigafactory.plan.hardware import Cluster
@@ -118,5 +121,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise UserError(f"--plot {path}: cannot write it ({err.strerror or err}); choose a writable file path") from err
+    finally:
+        plt.close(fig)
