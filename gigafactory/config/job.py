@@ -149,11 +149,15 @@ class FaultToleranceConfig:
     quorum_timeout_s: float = knob(120.0, "How long a group waits for a quorum to form before failing the step.")
     join_timeout_ms: int = knob(2000, "Lighthouse started by `train --nproc` or `gigafactory launch`: how long a quorum waits for heartbeating groups that have not asked to join.")
     heartbeat_timeout_ms: int = knob(3000, "Lighthouse started by `train --nproc` or `gigafactory launch`: a group silent this long is considered dead.")
-    sync: str = knob("ddp", "How replica groups (sites) synchronise: ddp = average gradients every step; localsgd = average weights every sync_every steps; diloco = outer Nesterov step on the averaged weight change every sync_every steps (docs/cross-site.md).", choices=("ddp", "localsgd", "diloco"))
+    sync: str = knob("ddp", "How replica groups (sites) synchronise: ddp = average gradients every step; localsgd = average weights every sync_every steps; diloco = outer Nesterov step on the averaged weight change every sync_every steps; streaming_diloco = diloco on `fragments` slices of the model, one slice every sync_every/fragments steps (docs/cross-site.md).", choices=("ddp", "localsgd", "diloco", "streaming_diloco"))
     sync_every: int = knob(1, "localsgd/diloco: inner steps H each group takes alone between cross-group syncs (ddp: must be 1).")
     outer_lr: float = knob(0.7, "diloco: learning rate of the outer SGD step on the averaged pseudo-gradient (DiLoCo paper: 0.7).")
     outer_momentum: float = knob(0.9, "diloco: momentum of the outer SGD step (DiLoCo paper: 0.9).")
     outer_nesterov: bool = knob(True, "diloco: Nesterov momentum for the outer step (DiLoCo paper: on; no effect at outer_momentum 0).")
+    fragments: int = knob(1, "streaming_diloco: slices of consecutive layers the model is split into; slice k syncs at the end of every sync_every/fragments-step sub-interval in turn, so each slice still syncs every sync_every steps and one sync sends ~1/fragments of the model.")
+    fragment_sync_delay: int = knob(0, "streaming_diloco: inner steps a slice's pseudo-gradient allreduce overlaps with training before its outer step (tau in the Streaming DiLoCo paper; < sync_every/fragments).")
+    fragment_update_alpha: float = knob(0.0, "streaming_diloco: after a slice's outer step, weights = lerp(global, local, alpha) (0 = take the global weights).")
+    compression: str = knob("none", "diloco/streaming_diloco: wire format of the pseudo-gradient allreduce: none (fp32), bf16 (cast before the allreduce), fp8 (torchft's quantized allreduce: fp8, or int8 on GPUs without fp8; needs CUDA and triton).", choices=("none", "bf16", "fp8"))
     link_delay_ms: float = knob(0.0, "Simulated cross-site link: latency added to each cross-group weight/gradient transfer (a sleep; 0 = off).")
     link_gbps: float = knob(0.0, "Simulated cross-site link: bandwidth in Gbit/s; each transfer also sleeps its bytes / this (0 = unlimited).")
 
@@ -171,9 +175,21 @@ class FaultToleranceConfig:
             ("outer_momentum", 0 <= self.outer_momentum < 1, "must be in [0, 1)"),
             ("link_delay_ms", self.link_delay_ms >= 0, "must be >= 0"),
             ("link_gbps", self.link_gbps >= 0, "must be >= 0 (0 = unlimited)"),
+            ("fragments", self.fragments >= 1, "must be >= 1"),
+            ("fragment_sync_delay", self.fragment_sync_delay >= 0, "must be >= 0"),
+            ("fragment_update_alpha", 0 <= self.fragment_update_alpha <= 1, "must be in [0, 1]"),
         ])
         if self.sync == "ddp" and self.sync_every != 1:
             raise ConfigError(f"fault_tolerance.sync_every={self.sync_every} needs fault_tolerance.sync=localsgd or diloco (ddp syncs every step)")
+        streaming = self.sync == "streaming_diloco"
+        if not streaming and (self.fragments, self.fragment_sync_delay, self.fragment_update_alpha) != (1, 0, 0.0):
+            raise ConfigError("fault_tolerance.fragments/fragment_sync_delay/fragment_update_alpha need fault_tolerance.sync=streaming_diloco")
+        if self.compression != "none" and self.sync not in ("diloco", "streaming_diloco"):
+            raise ConfigError(f"fault_tolerance.compression={self.compression} needs fault_tolerance.sync=diloco or streaming_diloco (it compresses pseudo-gradients)")
+        if streaming and self.sync_every % self.fragments:
+            raise ConfigError(f"fault_tolerance.sync_every={self.sync_every} must be a multiple of fault_tolerance.fragments={self.fragments} (one slice syncs every sync_every/fragments steps)")
+        if streaming and self.fragment_sync_delay >= self.sync_every // self.fragments:
+            raise ConfigError(f"fault_tolerance.fragment_sync_delay={self.fragment_sync_delay} must be < sync_every/fragments = {self.sync_every // self.fragments} (a slice's sync must finish before the next slice's starts)")
 
 
 @dataclass
