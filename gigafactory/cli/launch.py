@@ -38,8 +38,8 @@ def register(subparsers) -> None:
     )
     parser.__class__ = type("LaunchParser", (_SplitAtDoubleDash, type(parser)), {})
     parser.add_argument("target", choices=("slurm", "k8s"), help="slurm = sbatch script; k8s = ConfigMap + Kubeflow PyTorchJob YAML.")
-    parser.add_argument("--nodes", type=int, required=True, help="Nodes (one torchrun agent each).")
-    parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one training process each).")
+    parser.add_argument("--nodes", type=int, help="Nodes (one torchrun agent each); required unless --serve.")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (one training process each); required unless --serve.")
     parser.add_argument("--config", metavar="FILE", help="Training config TOML (its [parallel] layout is checked against nodes x GPUs).")
     parser.add_argument("--out", metavar="FILE", help="Write here instead of to stdout.")
     parser.add_argument("--max-restarts", type=int, default=None, help="torchrun restart budget; default: the config's resilience.max_restarts.")
@@ -58,11 +58,23 @@ def register(subparsers) -> None:
     parser.add_argument("--health", action="store_true", help="Run `gigafactory health` on every node before training (and at every requeue); a node that fails is dropped (docs/operations.md).")
     parser.add_argument("--spares", type=int, default=0, help="Spare nodes (implies --health): slurm allocates nodes + spares and trains on the first healthy ones; k8s runs nodes + spares pods, the spares waiting in torchrun's rendezvous to replace a failed node.")
     parser.add_argument("--lighthouse-port", type=int, default=29510, help="With fault_tolerance.enabled: the torchft lighthouse's port (replica group g rendezvous on --port + g).")
+    serve = parser.add_argument_group("serving fleet (k8s --serve; flags after `--` go to `gigafactory serve`; docs/gateway.md)")
+    serve.add_argument("--serve", action="store_true", help="k8s: write serve replicas per region (readiness on /ready) and the gateway in front, instead of a training job.")
+    serve.add_argument("--regions", default="EU=2", help="With --serve: REGION=REPLICAS,... e.g. EU=3,US=2.")
+    serve.add_argument("--checkpoint", metavar="PATH", help="With --serve: the run directory or checkpoint to serve, as seen inside the pods (on --pvc).")
+    serve.add_argument("--pool", default="grok", help="With --serve: the pool (model version) these replicas serve in the gateway's rollout.")
+    serve.add_argument("--gpus-per-replica", type=int, default=1, help="With --serve: GPUs per serve replica (0 = CPU).")
     parser.set_defaults(func=run, train_args=[])
 
 
 def run(args: argparse.Namespace) -> int:
     from gigafactory.launch import build_spec, render_pytorchjob, render_sbatch
+
+    if args.serve:
+        return _run_serve(args)
+    missing = [flag for flag in ("nodes", "gpus_per_node") if getattr(args, flag) is None]
+    if missing:
+        raise UserError(f"launch {args.target}: give --{missing[0].replace('_', '-')} (or --serve for a serving fleet)")
 
     argv = ["gigafactory", "launch", args.target, "--nodes", str(args.nodes), "--gpus-per-node", str(args.gpus_per_node)]
     for flag in ("config", "out", "max_restarts", "name", "image", "partition", "account", "run_dir", "queue", "scheduler", "kueue_queue", "exclude"):
@@ -92,17 +104,40 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = render_pytorchjob(spec)
         submit = "kubectl apply -f"
-    if not args.out:
+    groups = f" in {spec.groups} replica groups" if spec.fault_tolerant else ""
+    _write(args.out, text, f"{spec.nodes} node(s) x {spec.gpus_per_node} GPU(s){groups}, layout {spec.layout}", submit,
+           executable=args.target == "slurm")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from gigafactory.launch.k8s_serve import ServeFleetSpec, parse_regions, render_serve
+
+    if args.target != "k8s":
+        raise UserError("--serve writes Kubernetes manifests: use `gigafactory launch k8s --serve`")
+    if not args.checkpoint:
+        raise UserError("launch k8s --serve: give --checkpoint, the path of the run or checkpoint inside the pods (e.g. /runs/grok-tiny)")
+    spec = ServeFleetSpec(
+        regions=parse_regions(args.regions), checkpoint=args.checkpoint, name=args.name or "grok", pool=args.pool,
+        image=args.image or "gigafactory:latest", pvc=args.pvc, gpus=args.gpus_per_replica, serve_args=tuple(args.train_args),
+    )
+    argv = ["gigafactory", "launch", "k8s", "--serve", "--regions", args.regions, "--checkpoint", args.checkpoint]
+    text = render_serve(spec, shlex.join(argv + (["--", *args.train_args] if args.train_args else [])))
+    _write(args.out, text, f"{sum(spec.regions.values())} serve replica(s) + gateway", "kubectl apply -f")
+    return 0
+
+
+def _write(out_arg: str | None, text: str, what: str, submit: str, executable: bool = False) -> None:
+    """The file to stdout, or to --out (folders created) with a one-line summary on stderr."""
+    if not out_arg:
         sys.stdout.write(text)
-        return 0
-    out = Path(args.out)
+        return
+    out = Path(out_arg)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
+        if executable:
+            out.chmod(out.stat().st_mode | 0o111)
     except OSError as err:
-        raise UserError(f"--out {args.out!r}: cannot write ({err.strerror or err})") from None
-    if args.target == "slurm":
-        out.chmod(out.stat().st_mode | 0o111)
-    groups = f" in {spec.groups} replica groups" if spec.fault_tolerant else ""
-    print(f"wrote {out} ({spec.nodes} node(s) x {spec.gpus_per_node} GPU(s){groups}, layout {spec.layout}); submit with: {submit} {shlex.quote(str(out))}", file=sys.stderr)
-    return 0
+        raise UserError(f"--out {out_arg!r}: cannot write ({err.strerror or err})") from None
+    print(f"wrote {out} ({what}); submit with: {submit} {shlex.quote(str(out))}", file=sys.stderr)

@@ -19,7 +19,7 @@ from gigafactory.errors import UserError
 LAUNCHER_KILL_WAIT_S = 10.0  # how long a worker that hit a user error waits for `train --nproc` to stop the job
 
 # Module names under gigafactory/cli/; the subcommand is the name without a trailing underscore (import_ -> import).
-COMMANDS = ["train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch", "health", "sft", "dpo", "eval"]
+COMMANDS = ["train", "generate", "data", "simulate", "plan", "serve", "report", "export", "import_", "launch", "health", "sft", "dpo", "eval", "gateway"]
 
 
 class Parser(argparse.ArgumentParser):

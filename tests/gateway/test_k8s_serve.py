@@ -55,3 +55,22 @@ def test_bad_spec_is_one_line():
         render_serve(ServeFleetSpec({"EU": 1}, "runs/x"))
     with pytest.raises(UserError, match="Kubernetes name"):
         render_serve(ServeFleetSpec({"EU": 1}, "/runs/x", name="Grok_EU"))
+
+
+def test_launch_cli_writes_the_fleet_and_refuses_what_it_cannot(tmp_path, capsys):
+    from gigafactory.cli.main import main
+    from tests.launch.k8s_schema import validate_manifest
+
+    out = tmp_path / "fleet.yaml"
+    argv = ["launch", "k8s", "--serve", "--regions", "EU=2,US=1", "--checkpoint", "/runs/grok", "--gpus-per-replica", "0"]
+    assert main([*argv, "--out", str(out), "--", "--slots", "8"]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    validate_manifest(docs)
+    serve = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != "grok-gateway"]
+    assert len(serve) == 3 and all(d["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["--slots", "8"] for d in serve)
+    assert "3 serve replica(s) + gateway" in capsys.readouterr().err
+    for bad, reason in ((["launch", "slurm", "--serve", "--checkpoint", "/x"], "launch k8s --serve"),
+                        (["launch", "k8s", "--serve"], "give --checkpoint"),
+                        (["launch", "k8s"], "give --nodes")):
+        assert main(bad) == 2
+        assert reason in capsys.readouterr().err
