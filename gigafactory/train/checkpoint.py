@@ -17,12 +17,17 @@ Saves are synchronous (`save_checkpoint`) or asynchronous (`Checkpointer(async_s
 `dcp.async_save`): the step is blocked only while the state is copied to host memory; the write, hashing and the
 commit finish in a background thread as soon as the write is done. A failure is described by its cause (disk full,
 read-only, permission, I/O, ...; save_errors.py). Naming, manifests, verification and listing: checkpoint_files.py.
+
+State that belongs with an optimizer but is not in its state dict (DiLoCo's outer momentum and fragment backups,
+train/cross_site.py) is registered on it (`attach_extra_state`) and saved and loaded under the `extra` key; a
+checkpoint written without it loads with that state left as it is.
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
+import weakref
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +53,22 @@ LATEST = "latest"
 
 # DCP warns on every single-process save/load; that is a supported mode here, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+# optimizer -> an object with checkpoint_state() -> dict[str, Tensor] and load_checkpoint_state(dict)
+_EXTRA_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def attach_extra_state(optimizer, holder) -> None:
+    """Save `holder.checkpoint_state()` with every checkpoint of `optimizer`, and give it back on load."""
+    _EXTRA_STATE[optimizer] = holder
+
+
+def _with_extra(state: dict, optimizer) -> dict:
+    holder = _EXTRA_STATE.get(optimizer) if optimizer is not None else None
+    if holder is not None:
+        state["extra"] = holder.checkpoint_state()
+    return state
+
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank (disk full, I/O error, ...). The partial `.tmp` directory was removed and every
@@ -148,7 +169,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: d
     if error:
         raise CheckpointSaveError(step, final, error)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    local = _write_shards(tmp, {"model": model_sd, "optim": optim_sd, "train_state": train_state}, step)
+    local = _write_shards(tmp, _with_extra({"model": model_sd, "optim": optim_sd, "train_state": train_state}, optimizer), step)
     return _finish(ckpt_root, step, tmp, final, local, side_files, keep, hooks or CommitHooks())
 
 
@@ -196,7 +217,7 @@ class Checkpointer:
             raise CheckpointSaveError(step, final, error)
         group = self._save_group()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "train_state": copy.deepcopy(train_state)}
+        state = _with_extra({"model": model_sd, "optim": optim_sd, "train_state": copy.deepcopy(train_state)}, optimizer)
         try:
             upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group, async_stager=self._stager)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - staging failed: agree on it like any other failure
@@ -296,6 +317,8 @@ def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None 
         state["train_state"] = train_state
     if optimizer is not None:
         state["optim"] = optim_sd
+        if _EXTRA_STATE.get(optimizer) is not None and _has_extra(Path(ckpt)):
+            _with_extra(state, optimizer)
     try:
         dcp.load(state, checkpoint_id=str(ckpt))
     except (Exception, CheckpointException) as err:  # DCP wraps shape/key mismatches in CheckpointException
@@ -304,10 +327,21 @@ def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None 
         raise UserError(f"checkpoint '{ckpt}' does not match this model ({detail[:200]}); use the model config it was saved with") from None
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if "extra" in state:
+            _EXTRA_STATE[optimizer].load_checkpoint_state(state["extra"])
     else:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     return state.get("train_state", {})
 
 
-__all__ = ["Checkpointer", "CheckpointSaveError", "CorruptCheckpointError", "LATEST", "load_checkpoint",
+def _has_extra(ckpt: Path) -> bool:
+    """Whether the checkpoint holds extra optimizer state (one saved by a run without it does not)."""
+    try:
+        keys = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - unreadable metadata: dcp.load reports it
+        return False
+    return any(k.startswith("extra.") for k in keys)
+
+
+__all__ = ["Checkpointer", "attach_extra_state", "CheckpointSaveError", "CorruptCheckpointError", "LATEST", "load_checkpoint",
            "save_checkpoint"]

@@ -12,7 +12,8 @@ the group's rank in the quorum), so a step with fewer groups trains on fewer sam
 repeated. With every group alive the order equals a run with dp = replica_groups x the group's data ranks.
 
 Sync modes (`fault_tolerance.sync`): ddp averages the gradients every step, as above. localsgd/diloco (cross-site,
-train/cross_site.py) run the same protocol once per interval of H = sync_every steps: the quorum (and a heal) at the
+train/cross_site.py) run the same protocol once per interval of H = sync_every steps (streaming_diloco: H/F steps,
+each interval syncing one of the F fragments): the quorum (and a heal) at the
 interval's start, H inner steps with no cross-group traffic, then the pseudo-gradients are averaged and voted on at
 its end. The data unit is then a chunk of H consecutive group batches: inner step k of an interval trains group
 batch (chunks committed + rank in the quorum) * H + k, and a commit adds the participants' chunks. A failed vote (a
@@ -35,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from gigafactory.config.job import FaultToleranceConfig
 from gigafactory.errors import UserError
 from gigafactory.resilience.events import EventLog
+from gigafactory.train.checkpoint import attach_extra_state
 from gigafactory.train.cross_site import OuterSync, SimulatedLink
 
 
@@ -106,9 +108,13 @@ class ReplicaGroupSync:
             raise UserError(f"cannot join the torchft lighthouse at {cfg.lighthouse} ({str(err).splitlines()[0][:160]}); "
                             "check fault_tolerance.lighthouse or start one (torchft_lighthouse --min_replicas 1)") from None
         self.per_step = cfg.sync == "ddp"
-        self.every = cfg.sync_every  # 1 under ddp
+        # The protocol interval: 1 under ddp; under streaming_diloco one fragment syncs every sync_every/fragments.
+        self.every = cfg.sync_every // (cfg.fragments if cfg.sync == "streaming_diloco" else 1)
+        self.prepare_at = self.every - cfg.fragment_sync_delay  # streaming: start the fragment's allreduce early
         self.link = SimulatedLink(cfg)
         self.outer = None if self.per_step else OuterSync(cfg, self.manager, trainer.model, trainer.optimizer)
+        if self.outer is not None and self.outer.fragments:  # outer momentum (and streaming backups) go to disk too
+            attach_extra_state(trainer.optimizer, self.outer)
         self.interval_start = 0  # the trainer step the current interval started from
         if not self.per_step:
             c = trainer.cfg.checkpoint
@@ -214,7 +220,11 @@ class ReplicaGroupSync:
 
     def end_step(self, step: int, last_step: int) -> bool:
         """localsgd/diloco: at the end of an interval (or of the run), the outer sync; False if its vote failed."""
-        if self.outer is None or (step % self.every and step != last_step):
+        if self.outer is None:
+            return True
+        if step % self.every and step != last_step:
+            if step - self.interval_start == self.prepare_at and self.outer.fragments:
+                self.outer.prepare()  # fragment_sync_delay > 0: the allreduce overlaps the interval's last steps
             return True
         committed = self.outer.sync(self.link, self.manager.num_participants())
         if not committed:
