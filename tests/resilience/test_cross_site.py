@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from gigafactory.errors import UserError
+from tests.conftest import TINY_MODEL
 from tests.resilience.test_fault_tolerance import events, final_weights, flags, metrics, train
 
 pytest.importorskip("torchft")
@@ -143,3 +144,31 @@ def test_plan_prices_sites_sync_dp_vs_diloco():
     out = subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "plan", "--gpus", "100000", "--sites", "2", "--site-link", "400Gbps,10ms"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "2 sites x 50,000" in out.stdout and "DiLoCo H=500" in out.stdout
+
+
+def test_streaming_diloco_syncs_one_fragment_at_a_time_in_bf16(tmp_path, data_cache):
+    """2 fragments, H=4, bf16: a sync every 2 steps, each sending one fragment's pseudo-gradient in 2 bytes a value
+    (diloco would send the whole model in 4 bytes every 4 steps: twice the bytes), and both groups end holding the
+    same weights for the fragment synced last; the other one trained locally after its sync."""
+    from gigafactory.models.config import ModelConfig
+    from gigafactory.models.grok.model import GrokModel
+    from gigafactory.train.cross_site import split_model
+
+    run, steps = tmp_path / "streaming", 8
+    train(run, data_cache, *FT, "--fault_tolerance.sync=streaming_diloco", "--fault_tolerance.sync_every=4", "--fault_tolerance.fragments=2",
+          "--fault_tolerance.compression=bf16", steps=steps)
+    model = GrokModel(ModelConfig(**TINY_MODEL))
+    total = sum(p.numel() for p in model.parameters())
+    for g in (0, 1):
+        link = next(e for e in events(run / f"group{g}") if e["event"] == "ft_link")
+        assert link["transfers"] == steps // 2 and link["bytes_sent"] == 2 * total * 2  # each fragment twice, in bf16
+        losses = [r["loss"] for r in metrics(run / f"group{g}")]
+        assert losses[-1] < losses[0]
+    w0, w1 = final_weights(run / "group0", steps), final_weights(run / "group1", steps)
+    last = {id(p) for p in split_model(model, 2)[1].parameters()}  # the fragment synced at step 8 (commits 3 mod 2)
+    synced = {n for n, p in model.named_parameters() if id(p) in last}
+    names = {n for n, _ in model.named_parameters()}
+    assert synced and all(torch.equal(w0[k], w1[k]) for k in synced)
+    assert any(not torch.equal(w0[k], w1[k]) for k in names - synced)
+    batches = sorted(r["group_batch"] for g in (0, 1) for r in metrics(run / f"group{g}"))
+    assert batches == list(range(2 * steps))

@@ -66,7 +66,7 @@ def _setup(**ft):
 
 def _inner_step(model, inner, step: int) -> None:
     g = torch.Generator().manual_seed(step)
-    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (2, 17), generator=g)
+    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (2, 9), generator=g)
     loss = model(tokens[:, :-1], targets_BS=tokens[:, 1:])
     loss.backward()
     inner.step()
@@ -141,24 +141,25 @@ def test_fp8_compression_needs_cuda_and_triton():
 def test_resume_from_disk_continues_like_the_uninterrupted_run(tmp_path, sync, fragments):
     from gigafactory.train import checkpoint as ckpt
 
-    every = 4 // fragments  # the protocol interval
-    ft = {"sync": sync, "sync_every": 4, "fragments": fragments}
+    every = 2 // fragments  # the protocol interval
+    ft = {"sync": sync, "sync_every": 2, "fragments": fragments}
     model, inner, manager, outer, link = _setup(**ft)
     ckpt.attach_extra_state(inner, outer)
     _train(model, inner, outer, link, range(1, 5), every)
     path = ckpt.save_checkpoint(tmp_path / "ckpt", 4, model, inner, {"step": 4}, {}, keep=2)
     assert any(t.abs().sum() > 0 for k, t in outer.checkpoint_state().items() if ".momentum." in k)
-    _train(model, inner, outer, link, range(5, 13), every)
+    _train(model, inner, outer, link, range(5, 9), every)
     uninterrupted = _weights(model)
 
     results = {}
-    for with_outer_state in (True, False):  # without it (the old behaviour) the outer momentum restarts from zero
+    for with_outer_state in (True, False) if sync == "diloco" else (True,):  # without: the outer momentum restarts at 0
         model2, inner2, manager2, outer2, link2 = _setup(**ft)
         if with_outer_state:
             ckpt.attach_extra_state(inner2, outer2)
         ckpt.load_checkpoint(path, model2, inner2, {"step": 0})
-        manager2.commits = manager.commits - 8 // every  # what the trainer's set_position gives torchft
-        _train(model2, inner2, outer2, link2, range(5, 13), every)
+        manager2.commits = 4 // every  # what the trainer's set_position gives torchft
+        _train(model2, inner2, outer2, link2, range(5, 9), every)
         results[with_outer_state] = _weights(model2)
     assert all(torch.equal(results[True][k], uninterrupted[k]) for k in uninterrupted)
-    assert any(not torch.equal(results[False][k], uninterrupted[k]) for k in uninterrupted)
+    if False in results:
+        assert any(not torch.equal(results[False][k], uninterrupted[k]) for k in uninterrupted)
