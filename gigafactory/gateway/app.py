@@ -198,6 +198,11 @@ def admin(gw: Gateway, request: Request) -> None:
         raise GatewayError(401, "admin routes need 'Authorization: Bearer ADMIN_KEY'", "invalid_api_key")
 
 
+def _no_constant(name: str):
+    """NaN/Infinity: Python's json reads them, but the body could not be sent on to a replica as JSON."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 async def read_json(request: Request, allow_empty: bool = False) -> dict:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -211,9 +216,11 @@ async def read_json(request: Request, allow_empty: bool = False) -> dict:
     if allow_empty and not size:
         return {}
     try:
-        body = json.loads(b"".join(data))
-    except (ValueError, RecursionError):
-        raise GatewayError(400, "the body is not valid JSON", "invalid_json") from None
+        body = json.loads(b"".join(data), parse_constant=_no_constant)
+    except RecursionError:
+        raise GatewayError(400, "the body is nested too deeply", "invalid_json") from None
+    except ValueError as err:
+        raise GatewayError(400, f"the body is not valid JSON ({str(err)[:100]})", "invalid_json") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "the body must be a JSON object", "invalid_json")
     return body

@@ -20,8 +20,11 @@ A complete example with every key: docs/gateway.md.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
+import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -144,7 +147,7 @@ def _build(cls, raw, where: str, src: str, **fixed):
                 if value.tzinfo is None:
                     _fail(src, f"{where}.start needs a time zone (e.g. 2026-12-01T08:00:00Z)")
                 value = value.timestamp()
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
             if ok and type(default) is int:
                 ok = isinstance(value, int)
         elif isinstance(default, tuple):
@@ -153,9 +156,21 @@ def _build(cls, raw, where: str, src: str, **fixed):
         else:
             ok = isinstance(value, str)
         if not ok:
-            _fail(src, f"{where}.{key} = {value!r} has the wrong type (expected like {default!r}, >= 0 for numbers)")
+            _fail(src, f"{where}.{key} = {value!r} has the wrong type (expected like {default!r}, a finite number >= 0 for numbers)")
         values[key] = value
     return cls(**values)
+
+
+def _base_url(text: str, where: str, source: str) -> str:
+    """`text` without a trailing slash, once it is an http(s) URL with a host and a valid port."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+    except ValueError as err:
+        _fail(source, f"{where} {text!r} is not a URL ({err})")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        _fail(source, f"{where} {text!r} must start with http:// or https://, then a host (and :PORT); no query")
+    return text.rstrip("/")
 
 
 def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None) -> GatewayConfig:
@@ -178,9 +193,9 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
         for key in ("url", "region", "pool"):
             if not getattr(rep, key):
                 _fail(source, f"replicas[{i}] needs {key}")
-        if not rep.url.startswith(("http://", "https://")):
-            _fail(source, f"replicas[{i}].url {rep.url!r} must start with http:// or https://")
-        url = rep.url.rstrip("/")
+        url = _base_url(rep.url, f"replicas[{i}].url", source)
+        if rep.health_path and not rep.health_path.startswith("/"):
+            _fail(source, f"replicas[{i}].health_path {rep.health_path!r} must start with /")
         built.append(Replica(url, rep.region.upper(), rep.pool, rep.name or url.split("://", 1)[1], rep.model or rep.pool,
                              rep.health_path, rep.api_key_env))
     names = [r.name for r in built]
@@ -220,6 +235,11 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
     sections_built = {}
     for key, cls in (("slo", Slo), ("health", Health), ("routing", Routing)):
         sections_built[key] = _build(cls, raw.get(key, {}), key, source)
+    if not sections_built["health"].path.startswith("/"):
+        _fail(source, f"health.path {sections_built['health'].path!r} must start with /")
+    for key in ("region_header", "user_header"):
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", getattr(cfg, key)):
+            _fail(source, f"{key} {getattr(cfg, key)!r} is not an HTTP header name")
     if not 0 <= sections_built["slo"].max_error_rate <= 1:
         _fail(source, "slo.max_error_rate must be a fraction in 0..1")
     for section, key in (("health", "interval_s"), ("health", "timeout_s"), ("slo", "window_s"),
@@ -247,7 +267,8 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
 def load_config(path: str | Path) -> GatewayConfig:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"gateway config {p}: file not found; see docs/gateway.md for an example")
+        what = "is a directory, not a file" if p.is_dir() else "file not found"
+        raise UserError(f"gateway config {p}: {what}; see docs/gateway.md for an example")
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as err:

@@ -117,7 +117,9 @@ class Proxy:
         try:
             payload = dict(body, model=state.replica.model)
             routing = self.pool.cfg.routing  # per request, so a reload's timeouts apply at once
-            request = self.client.build_request("POST", state.replica.url + path, json=payload, headers=state.auth_headers(),
+            content = json.dumps(payload).encode()  # ASCII escapes: a client's lone surrogate reaches the replica as sent
+            request = self.client.build_request("POST", state.replica.url + path, content=content,
+                                                headers={**state.auth_headers(), "content-type": "application/json"},
                                                 timeout=httpx.Timeout(routing.read_timeout_s, connect=routing.connect_timeout_s))
             async with watch:
                 upstream = await self.client.send(request, stream=True)
