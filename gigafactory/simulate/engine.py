@@ -1,7 +1,7 @@
 """The discrete-event simulation of one training job (one seed), job-restart recovery; replica.py extends it.
 
-Events are job-level: failure arrivals (pre-drawn, sorted), node repairs, group rejoins and maintenance windows (a
-heap), and the end of the current phase. Between events the job's progress is computed in closed form, so a run costs
+Events are job-level: failure arrivals (pre-drawn, sorted), node repairs, group rejoins, site outages and their
+ends, and maintenance windows (a heap), and the end of the current phase. Between events the job's progress is computed in closed form, so a run costs
 O(failures), not O(steps or checkpoints): 100,000 GPUs x 90 days is a few thousand events.
 
 Phases: run (compute tau, stall for a checkpoint, repeat) -> on a job-killing failure: detect -> outage (only while a
@@ -29,7 +29,7 @@ from gigafactory.simulate.failures import FailureClass, sample_arrivals, sample_
 
 STATES = ("compute", "degraded", "checkpoint", "reconfigure", "detect", "outage", "wait_for_nodes", "restart", "maintenance")
 ALIVE = ("run", "reconfigure")  # phases in which the job holds running work
-_REPAIR, _MAINT, _REJOIN = 0, 1, 2
+_REPAIR, _MAINT, _REJOIN, _SITE = 0, 1, 2, 3
 
 
 @dataclass
@@ -248,6 +248,12 @@ class Job:
     def on_rejoin(self, t: float, payload) -> None:  # replica groups only
         raise NotImplementedError
 
+    def schedule_sites(self, heap: list) -> None:
+        """Push the first site-outage events (replica groups across sites only)."""
+
+    def on_site(self, t: float, payload) -> None:  # replica groups across sites only
+        raise NotImplementedError
+
     def on_maintenance(self, t: float) -> None:
         if self.phase in ALIVE:
             self.work_storage = self.work_memory = self.work  # the job saves before the window
@@ -274,6 +280,7 @@ def run_events(job: Job, cfg: SimConfig, classes: list[FailureClass], seed: int)
     every = cfg.cluster.maintenance_every_days * 86400.0
     if every > 0 and every < horizon:
         heapq.heappush(heap, (every, _MAINT, 0))
+    job.schedule_sites(heap)
     times_list: list[float] = times.tolist()
     kinds_list: list[int] = kinds.tolist()
     i, n = 0, len(times_list)
@@ -295,6 +302,8 @@ def run_events(job: Job, cfg: SimConfig, classes: list[FailureClass], seed: int)
                 job.on_repair(t_next)
             elif kind == _REJOIN:
                 job.on_rejoin(t_next, payload)
+            elif kind == _SITE:
+                job.on_site(t_next, payload)
             else:
                 job.on_maintenance(t_next)
                 heapq.heappush(heap, (t_next + every, _MAINT, 0))

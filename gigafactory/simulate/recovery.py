@@ -38,6 +38,10 @@ class RecoverySpec:
     group_restart_s: float = knob(D.GROUP_RESTART_S, "A failed group's restart on its (spare) nodes: process start, model build, init.")
     peer_gbps_per_gpu: float = knob(D.PEER_GBPS_PER_GPU, "GB/s each GPU of a rejoining group receives its shard at from its live counterpart.")
     transfer_overhead_s: float = knob(D.TRANSFER_OVERHEAD_S, "Fixed cost of one peer state transfer (connect, metadata, serialisation).")
+    sync_every: int = knob(1, "Inner steps between cross-group syncs (DiLoCo/LocalSGD H; 1 = per-step sync): a group failure drops the interval in flight, up to H steps, in the survivors too.")
+    groups_per_site: int = knob(1, "Replica groups per site (groups are numbered site by site); a site outage takes all of a site's groups out at once.")
+    site_outages_per_year: float = knob(0.0, "Outages per site per year (grid, cooling, a cut link): the site's groups fail as a unit while the other sites keep stepping (replica recovery only); 0 = none.")
+    site_repair_h: float = knob(24.0, "Hours a site stays down after an outage; its groups then restart (group_restart_s) and rejoin from a live peer.")
     params: float = knob(D.PARAMS, "Model parameters; one group's state = params x state_bytes_per_param.")
     state_bytes_per_param: float = knob(float(D.STATE_BYTES_PER_PARAM), "Bytes of training state per parameter (weights + master + optimizer).")
 
@@ -48,7 +52,13 @@ class RecoverySpec:
             _finite_non_negative(name, getattr(self, name))
         if not (isinstance(self.peer_gbps_per_gpu, (int, float)) and 0 < self.peer_gbps_per_gpu < float("inf")):
             raise UserError(f"peer_gbps_per_gpu={self.peer_gbps_per_gpu!r} must be a finite number > 0")
+        _finite_non_negative("site_outages_per_year", self.site_outages_per_year)
+        _finite_non_negative("site_repair_h", self.site_repair_h)
+        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 1:
+            raise UserError(f"sync_every={self.sync_every!r} must be an integer >= 1")
         if self.recovery != "replica":
+            if self.site_outages_per_year > 0:
+                raise UserError("site_outages_per_year needs recovery=replica (each site runs its own replica groups)")
             return
         g = self.replica_group_gpus
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % gpus_per_node or g > gpus:
@@ -58,6 +68,9 @@ class RecoverySpec:
         m = self.min_replicas
         if isinstance(m, bool) or not isinstance(m, int) or m < 1 or m > self.groups(gpus, gpus_per_node):
             raise UserError(f"min_replicas={m!r} must be an integer in 1..{self.groups(gpus, gpus_per_node)} (the replica groups)")
+        k, n = self.groups_per_site, self.groups(gpus, gpus_per_node)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or n % k:
+            raise UserError(f"groups_per_site={k!r} must be a positive integer dividing the {n} replica groups")
 
     def groups(self, gpus: int, gpus_per_node: int) -> int:
         """Replica groups in the job (1 in job-restart mode: the whole job is one unit)."""
@@ -82,6 +95,13 @@ class RecoverySpec:
         """Survivors stop when a group joins: one quorum change, during which a peer sends the state (torchft sends
         inside the quorum, before the step's allreduce)."""
         return self.quorum_s + self.transfer_s()
+
+    def sites(self, gpus: int, gpus_per_node: int) -> int:
+        return self.groups(gpus, gpus_per_node) // self.groups_per_site if self.recovery == "replica" else 1
+
+    def site_availability(self) -> float:
+        """Long-run fraction of time one site is up: it alternates up (exponential, mean 1 / rate) and down (repair)."""
+        return 1.0 / (1.0 + self.site_outages_per_year / (365.0 * 24.0) * self.site_repair_h)
 
     def rejoin_breakdown(self, class_detect_s: float, step_time_s: float = 0.0) -> dict[str, float]:
         """From the failure to the group stepping again (spare available): the drill's kill-to-rejoin time. A restarted

@@ -9,6 +9,11 @@ one more quorum change while a live peer sends it the state over the scale-out n
 What torchft cannot absorb falls back to the job-restart path of engine.Job: a per-job class (storage, scheduler), a
 fault that spreads to every replica (silent data corruption), a failure that leaves fewer than `min_replicas` live
 groups (the last group, or a block of nodes touching every group).
+Sites (`groups_per_site`, `site_outages_per_year`, `site_repair_h`): each site alternates up (exponential, mean one
+year / rate) and down (the repair time); an outage drops its groups at once, like a failure striking them all, and
+they stay out until the site is back, then restart and rejoin from a live peer. If the outage leaves fewer than
+`min_replicas` live groups the job restarts, waiting for the site like for missing nodes. Under DiLoCo/LocalSGD
+(`sync_every` = H) a group failure drops the whole interval in flight, up to H steps, not one step.
 The restart loads the in-memory peer snapshot (taken every step) when `in_memory_recovery` is on and some copy
 survives (the failure took no node, or spared a group), else the newest durable checkpoint.
 """
@@ -17,9 +22,14 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
+
 from gigafactory.simulate.config import SimConfig
-from gigafactory.simulate.engine import _REJOIN, _REPAIR, ALIVE, Job
+from gigafactory.simulate.config import DAY_S
+from gigafactory.simulate.engine import _REJOIN, _REPAIR, _SITE, ALIVE, Job
 from gigafactory.simulate.failures import FailureClass
+
+SITE = "site"  # the cause name of site outages in the results
 
 
 class ReplicaJob(Job):
@@ -29,7 +39,11 @@ class ReplicaJob(Job):
         self.rec = cfg.recovery
         self.groups = cfg.groups
         self.nodes = cfg.cluster.nodes
-        self.step = cfg.job.step_time_s
+        self.step = cfg.job.step_time_s * self.rec.sync_every  # the unit of work a group failure discards
+        self.per_site = self.rec.groups_per_site
+        self.site_rate_per_s = self.rec.site_outages_per_year / (365.0 * DAY_S)
+        self.sites_down: set[int] = set()
+        self.site_rng = np.random.default_rng([seed, 0x517E])  # its own stream: the node failures stay the same
         self.out: set[int] = set()  # groups not stepping
         self.waiting: dict[int, int] = {}  # group -> nodes it still needs (no spare was left), oldest first
         self.ready_at: dict[int, float] = {}  # group -> when it can rejoin
@@ -38,6 +52,8 @@ class ReplicaJob(Job):
         self.step_origin = 0.0  # compute time at which the current run's steps began (after the last pause)
         super().__init__(cfg, classes, interval_s, seed)
         self.res.groups = self.groups
+        if self.site_rate_per_s > 0:
+            self.res.interruptions[SITE] = self.res.arrivals[SITE] = 0
 
     # -- where a failure strikes ----------------------------------------------------------------------------------
     def _group(self, node: int) -> int:
@@ -91,12 +107,16 @@ class ReplicaJob(Job):
         c = self._compute_now()
         return self._work_at(max(0.0, c - self._partial_step()))
 
+    def _unavailable(self) -> set[int]:
+        """Groups that cannot run: waiting for repaired nodes, or in a site that is down."""
+        return set(self.waiting) | {g for g in range(self.groups) if g // self.per_site in self.sites_down}
+
     def _nodes_missing(self) -> bool:
-        return self.groups - len(self.waiting) < self.rec.min_replicas
+        return self.groups - len(self._unavailable()) < self.rec.min_replicas
 
     def _restarted(self, t: float) -> None:
-        """A job restart relaunches every group that has its nodes; pending rejoins are void."""
-        self.out = set(self.waiting)
+        """A job restart relaunches every group that has its nodes and its site; pending rejoins are void."""
+        self.out = self._unavailable()
         self.valid.clear()
         self.rate = (self.groups - len(self.out)) / self.groups
         self.step_origin = 0.0
@@ -159,8 +179,9 @@ class ReplicaJob(Job):
         self._pause(t, self.rec.rejoin_stall_s())
 
     def _schedule(self, g: int, ready: float) -> None:
-        """The group can rejoin at `ready` (later if it was already due later); none while it waits for nodes."""
-        if g in self.waiting:
+        """The group can rejoin at `ready` (later if it was already due later); none while it waits for nodes or
+        its site is down."""
+        if g in self.waiting or g // self.per_site in self.sites_down:
             self.valid.pop(g, None)
             return
         ready = max(ready, self.ready_at.get(g, 0.0)) if g in self.valid else ready
@@ -176,3 +197,65 @@ class ReplicaJob(Job):
             self.phase, self.phase_end = "reconfigure", t + length
         elif self.phase == "reconfigure":
             self.phase_end = max(self.phase_end, t + length)
+
+    # -- site outages ------------------------------------------------------------------------------------------------
+    def schedule_sites(self, heap: list) -> None:
+        if self.site_rate_per_s > 0:
+            for site in range(self.groups // self.per_site):
+                self._next_outage(heap, 0.0, site)
+
+    def _next_outage(self, heap: list, t: float, site: int) -> None:
+        heapq.heappush(heap, (t + self.site_rng.exponential(1.0 / self.site_rate_per_s), _SITE, (site, "down")))
+
+    def on_site(self, t: float, payload) -> None:
+        site, what = payload
+        groups = range(site * self.per_site, (site + 1) * self.per_site)
+        if what == "up":
+            self.sites_down.discard(site)
+            self._next_outage(self.heap, t, site)
+            if self.phase in ALIVE:
+                for g in groups:
+                    if g in self.out:
+                        self._schedule(g, t + self.rec.group_restart_s)
+            elif self.phase == "wait_for_nodes" and not self._nodes_missing():
+                self._begin_restart(t)
+            return
+        self.res.arrivals[SITE] += 1
+        self.sites_down.add(site)
+        heapq.heappush(self.heap, (t + self.rec.site_repair_h * 3600.0, _SITE, (site, "up")))
+        for g in groups:
+            self.valid.pop(g, None)  # a rejoin already scheduled cannot happen while the site is down
+        live_hit = [g for g in groups if g not in self.out]
+        if self.phase not in ALIVE or not live_hit:
+            self.res.while_down += 1
+            return
+        if self.groups - len(self.out) - len(live_hit) < self.rec.min_replicas:
+            self.res.interruptions[SITE] += 1
+            self.res.job_restarts += 1
+            self._kill_for_site(t)
+            return
+        self.res.interruptions[SITE] += 1
+        lost = self.work - self._work_at(max(0.0, self._compute_now() - self._partial_step()))
+        self.res.lost_s += lost
+        self.out.update(live_hit)
+        self._breakpoint(self.work - lost, (self.groups - len(self.out)) / self.groups)
+        if self.record:
+            self.res.failures.append((t, SITE))
+        self._pause(t, self.rec.survivor_stall_s(hangs=False))
+
+    def _kill_for_site(self, t: float) -> None:
+        """Too few groups left: the job stops (rolled back to its newest checkpoint, the in-memory one if a group
+        that holds it survives) and restarts once enough groups have their site and nodes."""
+        recoverable = self.in_memory and len(self._unavailable()) < self.groups
+        target = self._memory_work() if recoverable else self.work_storage
+        if self.record:
+            self.res.work_trace.append((t, self.work))
+            self.res.failures.append((t, SITE))
+        self.res.lost_s += self.work - target
+        self.work = target
+        if not recoverable:
+            self.work_memory = self.work_storage
+        if self.record:
+            self.res.work_trace.append((t, self.work))
+        self.from_memory = recoverable
+        self._enter("detect", t, self.rec.ft_detect_s)
