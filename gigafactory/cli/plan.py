@@ -135,7 +135,7 @@ def plan_rows(args) -> tuple[list[dict], str]:
             overrides[key] = float(catalog.cluster[key])  # load_catalog checked it is a finite number in range
     if args.precision == "fp8" and gpu in catalog.gpus and not catalog.gpus[gpu].fp8_tflops:
         raise UserError(f"--precision fp8: {gpu} has no fp8 tensor cores (fp8_tflops = 0 in the catalog)")
-    if args.layout or parallel_table is not None:
+    if args.layout is not None or parallel_table is not None:
         from gigafactory.cli.plan_given import given_rows
 
         return given_rows(args, w, catalog, gpu, network, overrides, seq, space, parallel_table, batch_size, cfg.name,

@@ -26,7 +26,7 @@ def given_rows(args, w, catalog, gpu: str, network, overrides: dict, seq: int, s
     node = catalog.gpus[gpu].gpus_per_node if gpu in catalog.gpus else 8
     if len(counts) > 1:
         raise UserError("--layout prices one cluster: give one --gpus count (or none: the layout's own size)")
-    if args.layout:
+    if args.layout is not None:
         lay = build_layout(parse_degrees(args.layout), microbatch_size=args.microbatch, microbatches=args.microbatches,
                            schedule=args.schedule, zero=args.zero, checkpointing=args.checkpointing,
                            precision=args.precision, reduce_dtype=args.reduce_dtype,

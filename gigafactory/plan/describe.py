@@ -26,7 +26,10 @@ PLANNER_KEYS = ("attention", "q_lora_rank", "kv_lora_rank", "rope_head_dim", "v_
 
 def split_model_table(raw: dict) -> tuple[dict, dict]:
     """(the TOML with the planner-only [model] keys removed, those keys)."""
-    model = dict(raw.get("model", {}))
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        return raw, {}  # the trainer's loader says "[model] must be a table"
+    model = dict(model)
     extra = {k: model.pop(k) for k in PLANNER_KEYS if k in model}
     return {**raw, "model": model}, extra
 
@@ -44,8 +47,10 @@ def apply(w: Workload, extra: dict, where: str) -> Workload:
     for key, value in values.items():
         if key == "attention":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UserError(f"{where}: [model] {key} = {value!r} must be a non-negative number")
+        whole = key != "capacity_factor"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not 0 <= value < 1e12:
+            kind = "whole number" if whole else "number"
+            raise UserError(f"{where}: [model] {key} = {value!r} must be a {kind} in 0..1e12")
     if values.get("attention") == "mla" and not values.get("kv_lora_rank"):
         raise UserError(f"{where}: [model] attention = 'mla' needs kv_lora_rank > 0")
     if values.get("n_dense_layers", 0) > w.n_layers:

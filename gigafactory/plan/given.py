@@ -9,6 +9,7 @@ in the rest of the planner; a trainer `[parallel]` table (ep as its own mesh axi
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from gigafactory.errors import UserError
 from gigafactory.plan.cost import StepEstimate
@@ -25,17 +26,19 @@ COMPARED = ("dp_replicate", "dp_shard", "tp", "pp", "ep", "cp", "microbatch_size
 def parse_degrees(text: str) -> dict[str, int]:
     """`tp=8,pp=16,cp=1,dp=64,ep=1` -> {'tp': 8, ...}; one-line UserError on anything else."""
     out: dict[str, int] = {}
+    shown = repr(text) if len(text) <= 80 else repr(text[:60] + "...")
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
         if not sep or key not in KEYS:
-            raise UserError(f"--layout {text!r}: {part!r} is not KEY=N with KEY one of {', '.join(KEYS)}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise UserError(f"--layout {text!r}: {key}={value!r} is not an integer") from None
+            raise UserError(f"--layout {shown}: {part[:40]!r} is not KEY=N with KEY one of {', '.join(KEYS)}")
+        if key in out:
+            raise UserError(f"--layout {shown}: {key} is given twice")
+        if not re.fullmatch(r"-?[0-9]{1,9}", value):
+            raise UserError(f"--layout {shown}: {key}={value[:20]!r} is not a whole number below 10^9")
+        out[key] = int(value)
         if out[key] < 1:
-            raise UserError(f"--layout {text!r}: {key}={out[key]} must be >= 1")
+            raise UserError(f"--layout {shown}: {key}={out[key]} must be >= 1")
     if not out:
         raise UserError("--layout is empty; give e.g. tp=8,pp=16,cp=1,dp=64,ep=1")
     return out
@@ -43,10 +46,10 @@ def parse_degrees(text: str) -> dict[str, int]:
 
 def parse_stage_layers(text: str) -> tuple[int, ...]:
     """`7+8+8+7` (or commas) -> (7, 8, 8, 7)."""
-    try:
-        return tuple(int(x) for x in text.replace(",", "+").split("+") if x.strip())
-    except ValueError:
-        raise UserError(f"--stage-layers {text!r} must be layer counts joined by '+', e.g. 7+8+8+7") from None
+    parts = [x.strip() for x in text.replace(",", "+").split("+") if x.strip()]
+    if not parts or not all(re.fullmatch(r"[0-9]{1,9}", x) for x in parts):
+        raise UserError(f"--stage-layers {text[:60]!r} must be layer counts joined by '+', e.g. 7+8+8+7")
+    return tuple(int(x) for x in parts)
 
 
 def build_layout(degrees: dict[str, int], *, microbatch_size: int = 1, microbatches: int = 0, schedule: str = "1f1b",

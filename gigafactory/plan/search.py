@@ -216,7 +216,7 @@ def search(w: Workload, cluster: Cluster, sw: Software, seq_len: int, space: Sea
     if not results:
         raise UserError(
             f"{w.name} fits no layout on {n} x {gpu.name}: the smallest peak memory found is "
-            f"{smallest_mem / 2**30:.1f} GiB > {gpu.hbm_gb * 1e9 / 2**30:.1f} GiB; use more GPUs or a GPU with more memory"
+            f"{smallest_mem / 2**30:.6g} GiB > {gpu.hbm_gb * 1e9 / 2**30:.1f} GiB; use more GPUs or a GPU with more memory"
         )
     results.sort(key=lambda e: e.step_time_s / e.tokens_per_step)
     return results[: space.keep], priced

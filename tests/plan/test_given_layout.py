@@ -48,11 +48,16 @@ def test_parallel_table_in_the_model_toml_is_priced(run_plan, tmp_path):
     (["--layout", "dp=8", "--gpus", "32,64"], "one --gpus count"),
     (["--layout", "tp=8,dp=64", "--gpus", "64"], "needs 512 GPUs"),
     (["--gpu", "a100-80gb", "--gpus", "64", "--precision", "fp8"], "no fp8 tensor cores"),
+    (["--layout", ""], "--layout is empty"),  # not a silent fall back to the search alone
+    (["--layout", "tp=2,tp=4"], "tp is given twice"),
+    (["--layout", "tp=" + "9" * 5000], "not a whole number below 10^9"),  # and the 5000 digits are not echoed
+    (["--layout", "tp=\u00b2"], "not a whole number"),
+    (["--layout", "tp=2", "--stage-layers", "1+\u00b2"], "--stage-layers"),
 ])
 def test_impossible_layouts_are_one_line(run_plan, argv, needle):
     with pytest.raises(UserError) as err:
         run_plan(*BASE, *argv)
-    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert needle in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 400
 
 
 def test_a_layout_that_does_not_fit_says_where_and_why(run_plan):
@@ -60,3 +65,16 @@ def test_a_layout_that_does_not_fit_says_where_and_why(run_plan):
         run_plan("--model", "grok-1", "--gpu", "h100", "--layout", "tp=1,dp=8", "--zero", "0")
     msg = str(err.value)
     assert "does not fit" in msg and "GiB on pipeline stage 0" in msg and "states" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("model_table, needle", [
+    ("model = 3\n", "must be a table"),
+    ('[model]\npreset = "grok-1b-moe"\nattention = "mla"\nkv_lora_rank = nan\n', "kv_lora_rank = nan must be a whole number"),
+    ('[model]\npreset = "grok-1b-moe"\nn_shared_experts = 1e300\n', "n_shared_experts = 1e+300 must be a whole number"),
+])
+def test_bad_planner_model_keys_are_one_line(run_plan, tmp_path, model_table, needle):
+    f = tmp_path / "m.toml"
+    f.write_text(model_table)
+    with pytest.raises(UserError) as err:
+        run_plan("--model", str(f), "--gpus", "64")
+    assert needle in str(err.value) and "\n" not in str(err.value)
