@@ -163,3 +163,20 @@ def test_resume_from_disk_continues_like_the_uninterrupted_run(tmp_path, sync, f
     assert all(torch.equal(results[True][k], uninterrupted[k]) for k in uninterrupted)
     if False in results:
         assert any(not torch.equal(results[False][k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_fragment_sync_delay_sends_the_pseudo_gradient_of_the_step_it_started_at():
+    """fragment_sync_delay = 1: the fragment's allreduce starts one step before the sub-interval's end (it overlaps
+    that step), so what it sends is backup - weights after the first of the sub-interval's 2 steps."""
+    model, inner, manager, outer, link = _setup(sync="streaming_diloco", sync_every=4, fragments=2, fragment_sync_delay=1)
+    fragment = outer.fragments[0]
+    backup = {n: t.clone() for n, t in fragment.original_parameters.items()}
+    outer.begin_interval()
+    _inner_step(model, inner, 1)
+    at_prepare = {n: p.detach().clone() for n, p in fragment._model_fragment.named_parameters()}
+    outer.prepare()
+    _inner_step(model, inner, 2)
+    assert outer.sync(link, participants=2) and outer.prepared is None
+    assert len(manager.sent) == len(backup)
+    for sent, name in zip(manager.sent, backup):
+        assert torch.equal(sent, backup[name] - at_prepare[name])
