@@ -93,6 +93,7 @@ def table(result: dict) -> str:
     if t["preference"]:
         p = t["preference"]
         lines += [f"| KJV preference accuracy ({p['pairs']} held-out pairs) | {p['preference_accuracy']:.3f} |",
+                  *(f"| - {k} ({v['pairs']}) | {v['preference_accuracy']:.3f} |" for k, v in p["by_kind"].items()),
                   f"| KJV preference margin (nats) | {p['preference_margin']:.3f} |"]
     for task, metrics in result.get("harness", {}).items():  # lm-eval tasks (--harness-tasks)
         lines += [f"| lm-eval {task}: {name} | {value:.4f} |" for name, value in metrics.items()]

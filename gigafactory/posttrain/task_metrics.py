@@ -49,7 +49,8 @@ def preference_scores(model, template: ChatTemplate, items: list[dict], seed: in
         reply = sum(len(template.encoder.encode(pair[side]).ids) + 1 for side in ("chosen", "rejected"))
         return 2 * len(template.encode(pair["messages"])) + reply
 
-    every = [{"messages": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in preference_pairs(items, seed)]
+    every = [{"messages": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "kind": item["kind"]}
+             for p, item in zip(preference_pairs(items, seed), items)]
     pairs = [p for p in every if size(p) <= model.cfg.max_seq_len]
     if not pairs:
         return None
@@ -62,5 +63,8 @@ def preference_scores(model, template: ChatTemplate, items: list[dict], seed: in
         for chosen, rejected, k in pair_docs[0].tolist():
             if k >= 0:
                 margins[k] = float(seq[chosen] - seq[rejected])
+    kinds = sorted({p["kind"] for p in pairs})
+    by_kind = {k: torch.tensor([p["kind"] == k for p in pairs]) for k in kinds}
     return {"preference_accuracy": float((margins > 0).float().mean()), "preference_margin": float(margins.mean()),
-            "pairs": len(pairs), "too_long": len(every) - len(pairs)}
+            "pairs": len(pairs), "too_long": len(every) - len(pairs),
+            "by_kind": {k: {"preference_accuracy": float((margins[m] > 0).float().mean()), "pairs": int(m.sum())} for k, m in by_kind.items()}}
