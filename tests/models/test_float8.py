@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import pytest
@@ -47,7 +48,7 @@ def test_unaligned_layers_and_the_head_stay_in_the_compute_dtype():
 
 
 def test_float8_training_tracks_bf16_but_is_not_bf16():
-    cfg = get_preset("grok-tiny")
+    cfg = dataclasses.replace(get_preset("grok-tiny"), vocab_size=512, d_model=64, n_layers=2, moe_ffn_dim=64)
     torch.manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (4, 65))] * 8  # one batch, memorised: the loss must fall
     losses = {}
@@ -79,3 +80,22 @@ def test_bad_float8_settings_are_one_line_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed
     with pytest.raises(UserError, match="pip install"):
         convert_to_float8(model)
+
+
+def test_trainer_runs_fp8_resumes_in_bf16_and_refuses_tp(tiny_job, tmp_path, capsys):
+    """training.precision=fp8 through the real trainer: the swap is reported, the checkpoint resumes under bf16 with
+    the same parameter names, and a layout float8 cannot run is one line before anything is built."""
+    from gigafactory.parallel.build import check_supported
+    from gigafactory.parallel.dims import ParallelDims
+    from gigafactory.train.trainer import Trainer
+
+    run = str(tmp_path / "fp8")
+    # d_model 64 and the expert width are multiples of 16; batch x seq (4 x 32) too
+    Trainer(tiny_job(training__precision="fp8", training__steps=2, training__eval_every=0, logging__run_dir=run)).train()
+    assert "float8: " in capsys.readouterr().out
+    Trainer(tiny_job(training__precision="bf16", training__steps=3, training__eval_every=0, logging__run_dir=run)).train()
+    losses = [json.loads(line) for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3]  # resumed at step 2, not restarted
+    job = tiny_job(training__precision="fp8")
+    with pytest.raises(UserError, match="precision=fp8 with parallel.tp=2"):
+        check_supported(job, ParallelDims(dp_replicate=1, dp_shard=1, tp=2, pp=1, ep=1, cp=1))
