@@ -115,6 +115,11 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if args.target != "k8s":
         raise UserError("--serve writes Kubernetes manifests: use `gigafactory launch k8s --serve`")
+    training_only = [flag for flag, given in (("--nodes", args.nodes is not None), ("--gpus-per-node", args.gpus_per_node is not None),
+                                              ("--config", args.config), ("--health", args.health), ("--spares", args.spares))
+                     if given]
+    if training_only:
+        raise UserError(f"{training_only[0]} is for a training job; a --serve fleet is sized by --regions and --gpus-per-replica")
     if not args.checkpoint:
         raise UserError("launch k8s --serve: give --checkpoint, the path of the run or checkpoint inside the pods (e.g. /runs/grok-tiny)")
     spec = ServeFleetSpec(

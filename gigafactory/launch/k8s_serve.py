@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 
 from gigafactory.errors import UserError
 from gigafactory.launch.k8s import Literal, to_yaml
+from gigafactory.launch.spec import refuse_control_characters
 
 CONFIG_DIR = "/etc/gigafactory"
 GATEWAY_TOML = "gateway.toml"
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+POOL_RE = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,62}")  # also serve's --checkpoint NAME=PATH name: no '='
+MAX_REPLICAS = 1000  # per region; beyond it is a typo (each replica is its own Deployment and Service)
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,10 @@ def parse_regions(text: str) -> dict[str, int]:
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, sep, count = item.partition("=")
         name = name.strip().upper()
-        if not sep or not count.strip().isdigit() or int(count) < 1 or not re.fullmatch(r"[A-Z0-9]{1,20}", name):
-            raise UserError(f"--regions: {item!r} must be REGION=REPLICAS, e.g. EU=3 (letters/digits, replicas >= 1)")
+        if not sep or not re.fullmatch(r"[0-9]{1,4}", count.strip()) or not 1 <= int(count) <= MAX_REPLICAS \
+                or not re.fullmatch(r"[A-Z0-9]{1,20}", name):
+            raise UserError(f"--regions: {item[:40]!r} must be REGION=REPLICAS, e.g. EU=3 (letters/digits, replicas "
+                            f"1..{MAX_REPLICAS})")
         if name in regions:
             raise UserError(f"--regions: region {name} is given twice")
         regions[name] = int(count)
@@ -65,10 +70,14 @@ def parse_regions(text: str) -> dict[str, int]:
 def check(spec: ServeFleetSpec) -> None:
     if not NAME_RE.fullmatch(spec.name) or len(spec.name) > 40:
         raise UserError(f"--name {spec.name!r}: lowercase letters, digits and '-', at most 40 characters (a Kubernetes name)")
+    refuse_control_characters(checkpoint=spec.checkpoint, image=spec.image, pvc=spec.pvc,
+                              train_args=list(spec.serve_args))  # a newline would start its own YAML line
+    if not POOL_RE.fullmatch(spec.pool):
+        raise UserError(f"--pool {spec.pool[:40]!r}: letters, digits, '-', '_' and '.', at most 63 characters")
     if not spec.checkpoint.startswith("/"):
         raise UserError(f"--checkpoint {spec.checkpoint!r}: give the path inside the pods, e.g. {spec.mount}/grok/checkpoints")
-    if spec.gpus < 0:
-        raise UserError(f"--gpus {spec.gpus} must be >= 0")
+    if not 0 <= spec.gpus <= 64:
+        raise UserError(f"--gpus-per-replica {spec.gpus} must be in 0..64")
     if spec.gateway_service_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
         raise UserError(f"gateway service type {spec.gateway_service_type!r}: ClusterIP, NodePort or LoadBalancer")
 

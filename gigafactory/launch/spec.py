@@ -245,9 +245,10 @@ def _check_layout(cfg: JobConfig, nodes: int, gpus_per_node: int, groups: int = 
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_NODES = 100_000  # a bound far above any real job, so a typo'd --nodes 10**30 is an error, not a file of that many pods
 
 
-def _refuse_control_characters(**values) -> None:
+def refuse_control_characters(**values) -> None:
     """Every value the launchers write into a file must be one line: a newline in `--partition` would add its own
     `#SBATCH` directive, and one in `--image` (or a train flag) its own script or YAML line. Refused, not escaped."""
     for key, value in values.items():
@@ -283,18 +284,20 @@ def build_spec(
     spares: int = 0,
 ) -> LaunchSpec:
     """Validate a launch request; raise UserError (one line) on any bad input."""
-    _refuse_control_characters(image=image, time=time, partition=partition, account=account, run_dir=run_dir,
+    refuse_control_characters(image=image, time=time, partition=partition, account=account, run_dir=run_dir,
                                config=config, name=name, train_args=train_args, command_line=command_line, exclude=exclude)
     if target not in ("slurm", "k8s"):
         raise UserError(f"launch target {target!r} must be slurm or k8s")
-    if nodes < 1:
-        raise UserError(f"--nodes {nodes} must be >= 1")
-    if gpus_per_node < 1:
-        raise UserError(f"--gpus-per-node {gpus_per_node} must be >= 1")
+    if nodes < 1 or gpus_per_node < 1:
+        raise UserError(f"--nodes {nodes} must be >= 1" if nodes < 1 else f"--gpus-per-node {gpus_per_node} must be >= 1")
+    if nodes > MAX_NODES or gpus_per_node > 64:
+        raise UserError(f"--nodes {nodes} must be at most {MAX_NODES:,} and --gpus-per-node {gpus_per_node} at most 64")
     if max_restarts is not None and max_restarts < 0:
         raise UserError(f"--max-restarts {max_restarts} must be >= 0")
     if spares < 0:
         raise UserError(f"--spares {spares} must be >= 0")
+    if nodes + spares > MAX_NODES:
+        raise UserError(f"--nodes {nodes} + --spares {spares} is over {MAX_NODES:,} nodes")
     if not 1 <= port <= 65535:
         raise UserError(f"--port {port} must be a TCP port (1-65535)")
     time_s = slurm_time_seconds(time)
@@ -326,7 +329,7 @@ def build_spec(
         groups = cfg.fault_tolerance.replica_groups
         group_nodes = check_fault_tolerance(cfg.fault_tolerance, nodes=nodes, port=port, lighthouse_port=lighthouse_port, train_args=train_args)
     dims = _check_layout(cfg, group_nodes, gpus_per_node, groups)
-    excluded = read_exclude(exclude, _refuse_control_characters) if exclude is not None else []
+    excluded = read_exclude(exclude, refuse_control_characters) if exclude is not None else []
     restarts = cfg.resilience.max_restarts if max_restarts is None else max_restarts
     spec = LaunchSpec(
         target=target, nodes=nodes, gpus_per_node=gpus_per_node, max_restarts=restarts,

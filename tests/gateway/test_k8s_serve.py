@@ -71,6 +71,10 @@ def test_launch_cli_writes_the_fleet_and_refuses_what_it_cannot(tmp_path, capsys
     assert "3 serve replica(s) + gateway" in capsys.readouterr().err
     for bad, reason in ((["launch", "slurm", "--serve", "--checkpoint", "/x"], "launch k8s --serve"),
                         (["launch", "k8s", "--serve"], "give --checkpoint"),
+                        ([*argv, "--checkpoint", "/x\nkind: Secret"], "contains a newline"),  # no YAML of the user's
+                        ([*argv, "--pool", "a=b"], "--pool 'a=b'"),
+                        ([*argv, "--regions", "EU=" + "9" * 30], "replicas 1..1000"),
+                        ([*argv, "--nodes", "4"], "--nodes is for a training job"),
                         (["launch", "k8s"], "give --nodes")):
         assert main(bad) == 2
         assert reason in capsys.readouterr().err

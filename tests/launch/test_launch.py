@@ -437,6 +437,7 @@ def test_layout_errors_are_one_line(tmp_path, capsys, parallel, needle):
 @pytest.mark.parametrize("argv,needle", [
     (["--nodes", "0", "--gpus-per-node", "8"], "--nodes 0 must be >= 1"),
     (["--nodes", "2", "--gpus-per-node", "0"], "--gpus-per-node 0 must be >= 1"),
+    (["--nodes", str(10**30), "--gpus-per-node", "8"], "must be at most 100,000"),
     (["--nodes", "1", "--gpus-per-node", "1", "--config", "/nonexistent/job.toml"], "file not found"),
     (["--nodes", "1", "--gpus-per-node", "1", "--max-restarts", "-1"], "--max-restarts -1 must be >= 0"),
     (["--nodes", "1", "--gpus-per-node", "1", "--name", "Bad_Name"], "must be a DNS label"),

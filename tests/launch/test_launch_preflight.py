@@ -117,6 +117,7 @@ def test_k8s_health_init_container_spares_and_own_rendezvous_store(capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--spares", "-1"], "--spares -1 must be >= 0"),
+    (["--spares", str(10**50)], "is over 100,000 nodes"),
     (["--spares", "1", "--", "--fault_tolerance.enabled", "true", "--fault_tolerance.replica_groups", "2"], "not available with fault_tolerance"),
 ])
 def test_bad_spares_are_one_line(capsys, argv, needle):
