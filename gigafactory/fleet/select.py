@@ -10,10 +10,11 @@ attempt of the job). The job gets the first `need` healthy nodes in allocation o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from gigafactory.errors import UserError
-from gigafactory.fleet.health import judge
+from gigafactory.fleet.health import LINKS, THROUGHPUT, judge
 
 
 def read_reports(directory: Path, candidates: list[str]) -> tuple[dict[str, list[dict]], dict[str, str]]:
@@ -33,8 +34,26 @@ def read_reports(directory: Path, candidates: list[str]) -> tuple[dict[str, list
         if not node_ranks:
             missing[node] = "health report lists no ranks"
             continue
+        flaw = next(filter(None, map(_flaw, node_ranks)), "")
+        if flaw:  # a probe that wrote nonsense is a broken node, and must not break the judgement of the others
+            missing[node] = f"malformed health report ({flaw})"
+            continue
         ranks[node] = node_ranks
     return ranks, missing
+
+
+def _flaw(rank: dict) -> str:
+    """'' for a rank whose fields have the types judge() reads, else what is wrong (NaN throughput included)."""
+    errors = rank.get("errors", [])
+    if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
+        return "errors is not a list of strings"
+    if not isinstance(rank.get("numerics"), (str, int, type(None))):
+        return "numerics is not a digest"
+    for key in (*THROUGHPUT, *LINKS, "ecc_uncorrected"):
+        value = rank.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return f"{key} = {value!r} is not a finite number"
+    return ""
 
 
 def read_bad_nodes(path: Path | None) -> set[str]:
@@ -57,6 +76,13 @@ def pick_nodes(candidates: list[str], reports_dir: Path, need: int, slow_ratio: 
         raise UserError(f"--pick {need} must be >= 1")
     if not candidates:
         raise UserError("--candidates lists no nodes")
+    twice = sorted({n for n in candidates if candidates.count(n) > 1})
+    if twice:
+        raise UserError(f"--candidates names {', '.join(twice[:3])} twice; a node can train only once")
+    if any("/" in n or n in (".", "..") for n in candidates):
+        raise UserError(f"--candidates {','.join(candidates)[:80]!r}: node names, not paths")
+    if not reports_dir.is_dir():
+        raise UserError(f"--reports {str(reports_dir)!r} is not a directory (the job's pre-step makes it before the checks)")
     ranks, missing = read_reports(reports_dir, candidates)
     listed = read_bad_nodes(bad_nodes_file)
     everyone = []
