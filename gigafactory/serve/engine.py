@@ -17,9 +17,10 @@ import torch
 from tokenizers import Tokenizer
 
 from gigafactory.data.tokenizer import EOS_ID, plain_text_encoder
+from gigafactory.errors import UserError
 from gigafactory.inference.sampling import SamplingParams
 from gigafactory.models import GrokModel
-from gigafactory.serve.kv_cache import PagedKVCache
+from gigafactory.serve.kv_cache import BLOCK_SIZE, PagedKVCache, blocks_for
 from gigafactory.serve.metrics import Metrics
 from gigafactory.serve.model_runner import ModelRunner
 from gigafactory.serve.scheduler import Scheduler
@@ -46,6 +47,9 @@ class Engine:
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         device = next(model.parameters()).device
+        if kv_blocks is not None and kv_blocks < blocks_for(self.max_len):  # a full-length request would wait forever
+            raise UserError(f"kv_blocks={kv_blocks} cannot hold one full context of {self.max_len} tokens "
+                            f"({blocks_for(self.max_len)} blocks of {BLOCK_SIZE})")
         self.kv = PagedKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype,
                                n_blocks=kv_blocks)
         self.scheduler = Scheduler(self.kv, prefix_cache=prefix_cache)

@@ -4,8 +4,10 @@ requests wait, never fail."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from gigafactory.errors import UserError
 from gigafactory.inference.generate import generate_tokens
 from gigafactory.inference.sampling import SamplingParams
 from gigafactory.serve.engine import Engine
@@ -86,3 +88,8 @@ def test_a_prompt_waiting_for_an_aborted_writer_computes_the_prefix_itself(loade
     scheduler.retire()
     assert scheduler.admit() == [reader] and reader.cached_tokens == 0
     assert kv.blocks_in_use == len(reader.block_table)
+
+
+def test_a_pool_smaller_than_one_context_is_refused(loaded):
+    with pytest.raises(UserError, match="cannot hold one full context"):
+        Engine(loaded.model, loaded.tokenizer, "t", kv_blocks=loaded.model.cfg.max_seq_len // BLOCK_SIZE - 1)
