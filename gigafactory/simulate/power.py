@@ -33,7 +33,7 @@ class PowerSpec:
     """Facility power model of `simulate --power` (defaults: H100 SXM in DGX H100 nodes)."""
 
     gpu_busy_w: float = knob(700.0, "GPU board power while the job computes, W (H100 SXM TDP: NVIDIA H100 datasheet; training runs near TDP: arXiv 2508.14318).")
-    gpu_idle_w: float = knob(100.0, "GPU board power while the job does not compute, W (assumption, ~15% of TDP; measure yours with nvidia-smi or the trainer's board_power_w log).")
+    gpu_idle_w: float = knob(100.0, "GPU board power while the job does not compute, W (assumption, about 15 percent of TDP; measure yours with nvidia-smi or the trainer's board_power_w log).")
     host_w_per_gpu: float = knob(575.0, "Server power besides the GPUs, per GPU, W, held constant (DGX H100 datasheet: 10.2 kW max / 8 GPUs - 700 W).")
     pue: float = knob(1.2, "Facility power / IT power (cooling, power conversion); assumption for a modern liquid-cooled site.")
     transition_s: float = knob(1.0, "Seconds a synchronous job takes to move every GPU between busy and idle (assumption: about one step's collective).")

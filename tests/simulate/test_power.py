@@ -88,3 +88,15 @@ def test_cli_power_json_table_and_plot(run_cli, tmp_path):
 def test_bad_power_input_is_one_line(run_cli, argv, needle):
     code, out, err = run_cli(*argv, "--days", "1")
     assert code == 2 and out == "" and err.count("\n") == 1 and needle in err, err
+
+
+def test_simulate_help_renders_the_power_flags():
+    """argparse %-formats help strings: a bare '%' in a knob's help made `simulate --help` a traceback."""
+    import argparse
+
+    from gigafactory.cli import simulate
+
+    parser = argparse.ArgumentParser()
+    simulate.register(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["simulate"]
+    assert "--power-floor" in sub.format_help() and "--gpu-idle-w" in sub.format_help()
