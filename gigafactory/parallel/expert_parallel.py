@@ -37,11 +37,15 @@ def apply_ep(experts: nn.Module, ep_mesh) -> None:
         counts_from = torch.empty_like(tokens_per_expert_E)
         dist.all_to_all_single(counts_from, tokens_per_expert_E, group=group)
         counts_from = counts_from.view(ep, n_local)
-        send_splits = tokens_per_expert_E.view(ep, n_local).sum(1).tolist()
-        recv_splits = counts_from.sum(1).tolist()
+        # The split sizes must be host lists (all_to_all_single's contract): one read per MoE layer, inherent to
+        # uneven all-to-all; both lists come back in a single transfer.
+        splits = torch.stack([tokens_per_expert_E.view(ep, n_local).sum(1), counts_from.sum(1)]).tolist()
+        send_splits, recv_splits = splits
         received_RD = _all_to_all(x_ND, recv_splits, send_splits, group)
-        # received rows are ordered (source rank, local expert); the grouped GEMM needs (local expert, ...)
-        local_expert_of_row = torch.repeat_interleave(torch.arange(n_local).repeat(ep), counts_from.flatten().cpu()).to(x_ND.device)
+        # received rows are ordered (source rank, local expert); the grouped GEMM needs (local expert, ...).
+        # output_size (known from the splits) spares repeat_interleave its own read of the counts' sum.
+        expert_ids = torch.arange(n_local, device=x_ND.device).repeat(ep)
+        local_expert_of_row = torch.repeat_interleave(expert_ids, counts_from.flatten(), output_size=sum(recv_splits))
         order = torch.argsort(local_expert_of_row, stable=True)
         state.update(order=order, send_splits=send_splits, recv_splits=recv_splits)
         return received_RD[order], counts_from.sum(0)

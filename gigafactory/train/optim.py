@@ -36,21 +36,43 @@ def lr_at(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
 
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float, pp_group=None, exclude_from_norm: set[int] = frozenset()) -> torch.Tensor:
-    """Global gradient L2 norm (clipped to max_norm if > 0). Works when parameters are DTensors on different
-    meshes (FSDP-only and FSDP x TP parameters side by side), where torch's version cannot stack the norms, and
-    across pipeline stages (pp_group). Parameters in exclude_from_norm (a tied weight's second copy) are clipped
-    but not counted twice."""
+    """Global gradient L2 norm (clipped to max_norm if > 0), returned as a 0-dim tensor that is never read here:
+    the scale min(1, max_norm / (norm + 1e-6)) is computed and applied on the device, so clipping costs no host
+    sync (the trainer reads the norm once per step, batched with the loss). Works when parameters are DTensors on
+    different meshes (FSDP-only and FSDP x TP parameters side by side), where torch's version cannot stack the
+    norms, and across pipeline stages (pp_group). Parameters in exclude_from_norm (a tied weight's second copy) are
+    clipped but not counted twice."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     squares = []
     for g in (p.grad for p in params if p.grad is not None and id(p) not in exclude_from_norm):
         norm = torch.linalg.vector_norm(g, dtype=torch.float32)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
-    total_sq = torch.stack(squares).sum() if squares else torch.zeros(())
+    device = squares[0].device if squares else (params[0].device if params else None)
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     if pp_group is not None:  # each pipeline stage holds different parameters
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
-    scale = max_norm / (float(total) + 1e-6)
-    if max_norm > 0 and scale < 1.0:
-        for g in grads:
-            g.mul_(scale)
+    if max_norm > 0 and grads:
+        _scale_grads(grads, clip_scale(total, max_norm))
     return total
+
+
+def clip_scale(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (norm + 1e-6)) on the device (1 for a NaN norm: such gradients are left as they are, for
+    the anomaly guard), in float64 then rounded to float32: the very number a Python-float scale would have
+    multiplied the gradients by, so results stay bitwise those of a host-side version; a factor of exactly 1
+    leaves unclipped gradients unchanged. (MPS has no float64: float32 there.)"""
+    wide = torch.float32 if total_norm.device.type == "mps" else torch.float64
+    return (max_norm / (total_norm.to(wide) + 1e-6)).nan_to_num(nan=1.0).clamp(max=1.0).float()
+
+
+def _scale_grads(grads: list[torch.Tensor], scale: torch.Tensor) -> None:
+    """g *= scale for every gradient, as mul_ by a Python float would. One kernel per gradient (not foreach: the
+    gradients may be DTensors of different meshes); non-float32 ones (bf16) go through float32, because a tensor
+    factor would first be rounded to their dtype."""
+    for g in grads:
+        if g.dtype == torch.float32:
+            g.mul_(scale)
+        else:
+            g.copy_(g.float() * scale)

@@ -27,6 +27,7 @@ from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, Stragg
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train.checkpoint_files import list_checkpoints, remove_stale, usable_checkpoints
 from gigafactory.train.devices import pick_device, pick_dtype
+from gigafactory.train.host_reads import read_scalars, sum_on_device, to_device, wide_float
 from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.memory_checkpoint import MemoryCheckpoints
 from gigafactory.train.metrics import BoardPower, MetricsLogger, StepProgress, peak_tflops
@@ -75,6 +76,7 @@ class Trainer:
         self.model = self.pmodel.view  # single-device parameter names, whatever the layout
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.step = 0
+        self.aux_loss = 0.0  # the last step's summed router losses (forward_backward reads it with the loss)
         self.flops_per_token = training_flops_per_token(cfg.model, d.seq_len)
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops) * 1e12
         self.save_failure: ckpt.CheckpointSaveError | None = None
@@ -202,11 +204,11 @@ class Trainer:
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean token loss of this rank's part of the batch (its sequence chunks under context parallel). Packed
         documents (SFT) come with per-document positions and document ids; targets of -100 add no loss."""
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         if positions is None:
             positions = torch.arange(inputs.shape[1], device=self.device).expand_as(inputs)
-        positions = positions.to(self.device)
-        doc_ids = None if doc_ids is None else doc_ids.to(self.device)
+        positions = to_device(positions, self.device)
+        doc_ids = None if doc_ids is None else to_device(doc_ids, self.device)
         if self.dims.cp > 1:
             cp_rank = self.mesh["cp"].get_local_rank()
             inputs, targets, positions = (shard_sequence(x, cp_rank, self.dims.cp) for x in (inputs, targets, positions))
@@ -215,39 +217,53 @@ class Trainer:
         with self.autocast():
             return self.pmodel.parts[0](inputs, positions, targets_BS=targets, doc_ids_BS=doc_ids)
 
-    def pipeline_loss(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> float:
-        """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0)."""
+    def pipeline_loss(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> torch.Tensor:
+        """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0), as a
+        0-dim float64 device tensor (not read here: see train/host_reads.py)."""
         pm, losses = self.pmodel, []
         kwargs = {"target": targets.to(self.device), "losses": losses} if pm.is_last_stage else {}
         args = (inputs.to(self.device),) if pm.is_first_stage else ()
         with self.autocast():
             (pm.schedule.step if train else pm.schedule.eval)(*args, **kwargs)
-        return float(torch.stack(losses).mean()) if losses else 0.0
+        wide = wide_float(self.device)
+        return torch.stack(losses).mean().to(wide) if losses else torch.zeros((), dtype=wide, device=self.device)
 
-    def reduce_loss(self, local: float) -> float:
-        """Average over the ranks holding losses (under pipeline parallel, only the last stage does)."""
-        return all_reduce_mean(local, self.device) * (self.dims.pp if self.dims.pp > 1 else 1)
+    def reduce_loss(self, local: float | torch.Tensor) -> float | torch.Tensor:
+        """Average over the ranks holding losses (under pipeline parallel, only the last stage does). A float comes
+        back a float; a device tensor stays one (reduced in place of a host round trip)."""
+        pp = self.dims.pp if self.dims.pp > 1 else 1
+        if not isinstance(local, torch.Tensor):
+            return all_reduce_mean(local, self.device) * pp
+        if dist.is_initialized():
+            local = local.reshape(1).clone()
+            dist.all_reduce(local)
+            local = local[0] / dist.get_world_size()
+        return local * pp
 
     def forward_backward(self, step: int) -> tuple[float, float]:
-        """Gradients of one step's batch; (global mean loss, global gradient norm after clipping)."""
+        """Gradients of one step's batch; (global mean loss, global gradient norm after clipping). The loss, norm
+        and router losses (left in self.aux_loss) stay on the device until one batched read at the end."""
         t, o = self.cfg.training, self.cfg.optimizer
-        total_loss = 0.0
+        total_loss = None
         for _ in range(t.grad_accum_steps):
             if self.pmodel.schedule is not None:
-                total_loss += self.pipeline_loss(*self.train_loader.next_batch(), train=True)
-                continue
-            loss = self.loss_on(*self.train_loader.next_batch())
-            # Under sequence parallel each TP rank's loss covers 1/tp of the tokens: the objective is their mean.
-            (loss / (t.grad_accum_steps * (self.dims.tp if self.sequence_parallel else 1))).backward()
-            total_loss += loss.item() / t.grad_accum_steps
-        total_loss *= self.faults.after_backward(step, self.model)
+                part = self.pipeline_loss(*self.train_loader.next_batch(), train=True)
+            else:
+                loss = self.loss_on(*self.train_loader.next_batch())
+                # Under sequence parallel each TP rank's loss covers 1/tp of the tokens: the objective is their mean.
+                (loss / (t.grad_accum_steps * (self.dims.tp if self.sequence_parallel else 1))).backward()
+                part = loss.detach().to(wide_float(loss.device)) / t.grad_accum_steps  # float64, as the host added
+            total_loss = part if total_loss is None else total_loss + part
+        total_loss = total_loss * self.faults.after_backward(step, self.model)
         for hook in self.pmodel.after_backward:
             hook()
         loss = self.reduce_loss(total_loss)
         if self.ft is not None and self.ft.per_step:  # ddp: average over the replica groups of this step's quorum
-            loss = self.ft.sync(list(self.model.parameters()), loss)
+            loss = self.ft.sync(list(self.model.parameters()), float(loss))
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
-        grad_norm = float(clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies()))
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies())
+        aux = sum_on_device([m.last_aux_loss for m in self.pmodel.moe_layers()])
+        loss, grad_norm, self.aux_loss = read_scalars(loss, grad_norm, aux)  # the step's one host read
         return loss, grad_norm  # the same numbers on every rank: every rank decides alike
 
     def train_step(self) -> dict:
@@ -288,8 +304,7 @@ class Trainer:
             return {"retry": True}
         if self.ft is not None:  # the data position torchft counts (group batches committed by every group)
             self.train_loader.consumed = self.ft.batches_committed() * self.group_windows
-        aux = sum(float(m.last_aux_loss) for m in self.pmodel.moe_layers())
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": aux, "skipped": verdict.action == "skip", **replica}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": self.aux_loss, "skipped": verdict.action == "skip", **replica}
 
     def _join_quorum(self) -> dict:
         """Start a step under fault tolerance: join the quorum (a group behind its peers heals from one of them); a
@@ -341,7 +356,7 @@ class Trainer:
         self.model.eval()
         n_batches = min(t.eval_batches, max(1, loader.n_windows // (t.batch_size * self.dims.dp)))
         if self.pmodel.schedule is not None:
-            losses = [self.pipeline_loss(*loader.next_batch(), train=False) for _ in range(n_batches)]
+            losses = [float(self.pipeline_loss(*loader.next_batch(), train=False)) for _ in range(n_batches)]
         else:
             losses = [self.loss_on(*loader.next_batch()).item() for _ in range(n_batches)]
         self.model.train()

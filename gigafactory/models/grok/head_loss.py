@@ -34,11 +34,11 @@ def head_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: t
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_TD, weight_VD, targets_T, multiplier, softcap, dtype, chunk, want):
+        # Ignored targets are masked unconditionally: asking whether any is ignored would read the count to the host
+        # (a sync). The masks act on [C] and [C, D] rows, not on [C, V] logits, and multiply kept rows by exactly 1.
         valid_T = targets_T != IGNORE_INDEX
-        n_valid = int(valid_T.sum())
-        masked = n_valid < len(targets_T)
-        if masked:
-            targets_T = targets_T.masked_fill(~valid_T, 0)
+        n_valid = valid_T.sum().clamp(min=1)  # a device tensor; dividing by it equals dividing by the int
+        targets_T = targets_T.masked_fill(~valid_T, 0)
         w_VD = weight_VD.to(dtype)
         loss = torch.zeros((), device=h_TD.device, dtype=torch.float32)
         want_h, want_w = want
@@ -53,24 +53,23 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 logits_CV = tanh_CV * softcap
             lse_C = torch.logsumexp(logits_CV, dim=-1)
             nll_C = lse_C - logits_CV.gather(1, targets_C[:, None]).squeeze(1)
-            valid_C = valid_T[start:start + chunk] if masked else None
-            loss += (nll_C if valid_C is None else nll_C * valid_C).sum()
+            valid_C = valid_T[start:start + chunk]
+            loss += (nll_C * valid_C).sum()
             if not (want_h or want_w):
                 continue
             grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
             grad_CV[torch.arange(len(targets_C), device=grad_CV.device), targets_C] -= 1.0
-            if valid_C is not None:
-                grad_CV.mul_(valid_C[:, None])
             if softcap:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
                 grad_CV.mul_(1.0 - tanh_CV.square_())
             grad_CV = grad_CV.to(dtype)  # the dtype the forward matmul ran in
+            keep_C1 = valid_C[:, None]  # an ignored target's row of dlogits is zero: zero its contributions instead
             if want_h:
-                grad_h_TD[start:start + chunk] = (grad_CV @ w_VD).to(h_TD.dtype) * multiplier
+                grad_h_TD[start:start + chunk] = (grad_CV @ w_VD).to(h_TD.dtype) * multiplier * keep_C1
             if want_w:  # accumulated in fp32 in place
-                grad_w_VD.addmm_(grad_CV.t().float(), h_CD.float())
+                grad_w_VD.addmm_(grad_CV.t().float(), h_CD.float() * keep_C1)
         ctx.save_for_backward(grad_h_TD, grad_w_VD)
-        ctx.weight_dtype, ctx.n_tokens = weight_VD.dtype, max(n_valid, 1)
-        return loss / max(n_valid, 1)
+        ctx.weight_dtype, ctx.n_tokens = weight_VD.dtype, n_valid
+        return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):

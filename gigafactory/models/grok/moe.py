@@ -79,8 +79,9 @@ class BalanceStats:
         pipeline metadata inference); such a forward's f is never used for a gradient."""
         if self.paused or _recomputing():
             return None
+        # torch.full, not new_tensor([n_tokens]): a tensor built from host data is a blocking copy (a GPU sync)
         packed = torch.cat([counts_E.double(), probs_sum_E.double(), z_sum.double().reshape(1),
-                            counts_E.new_tensor([n_tokens], dtype=torch.float64)])
+                            torch.full((1,), n_tokens, dtype=torch.float64, device=counts_E.device)])
         if self.group is not None:
             dist.all_reduce(packed, group=self.group)
         E = self.n_experts
@@ -150,13 +151,20 @@ class Experts(nn.Module):
 
 def per_expert_ffn(x_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, act) -> torch.Tensor:
     """The grouped GEMMs' fallback: one matmul chain per expert over its contiguous rows (a loop over experts, never
-    over tokens)."""
+    over tokens). Reads the counts to the host (row ranges): one sync per layer, which grouped_mm avoids."""
     outputs, start = [], 0
     for e, count in enumerate(tokens_per_expert_E.tolist()):
         x = x_ND[start : start + count]
         outputs.append((act(x @ w_gate_EDF[e]) * (x @ w_up_EDF[e])) @ w_down_EFD[e])
         start += count
     return torch.cat(outputs)
+
+
+def tokens_per_expert(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Pairs routed to each expert, counted on the device. Not torch.bincount: on CUDA it reads the largest index
+    back to size its output (a host sync in every MoE layer); the size here is known, E."""
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=flat_experts.device)
+    return counts_E.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
@@ -197,7 +205,7 @@ class MoE(nn.Module):
         flat_experts = experts_TK.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         token_of_pair = order // self.top_k
-        tokens_per_expert_E = torch.bincount(flat_experts, minlength=self.n_experts)
+        tokens_per_expert_E = tokens_per_expert(flat_experts, self.n_experts)
         out_ND = self.experts(x_TD[token_of_pair], tokens_per_expert_E)
 
         # Un-sort back to (token, k) order and take the gate-weighted sum over k (deterministic, unlike index_add_).
