@@ -7,7 +7,8 @@ and a link of `--link-ms` latency and `--link-gbps` bandwidth injected into ever
 per mode: held-out loss at equal steps (= equal tokens), bytes each site sent across the link, the time the link
 cost, and tokens/s of both sites together; writes a table (JSON lines) and docs/cross-site.png.
 
-    python benchmarks/cross_site.py               # ~5 minutes on 2 CPU cores
+    python benchmarks/cross_site.py --steps 256   # ~25 minutes on 2 loaded CPU cores (the docs' table)
+    python benchmarks/cross_site.py --modes ddp,"diloco H=8"   # a subset
     python benchmarks/cross_site.py --from OUT    # table and plot again from saved output
 """
 
@@ -22,7 +23,10 @@ import tempfile
 from pathlib import Path
 
 MODES = {"ddp": ["--fault_tolerance.sync=ddp"]} | {
-    f"diloco H={h}": ["--fault_tolerance.sync=diloco", f"--fault_tolerance.sync_every={h}"] for h in (1, 8, 32)}
+    f"diloco H={h}": ["--fault_tolerance.sync=diloco", f"--fault_tolerance.sync_every={h}"] for h in (1, 8, 32, 128)} | {
+    "diloco H=32 bf16": ["--fault_tolerance.sync=diloco", "--fault_tolerance.sync_every=32", "--fault_tolerance.compression=bf16"],
+    "streaming H=32 F=4": ["--fault_tolerance.sync=streaming_diloco", "--fault_tolerance.sync_every=32", "--fault_tolerance.fragments=4"],
+}
 
 
 def read(path: Path) -> list[dict]:
@@ -78,6 +82,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--link-ms", type=float, default=10.0)
     ap.add_argument("--link-gbps", type=float, default=1.0)
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of: {', '.join(MODES)}")
     ap.add_argument("--out", default="", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--from", dest="saved", default="", help="a table this script printed before: plot it again")
     ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "cross-site.png"))
@@ -87,8 +92,10 @@ def main() -> None:
     else:
         root = Path(args.out or tempfile.mkdtemp(prefix="cross-site-"))
         rows = []
-        for name, extra in MODES.items():
-            rows.append(run(name, extra, root, args))
+        for name in args.modes.split(","):
+            if name not in MODES:
+                sys.exit(f"unknown mode {name!r}; choose from: {', '.join(MODES)}")
+            rows.append(run(name, MODES[name], root, args))
             print(json.dumps(rows[-1]), flush=True)
     plot(rows, Path(args.plot), args)
     print(f"\n| mode | held-out loss @ step {rows[0]['steps']} | MB sent per site | link wait s | tokens/s (2 sites) |")
