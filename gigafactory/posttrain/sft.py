@@ -62,6 +62,13 @@ def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, over
     return base, cfg
 
 
+class NoOptimizer(list):
+    """An empty list of optimizers for get_state_dict (a LoRA checkpoint keeps no optimizer state), usable as the
+    checkpointer's weak dictionary key as an optimizer is."""
+
+    __hash__ = object.__hash__
+
+
 class SFTTrainer(Trainer):
     def __init__(self, cfg: JobConfig, sft: SFTData):
         self.sft, self.lora = sft, None
@@ -125,7 +132,7 @@ class SFTTrainer(Trainer):
         train_state = {"step": self.step, "loader": self.train_loader.state_dict(), "guard": json.dumps(self.guard.state_dict())}
         side = {"config.toml": config_to_toml(self.cfg), "tokenizer.json": self.tokenizer_json}
         with self.lora.merged():  # an async save has staged the state in host memory when save() returns
-            return self._guarded(lambda: (checkpointer or self.checkpointer).save(self.step, self.model, [], train_state, side))
+            return self._guarded(lambda: (checkpointer or self.checkpointer).save(self.step, self.model, NoOptimizer(), train_state, side))
 
     def load(self, path: Path, keep_data_position: bool = False) -> None:
         """With LoRA: the merged weights become the new frozen base and training goes on with fresh adapters
