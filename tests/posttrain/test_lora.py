@@ -56,3 +56,22 @@ def test_lora_sft_trains_only_adapters_and_saves_merged_weights(pretrained):
             torch.testing.assert_close(p, pre[name] + delta.to(p.dtype), atol=1e-6, rtol=1e-6)
         else:
             assert torch.equal(p, pre[name]), name
+
+
+def test_lora_resume_continues_from_the_merged_weights(pretrained):
+    """Interrupted after step 1 and run again: the step-1 checkpoint (merged) is the new frozen base, with fresh
+    adapters on top; step 2 trains them."""
+    overrides = {"training.steps": 2, "training.eval_every": 0, "training.batch_size": 2, "checkpoint.every": 0, "optimizer.lr": 1e-2}
+    base_path, cfg = sft_config(str(pretrained / "pre"), run_dir=str(pretrained / "sft-lora-resume"), overrides=overrides)
+    data = SFTData(base_path, str(pretrained / "chat.jsonl"), lora=LoRAOptions(rank=4))
+    first = SFTTrainer(cfg, data)
+    first.train(stop_at=1)
+    first.close()
+    step1 = dict(load_for_inference(pretrained / "sft-lora-resume").model.named_parameters())
+    second = SFTTrainer(cfg, data)
+    assert second.train()["start_step"] == 1
+    second.close()
+    assert all(torch.equal(p, step1[n]) for n, p in second.model.named_parameters())  # the merged weights, frozen
+    assert all(b.abs().max() > 0 for b in second.lora.B.values())
+    step2 = dict(load_for_inference(pretrained / "sft-lora-resume").model.named_parameters())
+    assert any(not torch.equal(step2[n], step1[n]) for n in step1)
