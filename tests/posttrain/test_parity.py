@@ -38,12 +38,12 @@ def test_two_process_layouts_match_one_process(pretrained, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     flags = [f"--{k}={v}" for k, v in {**COMMON, **LAYOUTS["fsdp"], "logging.run_dir": tmp_path / "sft-fsdp"}.items()]
-    launched = subprocess.run([sys.executable, "-m", "gigafactory.cli.main", "sft", "--nproc", "2", "--checkpoint", str(pretrained / "pre"),
-                               "--data", chat, *flags], capture_output=True, text=True, timeout=300, env=env)
-    assert launched.returncode == 0 and "eval loss (assistant tokens)" in launched.stdout, launched.stderr[-3000:]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             str(Path(__file__).with_name("parity_runner.py")), str(spec)], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launches = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for cmd in (  # side by side
+        [sys.executable, "-m", "gigafactory.cli.main", "sft", "--nproc", "2", "--checkpoint", str(pretrained / "pre"), "--data", chat, *flags],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(Path(__file__).with_name("parity_runner.py")), str(spec)])]
+    (cli_out, cli_err), (_, runner_err) = (p.communicate(timeout=300) for p in launches)
+    assert launches[0].returncode == 0 and "eval loss (assistant tokens)" in cli_out, cli_err[-3000:]
+    assert launches[1].returncode == 0, runner_err[-3000:]
 
     run(str(pretrained / "pre"), tmp_path, {"name": "sft-one", "kind": "sft", "overrides": {**COMMON, "training.batch_size": 4}, "data": chat})
     run(str(pretrained / "pre"), tmp_path, {"name": "dpo-one", "kind": "dpo", "data": str(pairs),
