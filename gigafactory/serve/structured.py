@@ -71,25 +71,35 @@ def compile_grammar(tokenizer: Tokenizer, grammar: str, param: str) -> GrammarCo
     lt = ll_tokenizer(tokenizer)
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lt, limits=_LIMITS)
     if failed:
-        raise ApiError(400, f"'{param}' cannot be enforced: {(messages or ['invalid grammar'])[0][:300]}",
+        raise ApiError(400, f"'{param}' cannot be enforced: {_one_line((messages or ['invalid grammar'])[0])}",
                        param=param, code="invalid_value")
     constraint = GrammarConstraint(lt, grammar)
+    if not constraint.matcher.is_error():
+        constraint.matcher.compute_logit_bias()  # some grammars (`{"$ref": "#"}`) fail only at their first token
     if constraint.matcher.is_error():
-        raise ApiError(400, f"'{param}' cannot be enforced: {constraint.matcher.get_error()[:300]}", param=param,
+        raise ApiError(400, f"'{param}' cannot be enforced: {_one_line(constraint.matcher.get_error())}", param=param,
                        code="invalid_value")
     return constraint
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())[:300]
 
 
 def json_schema_grammar(schema: dict, param: str) -> str:
     """An llguidance grammar for JSON matching `schema`, laid out compactly (unless the schema's own `x-guidance`
     says otherwise)."""
-    if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:
+    try:
+        too_long = len(json.dumps(schema)) > MAX_SCHEMA_CHARS
+    except (RecursionError, ValueError):  # the HTTP body's depth and NaN checks stop these first; kept for callers
+        raise ApiError(400, f"'{param}' is nested too deeply or holds NaN", param=param, code="invalid_value") from None
+    if too_long:
         raise ApiError(400, f"'{param}' is over {MAX_SCHEMA_CHARS} characters of JSON schema", param=param,
                        code="invalid_value")
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     except ValueError as err:
-        raise ApiError(400, f"'{param}' is not a usable JSON schema: {str(err)[:300]}", param=param,
+        raise ApiError(400, f"'{param}' is not a usable JSON schema: {_one_line(str(err))}", param=param,
                        code="invalid_value") from None
 
 

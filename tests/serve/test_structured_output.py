@@ -97,6 +97,11 @@ BAD = [
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
     ({"response_format": {"type": "json_object", "extra": 1}}, "response_format.extra"),
+    # compiles, but fails at its first token (was a 500 "generation failed" from inside the engine)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}}},
+     "response_format.json_schema.schema"),
 ]
 
 
@@ -106,4 +111,16 @@ def test_bad_response_formats_are_400_naming_the_field(random_server, extra, par
                    json={"messages": [{"role": "user", "content": "hi"}], **extra})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert err["param"] == param and err["type"] == "invalid_request_error" and "\n" not in err["message"], err
+
+
+def test_a_schema_too_deep_for_python_is_400_not_a_crash():
+    """The HTTP body's depth check stops this first; the compiler must not depend on it."""
+    from gigafactory.serve.protocol import ApiError
+    from gigafactory.serve.structured import json_schema_grammar
+
+    schema: dict = {"type": "string"}
+    for _ in range(1500):  # past Python's default recursion limit of 1000
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(ApiError, match="nested too deeply"):
+        json_schema_grammar(schema, "p")
