@@ -55,26 +55,23 @@ def register(subparsers) -> None:
 
 
 def _model(spec: str):
-    """(ModelConfig, the TOML's [parallel] table and [training] batch_size when the model came from a file)."""
+    """(ModelConfig, the planner's Workload, the TOML's [parallel] table and [training] batch_size when the model
+    came from a file)."""
     from gigafactory.models.presets import PRESETS, get_preset
+    from gigafactory.plan.workload import from_model_config
 
     if spec in PRESETS:
-        return get_preset(spec), None, 1
+        cfg = get_preset(spec)
+        cfg.validate()
+        return cfg, from_model_config(cfg), None, 1
     if spec.endswith(".toml"):
         if not Path(spec).is_file():
             raise UserError(f"--model {spec!r}: file not found; pass a preset name or an existing TOML config")
-        import tomllib
+        from gigafactory.plan.describe import read_model_toml
 
-        from gigafactory.config.loader import build_config
-        from gigafactory.plan.describe import split_model_table
-
-        try:
-            raw = tomllib.loads(Path(spec).read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"--model {spec!r} is not valid TOML ({err}); fix the syntax") from None
-        trainer_part, _ = split_model_table(raw)
-        cfg = build_config(trainer_part, {})
-        return cfg.model, raw.get("parallel"), cfg.training.batch_size
+        cfg, w, raw = read_model_toml(spec)  # MLA, plain MLPs, shared experts, ... (plan/describe.py)
+        cfg.model.validate()
+        return cfg.model, w, raw.get("parallel"), cfg.training.batch_size
     raise UserError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a .toml config file")
 
 
@@ -95,12 +92,10 @@ def plan_rows(args) -> tuple[list[dict], str]:
     from gigafactory.plan.reliability import best_with_failures
     from gigafactory.plan.report import row
     from gigafactory.plan.search import SearchSpace, search
-    from gigafactory.plan.workload import from_model_config
 
     args.gpus_given = args.gpus is not None
     args.gpus = args.gpus or "10000,100000"
-    cfg, parallel_table, batch_size = _model(args.model)
-    cfg.validate()
+    cfg, w, parallel_table, batch_size = _model(args.model)
     catalog = load_catalog(args.cluster)
     gpu = args.gpu or str(catalog.cluster.get("gpu", "h100"))
     network = args.network or catalog.cluster.get("network")
@@ -121,12 +116,6 @@ def plan_rows(args) -> tuple[list[dict], str]:
         from gigafactory.plan.sites import parse_link, price_sites
 
         link = parse_link(args.site_link)
-    if args.model.endswith(".toml"):
-        from gigafactory.plan.describe import workload_from_toml
-
-        w = workload_from_toml(args.model, cfg)  # MLA, plain MLPs, shared experts, ... (plan/describe.py)
-    else:
-        w = from_model_config(cfg)
     space = SearchSpace(global_batch=max(1, round(args.batch_tokens / seq)), max_idle=args.max_idle,
                         precision=args.precision, reduce_dtype=args.reduce_dtype, keep=30)
     overrides = dict(pue=args.pue, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_failures_per_day=args.failures_per_gpu_day)

@@ -62,11 +62,15 @@ def apply(w: Workload, extra: dict, where: str) -> Workload:
     return dataclasses.replace(out, params_total=int(out.shape_params()))
 
 
-def workload_from_toml(path: str, model_cfg) -> Workload:
-    """The planner's workload for a --model TOML whose trainer part gave `model_cfg`."""
+def read_model_toml(path: str):
+    """(the trainer's config, the planner's workload, the whole TOML) for a --model file, read once: the trainer's
+    keys build the config, the planner-only [model] keys are applied on top."""
+    from gigafactory.config.loader import build_config
+
     try:
         raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"--model {path!r}: cannot read it as TOML ({err})") from None
-    _, extra = split_model_table(raw)
-    return apply(from_model_config(model_cfg), extra, path)
+        raise UserError(f"--model {path!r} is not valid TOML ({err}); fix the syntax") from None
+    trainer_part, extra = split_model_table(raw)
+    cfg = build_config(trainer_part, {})
+    return cfg, apply(from_model_config(cfg.model), extra, path), raw

@@ -59,14 +59,9 @@ CASES = (
 
 
 def workload(case: Case) -> Workload:
-    import tomllib
+    from gigafactory.plan.describe import read_model_toml
 
-    from gigafactory.config.loader import build_config
-    from gigafactory.plan.describe import split_model_table, workload_from_toml
-
-    path = MODELS / f"{case.model}.toml"
-    trainer_part, _ = split_model_table(tomllib.loads(path.read_text()))
-    return workload_from_toml(str(path), build_config(trainer_part, {}).model)
+    return read_model_toml(str(MODELS / f"{case.model}.toml"))[1]
 
 
 def price(case: Case) -> tuple[StepEstimate, float]:
