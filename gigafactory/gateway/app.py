@@ -50,7 +50,7 @@ class Gateway:
         self.limiter, self.quota = RateLimiter(self.cfg.rate_limit), DailyQuota()
         self.pool = Pool(self.cfg, self.metrics)
         self.controller = Controller(self.cfg, self.clock, self.metrics)
-        self.proxies = tuple(ipaddress.ip_network(p, strict=False) for p in self.cfg.trusted_proxies)
+        self.proxies = trusted_networks(self.cfg)
         self.proxy: Proxy | None = None
 
     def reload(self) -> bool:
@@ -65,7 +65,7 @@ class Gateway:
             return False
         self.cfg, self.keys = cfg, keys
         self.limiter.default_rpm = cfg.rate_limit
-        self.proxies = tuple(ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies)
+        self.proxies = trusted_networks(cfg)
         self.pool.update(cfg)
         self.controller.apply_config(cfg)
         log.info("gateway config reloaded from %s", self.path)
@@ -82,6 +82,10 @@ class Gateway:
         while True:
             await asyncio.sleep(self.cfg.slo.evaluate_every_s)
             self.controller.evaluate()
+
+
+def trusted_networks(cfg: GatewayConfig) -> tuple:
+    return tuple(ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies)
 
 
 def access_keys(cfg: GatewayConfig) -> dict:

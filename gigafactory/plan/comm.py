@@ -52,18 +52,6 @@ def all_gather(size: float, n: int, stride: int, cluster: Cluster) -> float:
 reduce_scatter = all_gather
 
 
-def all_to_all(size: float, n: int, stride: int, cluster: Cluster) -> float:
-    """Each rank sends `size` bytes spread evenly over the n ranks (1/n stays local)."""
-    if n <= 1 or size <= 0:
-        return 0.0
-    k, nodes = _split(n, stride, cluster.gpu.nvlink_domain)
-    nv, nic = cluster.nvlink_gbps * 1e9, cluster.nic_gbps * 1e9
-    t = size * (k - 1) / n / nv + cluster.nvlink.latency_us * 1e-6
-    if nodes > 1:
-        t += size * (n - k) / n / nic + cluster.net_latency_s()
-    return t
-
-
 def p2p(size: float, stride: int, cluster: Cluster) -> float:
     """One send between neighbouring ranks `stride` apart (pipeline stages)."""
     if size <= 0:
