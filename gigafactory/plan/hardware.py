@@ -100,10 +100,18 @@ def _build(cls, name: str, table: dict, where: str):
     values = {}
     for key in fields & set(table):
         value = table[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UserError(f"{where}: [{cls.__name__.lower()}.{name}] {key}={value!r} must be a non-negative number")
-        values[key] = value
+        low = 0 if key in MAY_BE_ZERO else 1e-9  # the others divide something: 0 would be a ZeroDivisionError
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+            kind = "non-negative" if key in MAY_BE_ZERO else "positive"
+            raise UserError(f"{where}: [{cls.__name__.lower()}.{name}] {key}={value!r} must be a finite {kind} number")
+        if key in INTEGER_KEYS and value != int(value):
+            raise UserError(f"{where}: [{cls.__name__.lower()}.{name}] {key}={value!r} must be a whole number")
+        values[key] = int(value) if key in INTEGER_KEYS else value
     return cls(name=name, **values)
+
+
+MAY_BE_ZERO = {"fp8_tflops", "idle_w", "usd_per_gpu_hour", "latency_us", "hop_latency_us", "system_w_per_gpu"}
+INTEGER_KEYS = {"nvlink_domain", "gpus_per_node", "sms", "radix"}
 
 
 TABLES = ("gpu", "network", "defaults", "cluster")
@@ -115,6 +123,10 @@ def _check_user_tables(data: dict, where: str) -> None:
     unknown = sorted(set(data) - set(TABLES))
     if unknown:
         raise UserError(f"{where}: unknown table [{unknown[0]}]; valid tables: {', '.join(f'[{t}]' for t in TABLES)}")
+    for table in TABLES:
+        entries = data.get(table, {})
+        if not isinstance(entries, dict) or (table in ("gpu", "network") and not all(isinstance(t, dict) for t in entries.values())):
+            raise UserError(f"{where}: [{table}] must be a table" + (f" of [{table}.NAME] tables" if table in ("gpu", "network") else ""))
     for key, value in data.get("cluster", {}).items():
         if key not in CLUSTER_KEYS:
             raise UserError(f"{where}: unknown key {key!r} in [cluster]; valid: {', '.join(CLUSTER_KEYS)}")

@@ -77,6 +77,20 @@ def test_user_cluster_file(tmp_path, run_plan):
     assert row["gpu"] == "my-h100" and row["network"] == "spectrum-x" and row["pue"] == 1.1 and row["usd_per_gpu_hour"] == 1.5
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("[gpu.h100]\nbf16_tflops = 0\n", "bf16_tflops=0 must be a finite positive number"),  # was a ZeroDivisionError
+    ("[network.ib-ndr]\nlink_gbps = inf\n", "link_gbps=inf must be a finite positive number"),
+    ("[gpu.h100]\nsms = 1.5\n", "sms=1.5 must be a whole number"),
+    ("gpu = 5\n", "[gpu] must be a table"),  # was an AttributeError
+])
+def test_bad_cluster_file_is_one_line(tmp_path, text, needle):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_catalog(str(f))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
 def test_every_catalog_figure_has_a_source():
     import tomllib
 
