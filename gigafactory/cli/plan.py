@@ -11,6 +11,7 @@ from pathlib import Path
 from gigafactory.cli.paths import png_file
 from gigafactory.errors import UserError
 
+MAX_GPUS = 10_000_000  # 100x today's largest clusters: above it a count is a typo, and the cost model meaningless
 DEFAULT_BATCH_TOKENS = 16 * 2**20  # Llama 3 405B's final batch (Dubey et al. 2024); change with --batch-tokens
 
 
@@ -78,10 +79,12 @@ def _model(spec: str):
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(float(x)) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--gpus {text!r} must be comma-separated integers, e.g. 10000,100000") from None
+    except (ValueError, OverflowError):  # OverflowError: inf
+        raise UserError(f"--gpus {text[:40]!r} must be comma-separated integers, e.g. 10000,100000") from None
     if not counts or any(c <= 0 for c in counts):
         raise UserError(f"--gpus {text!r} must list positive GPU counts, e.g. 10000,100000")
+    if max(counts) > MAX_GPUS:
+        raise UserError(f"--gpus {max(counts):.3g} is more than the {MAX_GPUS:,} GPUs the planner prices")
     return counts
 
 
