@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+from gigafactory.errors import UserError
 from gigafactory.plan.cost import StepEstimate
 from gigafactory.plan.forecast import CHECKPOINT_BYTES_PER_PARAM, Forecast
 from gigafactory.plan.hardware import Cluster, load_catalog
@@ -56,9 +57,13 @@ def with_failures(est: StepEstimate, fc: Forecast, w: Workload, cluster: Cluster
     cfg = sim_config(est, fc, w, cluster, recovery)
     cfg.validate()
     classes = list(_classes())
-    exp = expected(cfg, classes)
-    ettr = exp["ettr"]
     failures = sum(c.rate_per_s(cfg.cluster) for c in classes if c.kills_job) * 86400.0
+    try:
+        exp = expected(cfg, classes)
+    except OverflowError:  # exp(restart / mtbi): restarts take hundreds of times longer than the gap between failures
+        raise UserError(f"{failures:.3g} interruptions a day on {cluster.n_gpus:,} GPUs (one every {86400 / failures:.2g} s) "
+                        "leave no time to train between restarts; check --failures-per-gpu-day") from None
+    ettr = exp["ettr"]
     restarts = 86400.0 / exp["mtbi_s"] if exp.get("mtbi_s") else 0.0
     grow = 1.0 / ettr if ettr > 0 else math.inf
     # energy from the power profile: steps (productive or re-run) at the step's average draw, pauses at idle

@@ -50,7 +50,8 @@ def test_parallel_table_in_the_model_toml_is_priced(run_plan, tmp_path):
     (["--gpu", "a100-80gb", "--gpus", "64", "--precision", "fp8"], "no fp8 tensor cores"),
     (["--layout", ""], "--layout is empty"),
     (["--gpus", "1e30"], "more than the 10,000,000 GPUs"),
-    (["--gpus", "inf"], "must be comma-separated integers"),  # not a silent fall back to the search alone
+    (["--gpus", "inf"], "must be comma-separated integers"),
+    (["--gpus", "64", "--failures-per-gpu-day", "1e300"], "leave no time to train"),  # was an OverflowError  # not a silent fall back to the search alone
     (["--layout", "tp=2,tp=4"], "tp is given twice"),
     (["--layout", "tp=" + "9" * 5000], "not a whole number below 10^9"),  # and the 5000 digits are not echoed
     (["--layout", "tp=\u00b2"], "not a whole number"),
