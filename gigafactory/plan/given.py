@@ -136,9 +136,10 @@ def fit_verdict(est: StepEstimate, hbm_gb: float) -> str:
     if lay.dp_shard == 1 or lay.zero < 3:
         hints.append("a higher --zero stage over a larger dp_shard")
     hints.append("more pp/tp")
-    return (f"does not fit: {mem.total / GIB:.1f} GiB on pipeline stage {mem.stage} > {hbm_gb * 1e9 / GIB:.1f} GiB "
-            f"(states {mem.states / GIB:.1f}, activations {mem.activations / GIB:.1f}, buffers {mem.buffers / GIB:.1f}, "
-            f"reserved {mem.reserved / GIB:.1f}); try " + ", ".join(hints))
+    gib = lambda nbytes: f"{nbytes / GIB:.1f}" if nbytes < 1e6 * GIB else f"{nbytes / GIB:.3g}"  # noqa: E731
+    return (f"does not fit: {gib(mem.total)} GiB on pipeline stage {mem.stage} > {hbm_gb * 1e9 / GIB:.1f} GiB "
+            f"(states {gib(mem.states)}, activations {gib(mem.activations)}, buffers {gib(mem.buffers)}, "
+            f"reserved {gib(mem.reserved)}); try " + ", ".join(hints))
 
 
 def distance(given: StepEstimate, found: StepEstimate) -> dict:
