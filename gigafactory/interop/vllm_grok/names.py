@@ -24,6 +24,7 @@ class Target:
     shard: str | int | None = None
     expert: str | None = None
 
+
 # vLLM's fused-MoE loader is given every expert tensor under Mixtral's names (gate w1, down w2, up w3).
 FUSED_MOE_NAMES = ("w1", "w2", "w3")
 
