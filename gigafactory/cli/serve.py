@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--rate-limit", type=float, default=0, help="Requests per minute per API key (0 = unlimited); a key may override it.")
     p.add_argument("--rollout", metavar="FILE", help="Phased rollout policy TOML (see gigafactory/serve/rollout.example.toml); re-read on change or SIGHUP.")
     p.add_argument("--prefill-chunk", type=int, default=512, help="Prompt tokens prefilled per engine step: a long prompt is spread over steps so running streams keep decoding.")
+    p.add_argument("--kv-blocks", type=int, default=0, help="KV-cache blocks of 16 tokens per model, shared by all requests (0 = a full context per slot); fewer blocks than slots x context lets short requests share memory.")
     p.add_argument("--no-prefix-cache", action="store_true", help="Prefill every prompt in full (no reuse of cached prompt starts).")
     p.add_argument("--trusted-proxies", default="127.0.0.1,::1", metavar="IP[/BITS],...",
                    help="Clients whose region/user headers are believed (your reverse proxy); '' = nobody.")
@@ -52,6 +53,8 @@ def build_state(args: argparse.Namespace):
         raise UserError(f"--port {args.port} must be in 0..65535")
     if args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk {args.prefill_chunk} must be >= 1")
+    if not 0 <= args.kv_blocks <= 1 << 24:
+        raise UserError(f"--kv-blocks {args.kv_blocks} must be between 0 (a full context per slot) and {1 << 24}")
     if args.max_queue < 1:
         raise UserError(f"--max-queue {args.max_queue} must be >= 1")
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
@@ -75,7 +78,7 @@ def build_state(args: argparse.Namespace):
             raise UserError(f"--checkpoint {spec}: the name '{name}' is taken; write NAME=DIR to give each model its own")
         engines[name] = Engine(loaded.model, loaded.tokenizer, name, n_slots=args.slots, metrics=metrics,
                                max_waiting=args.max_queue, prefix_cache=not args.no_prefix_cache,
-                               prefill_chunk=args.prefill_chunk)
+                               prefill_chunk=args.prefill_chunk, kv_blocks=args.kv_blocks or None)
     rollout = RolloutPolicy(args.rollout, metrics) if args.rollout else None
     if rollout is not None:
         missing = {r.model for r in [rollout.policy.default, *rollout.policy.regions.values()] if r.model} - set(engines)

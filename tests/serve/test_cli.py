@@ -40,6 +40,8 @@ def test_bad_cli_input_is_one_line(served_run, capsys, extra, message):
     (None, ["--trusted-proxies", "10.0.0.0/33"], "is not an IP address or network"),
     (None, ["--request-timeout", "nan"], "--request-timeout nan must be"),
     (None, ["--max-queue", "0"], "--max-queue 0 must be >= 1"),
+    (None, ["--kv-blocks", "-1"], "--kv-blocks -1 must be between 0"),
+    (None, ["--kv-blocks", "1"], "cannot hold one full context"),
 ])
 def test_bad_keys_and_flags_are_one_line(served_run, tmp_path, capsys, monkeypatch, keys_file, extra, message):
     import torch
