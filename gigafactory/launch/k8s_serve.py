@@ -26,7 +26,7 @@ from gigafactory.launch.spec import refuse_control_characters
 
 CONFIG_DIR = "/etc/gigafactory"
 GATEWAY_TOML = "gateway.toml"
-NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+NAME_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # a Service name (RFC 1035 label): starts with a letter
 POOL_RE = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,62}")  # also serve's --checkpoint NAME=PATH name: no '='
 MAX_REPLICAS = 1000  # per region; beyond it is a typo (each replica is its own Deployment and Service)
 
@@ -69,7 +69,11 @@ def parse_regions(text: str) -> dict[str, int]:
 
 def check(spec: ServeFleetSpec) -> None:
     if not NAME_RE.fullmatch(spec.name) or len(spec.name) > 40:
-        raise UserError(f"--name {spec.name!r}: lowercase letters, digits and '-', at most 40 characters (a Kubernetes name)")
+        raise UserError(f"--name {spec.name[:60]!r}: a lowercase letter, then letters, digits and '-', at most 40 "
+                        "characters (a Kubernetes name, for Services)")
+    longest = max((replica_name(spec, region, count - 1) for region, count in spec.regions.items()), key=len)
+    if len(longest) > 63:
+        raise UserError(f"replica Service {longest!r} is over Kubernetes' 63 characters; shorten --name or the region names")
     refuse_control_characters(checkpoint=spec.checkpoint, image=spec.image, pvc=spec.pvc,
                               train_args=list(spec.serve_args))  # a newline would start its own YAML line
     if not POOL_RE.fullmatch(spec.pool):

@@ -75,6 +75,8 @@ def test_launch_cli_writes_the_fleet_and_refuses_what_it_cannot(tmp_path, capsys
                         ([*argv, "--pool", "a=b"], "--pool 'a=b'"),
                         ([*argv, "--regions", "EU=" + "9" * 30], "replicas 1..1000"),
                         ([*argv, "--nodes", "4"], "--nodes is for a training job"),
+                        ([*argv, "--name", "9fleet"], "a lowercase letter"),
+                        ([*argv, "--name", "f" * 40, "--regions", "A" * 20 + "=100"], "over Kubernetes' 63 characters"),
                         (["launch", "k8s"], "give --nodes")):
         assert main(bad) == 2
         assert reason in capsys.readouterr().err
