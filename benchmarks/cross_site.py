@@ -62,11 +62,12 @@ def plot(rows: list[dict], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in rows:
+    for i, r in enumerate(rows):
         steps, losses = zip(*r["evals"])
         a.plot(steps, losses, marker="o", label=r["mode"])
         b.scatter(r["bytes_sent_per_site_MB"], r["eval_loss"], s=40)
-        b.annotate(f"{r['mode']}\n{r['tokens_per_s']:.0f} tok/s", (r["bytes_sent_per_site_MB"], r["eval_loss"]), fontsize=8)
+        b.annotate(f"{r['mode']}\n{r['tokens_per_s']:.0f} tok/s", (r["bytes_sent_per_site_MB"], r["eval_loss"]), fontsize=8,
+                   xytext=(-4, -24) if i % 2 else (4, 4), textcoords="offset points", ha="right" if i % 2 else "left")  # neighbours apart
     a.set(xlabel="step (equal tokens across modes)", ylabel="held-out loss", title="2 sites, grok-tiny, shipped corpus")
     a.legend()
     b.set(xscale="log", xlabel="MB each site sent across the link", ylabel=f"held-out loss at step {rows[0]['steps']}",
