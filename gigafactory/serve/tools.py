@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from functools import lru_cache
 
 from tokenizers import Tokenizer
 
@@ -67,6 +68,12 @@ def tool_constraint(tokenizer: Tokenizer, req: ChatCompletionRequest, mode: str,
     """The grammar of an answer under this tool mode: a call of one of `names` (required), or a call or any text
     not starting with "{" (auto)."""
     params = {t.function.name: t.function.parameters or NO_ARGUMENTS for t in req.tools or []}
+    for i, tool in enumerate(req.tools or []):
+        name = tool.function.name
+        why = _arguments_flaw(tokenizer, json.dumps(params[name], sort_keys=True)) if name in names else ""
+        if why:
+            raise ApiError(400, f"tool '{name}': its 'parameters' {why}", param=f"tools.{i}.function.parameters",
+                           code="invalid_value")
     calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": params[n]},
               "required": ["name", "arguments"], "additionalProperties": False} for n in names]
     schema = {"anyOf": calls, "x-guidance": JSON_LAYOUT} if len(calls) > 1 else {**calls[0], "x-guidance": JSON_LAYOUT}
@@ -75,6 +82,18 @@ def tool_constraint(tokenizer: Tokenizer, req: ChatCompletionRequest, mode: str,
     json_schema_grammar(schema, "tools")  # the size check, and a clear error for a schema that is not JSON
     lark = f"start: call | text\ncall: %json {json.dumps(schema)}\ntext: /[^{{][\\s\\S]*/\n"
     return compile_grammar(tokenizer, lark, "tools")
+
+
+@lru_cache(maxsize=1024)
+def _arguments_flaw(tokenizer: Tokenizer, schema_json: str) -> str:
+    """'' when a function's `parameters` can be enforced on its own, else why not. Some schemas compile and fail only
+    when decoding reaches them (`{"$ref": "#"}`: a 500 mid-answer); compiled alone, they fail at their first token.
+    Cached (about a millisecond each): clients send the same tools with every request."""
+    try:
+        compile_grammar(tokenizer, json_schema_grammar(json.loads(schema_json), "parameters"), "parameters")
+    except ApiError as err:
+        return err.message.removeprefix("'parameters' ")
+    return ""
 
 
 def tools_prompt(req: ChatCompletionRequest) -> str:

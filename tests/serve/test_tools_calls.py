@@ -117,7 +117,11 @@ BAD = [
     ({"tools": [TOOLS[1], TOOLS[1]]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"a": {"type": "nope"}}}}}], "tool_choice": "required"}, "tools"),
+        "type": "object", "properties": {"a": {"type": "nope"}}}}}], "tool_choice": "required"},
+     "tools.0.function.parameters"),
+    # compiles inside the call grammar and failed only once decoding reached the arguments: a 500 mid-answer
+    *(({"tools": [TOOLS[1], {"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}],
+        "tool_choice": choice}, "tools.1.function.parameters") for choice in ("required", "auto")),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools.0.function.parameters"),
