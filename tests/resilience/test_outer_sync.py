@@ -15,6 +15,15 @@ from tests.conftest import TINY_MODEL
 pytest.importorskip("torchft")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread avoids oversubscribing a loaded machine (several times faster there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _Done:
     def wait(self, timeout=None) -> bool:
         return True
