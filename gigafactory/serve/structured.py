@@ -96,11 +96,58 @@ def json_schema_grammar(schema: dict, param: str) -> str:
     if too_long:
         raise ApiError(400, f"'{param}' is over {MAX_SCHEMA_CHARS} characters of JSON schema", param=param,
                        code="invalid_value")
+    loop = ref_loop(schema)
+    if loop:
+        raise ApiError(400, f"'{param}' cannot be enforced: $ref {loop!r} leads back to itself without an object or "
+                            "array in between (it would never write a character)", param=param, code="invalid_value")
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     except ValueError as err:
         raise ApiError(400, f"'{param}' is not a usable JSON schema: {_one_line(str(err))}", param=param,
                        code="invalid_value") from None
+
+
+def ref_loop(schema) -> str:
+    """A local `$ref` that reaches itself through only $refs and anyOf/oneOf/allOf, else ''. llguidance compiles such
+    a schema and fails only when decoding reaches it (a 500 mid-answer), so it is refused up front."""
+    nodes: dict[str, object] = {}
+
+    def collect(node, pointer: str) -> None:
+        nodes[pointer] = node
+        if isinstance(node, dict):
+            for key, value in node.items():
+                collect(value, f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                collect(value, f"{pointer}/{i}")
+
+    def steps(pointer: str) -> list[str]:
+        node = nodes.get(pointer)
+        if not isinstance(node, dict):
+            return []
+        out = [node["$ref"].rstrip("/")] if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#") else []
+        for key in ("anyOf", "oneOf", "allOf"):
+            if isinstance(node.get(key), list):
+                out += [f"{pointer}/{key}/{i}" for i in range(len(node[key]))]
+        return out
+
+    collect(schema, "#")
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    for start in nodes:
+        stack = [(start, iter(steps(start)))]
+        state.setdefault(start, 1)
+        while stack:
+            pointer, successors = stack[-1]
+            nxt = next(successors, None)
+            if nxt is None:
+                state[pointer] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return nxt
+            elif nxt not in state:
+                state[nxt] = 1
+                stack.append((nxt, iter(steps(nxt))))
+    return ""
 
 
 def response_format_constraint(tokenizer: Tokenizer, response_format) -> GrammarConstraint | None:

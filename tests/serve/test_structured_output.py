@@ -102,6 +102,10 @@ BAD = [
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}}},
      "response_format.json_schema.schema"),
+    # a loop below the first token: it failed only when decoding reached property a
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "required": ["a"],
+        "$defs": {"x": {"anyOf": [{"$ref": "#/$defs/x"}]}}}}}}, "response_format.json_schema.schema"),
 ]
 
 
@@ -124,3 +128,12 @@ def test_a_schema_too_deep_for_python_is_400_not_a_crash():
         schema = {"type": "object", "properties": {"a": schema}}
     with pytest.raises(ApiError, match="nested too deeply"):
         json_schema_grammar(schema, "p")
+
+
+def test_recursion_through_an_object_or_array_is_no_loop():
+    from gigafactory.serve.structured import ref_loop
+
+    tree = {"$defs": {"n": {"type": "object", "properties": {"c": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}},
+            "$ref": "#/$defs/n"}
+    assert ref_loop(tree) == "" and ref_loop({"type": "object", "properties": {"next": {"$ref": "#"}}}) == ""
+    assert ref_loop({"$defs": {"x": {"allOf": [{"$ref": "#/$defs/y"}]}, "y": {"$ref": "#/$defs/x"}}}) in ("#/$defs/x", "#/$defs/y")
