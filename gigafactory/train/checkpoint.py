@@ -63,8 +63,16 @@ def attach_extra_state(optimizer, holder) -> None:
     _EXTRA_STATE[optimizer] = holder
 
 
+def _holder(optimizer):
+    """The extra state attached to `optimizer`; None for none, or for what cannot carry one (a list of optimizers)."""
+    try:
+        return _EXTRA_STATE.get(optimizer)
+    except TypeError:  # not weakly referenceable or not hashable
+        return None
+
+
 def _with_extra(state: dict, optimizer) -> dict:
-    holder = _EXTRA_STATE.get(optimizer) if optimizer is not None else None
+    holder = _holder(optimizer)
     if holder is not None:
         state["extra"] = holder.checkpoint_state()
     return state
@@ -317,7 +325,7 @@ def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None 
         state["train_state"] = train_state
     if optimizer is not None:
         state["optim"] = optim_sd
-        if _EXTRA_STATE.get(optimizer) is not None and _has_extra(Path(ckpt)):
+        if _holder(optimizer) is not None and _has_extra(Path(ckpt)):
             _with_extra(state, optimizer)
     try:
         dcp.load(state, checkpoint_id=str(ckpt))
@@ -328,7 +336,7 @@ def load_checkpoint(ckpt: Path, model, optimizer=None, train_state: dict | None 
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if "extra" in state:
-            _EXTRA_STATE[optimizer].load_checkpoint_state(state["extra"])
+            _holder(optimizer).load_checkpoint_state(state["extra"])
     else:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     return state.get("train_state", {})
