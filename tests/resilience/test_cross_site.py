@@ -35,7 +35,11 @@ def test_bad_sync_settings_are_one_line_errors():
     for bad, says in [({"sync_every": 4}, "needs fault_tolerance.sync=localsgd or diloco"),
                       ({"sync": "diloco", "sync_every": 0}, "sync_every=0 must be >= 1"),
                       ({"sync": "diloco", "outer_momentum": 1.0}, "outer_momentum=1.0 must be in [0, 1)"),
-                      ({"link_gbps": -1.0}, "link_gbps=-1.0 must be >= 0")]:
+                      ({"link_gbps": -1.0}, "link_gbps=-1.0 must be >= 0"),
+                      ({"sync": "diloco", "fragments": 2}, "need fault_tolerance.sync=streaming_diloco"),
+                      ({"sync": "streaming_diloco", "sync_every": 6, "fragments": 4}, "sync_every=6 must be a multiple of fault_tolerance.fragments=4"),
+                      ({"sync": "streaming_diloco", "sync_every": 4, "fragments": 2, "fragment_sync_delay": 2}, "fragment_sync_delay=2 must be < sync_every/fragments = 2"),
+                      ({"sync": "localsgd", "compression": "bf16"}, "compression=bf16 needs fault_tolerance.sync=diloco or streaming_diloco")]:
         with pytest.raises(ConfigError, match=re.escape(says)):
             FaultToleranceConfig(**bad).validate()
 
