@@ -49,7 +49,7 @@ def register(subparsers) -> None:
             flag = "--" + RENAMED.get(f.name, f.name.replace("_", "-"))
             kind = hints[f.name]
             default = DEFAULT_NOTES.get(f.name, repr(f.default))
-            help_text = f"{f.metadata.get('help', '')} [default: {default}]"
+            help_text = f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%")  # argparse formats help with %
             if kind is bool:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             else:
