@@ -61,7 +61,7 @@ class HostReads(TorchFunctionMode):
         return sum(self.reads.values())
 
 
-def reads_per_step(trainer: Trainer, steps: int = 2) -> tuple[float, Counter]:
+def reads_per_step(trainer: Trainer, steps: int = 1) -> tuple[float, Counter]:
     trainer.train_step()  # the first step may do one-time work
     with HostReads() as counter:
         for _ in range(steps):
@@ -73,7 +73,8 @@ def reads_per_step(trainer: Trainer, steps: int = 2) -> tuple[float, Counter]:
 def test_a_training_step_reads_the_device_once_whatever_the_depth(tiny_job):
     counts = {}
     for n_layers in (2, 4):  # two microbatches per step: nothing per microbatch either
-        trainer = Trainer(tiny_job(model__n_layers=n_layers, training__grad_accum_steps=2, training__steps=10))
+        trainer = Trainer(tiny_job(model__n_layers=n_layers, training__grad_accum_steps=2,
+                                    training__batch_size=2, training__steps=10))
         counts[n_layers], where = reads_per_step(trainer)
         trainer.close()
         assert counts[n_layers] <= HOST_READS_PER_STEP, f"{counts[n_layers]} host reads per step; calls: {dict(where)}"
