@@ -65,17 +65,19 @@ def main() -> None:
     with profile(activities=activities) as prof:
         step()
         sync()
-    times = []
+    times, cpu_times = [], []  # CPU time (all threads) is steadier than wall time on a shared machine
     for _ in range(args.steps):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     print(f"{args.preset} {cfg.n_layers}L d{cfg.d_model} E{cfg.n_experts} top{cfg.top_k} F{cfg.moe_ffn_dim} V{cfg.vocab_size}, "
           f"batch {args.batch} x seq {args.seq}, {args.dtype}, {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"median step {sorted(times)[len(times) // 2] * 1e3:.0f} ms over {len(times)} steps")
+    median = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
+    print(f"median step {median(times):.0f} ms wall, {median(cpu_times):.0f} ms CPU (process) over {len(times)} steps")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=40))
     if args.trace:
         prof.export_chrome_trace(args.trace)
