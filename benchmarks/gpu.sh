@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 6 minutes on one H100), run from the repository root:
-#   bash benchmarks/gpu.sh [SECTION ...]     sections: checks moe moe-compiled moe-fp8 dense dense-fp8 layer peer
+#   bash benchmarks/gpu.sh [SECTION ...]     sections: checks moe moe-compiled moe-fp8 dense dense-fp8 layer profile peer
 #                                            (default: all)
 # 1. benchmarks/gpu_checks.py: bf16 matmul peak; grouped-GEMM experts, fused capped attention and the chunked head
 #    loss against float64 / materialised references, their speed and memory; KV-cached = uncached decoding on CUDA.
@@ -17,7 +17,7 @@ PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOGS=${OUT:-runs/gpu-bench}
-SECTIONS=" ${*:-checks moe moe-compiled moe-fp8 dense dense-fp8 layer peer} "
+SECTIONS=" ${*:-checks moe moe-compiled moe-fp8 dense dense-fp8 layer profile peer} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 FAILED=()
 mkdir -p "$LOGS"
@@ -61,6 +61,12 @@ if want layer; then
   GPU=h100; nvidia-smi --query-gpu=name --format=csv,noheader | grep -qi h200 && GPU=h200
   timeout 170 $PY benchmarks/grok1_layer.py --device cuda --gpu "$GPU" 2>&1 | tee "$LOGS/layer.log" | grep -v Warning
   grep -q "ratio" "$LOGS/layer.log" || FAILED+=(layer)
+fi
+
+if want profile; then
+  echo "== profile: one grok-1b-moe step under torch.profiler (top ops; trace in \$LOGS/step.json)"
+  timeout 120 $PY benchmarks/profile_step.py --device cuda --preset grok-1b-moe --dtype bf16 --batch 4 --seq 2048 --trace "$LOGS/step.json" \
+    2>&1 | tee "$LOGS/profile.log" | grep -v Warning | tail -15 || FAILED+=(profile)
 fi
 
 if want peer; then
