@@ -222,20 +222,24 @@ class Job:
             self.res.while_down += 1
         if cls.outage_s > 0:
             self.outage_until = max(self.outage_until, t + cls.outage_s)
+        self._roll_back(t, cls.name, recoverable)
+        self.from_memory = recoverable and (running or self.from_memory)
+        if self.phase in ALIVE or self.phase == "restart":  # the running job (or its relaunch) dies: detect, restart
+            self._enter("detect", t, cls.detect_s)
+        # already dead (detect / outage / wait_for_nodes): the failed node is excluded at restart, no extra detection
+
+    def _roll_back(self, t: float, cause: str, recoverable: bool) -> None:
+        """Lose the work since the newest usable checkpoint: the in-memory one when it survived, else storage's."""
         target = self._memory_work() if recoverable else self.work_storage
         if self.record:
             self.res.work_trace.append((t, self.work))
-            self.res.failures.append((t, cls.name))
+            self.res.failures.append((t, cause))
         self.res.lost_s += self.work - target
         self.work = target
         if not recoverable:
             self.work_memory = self.work_storage
         if self.record:
             self.res.work_trace.append((t, self.work))
-        self.from_memory = recoverable and (running or self.from_memory)
-        if self.phase in ALIVE or self.phase == "restart":  # the running job (or its relaunch) dies: detect, restart
-            self._enter("detect", t, cls.detect_s)
-        # already dead (detect / outage / wait_for_nodes): the failed node is excluded at restart, no extra detection
 
     def on_repair(self, t: float) -> None:
         if self.missing > 0:

@@ -247,15 +247,6 @@ class ReplicaJob(Job):
         """Too few groups left: the job stops (rolled back to its newest checkpoint, the in-memory one if a group
         that holds it survives) and restarts once enough groups have their site and nodes."""
         recoverable = self.in_memory and len(self._unavailable()) < self.groups
-        target = self._memory_work() if recoverable else self.work_storage
-        if self.record:
-            self.res.work_trace.append((t, self.work))
-            self.res.failures.append((t, SITE))
-        self.res.lost_s += self.work - target
-        self.work = target
-        if not recoverable:
-            self.work_memory = self.work_storage
-        if self.record:
-            self.res.work_trace.append((t, self.work))
+        self._roll_back(t, SITE, recoverable)
         self.from_memory = recoverable
         self._enter("detect", t, self.rec.ft_detect_s)
