@@ -37,6 +37,7 @@ NCCL_ENV: tuple[tuple[str, str, str], ...] = (
     ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1", "... and dump them on a timeout, to find the rank that fell behind."),
     ("OMP_NUM_THREADS", "1", "One CPU thread per rank for torch ops (torchrun's own default, set explicitly)."),
     ("PYTHONUNBUFFERED", "1", "Logs appear as they are written."),
+    ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1", "Each rendezvous round gets a fresh store for the workers: with the agents' shared store, an agent that restarts because a peer failed keeps its restart count, and its workers then read the dead attempt's addresses (gloo: Connection refused)."),
 )
 # Site-specific; written commented out. Set them when NCCL picks the wrong network.
 NCCL_SITE_ENV: tuple[tuple[str, str, str], ...] = (

@@ -18,14 +18,18 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, i
         rank = int(os.environ["RANK"])
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # torchrun's agent store outlives worker restarts; a per-attempt prefix keeps a restarted group from
-        # reading the dead attempt's keys (seen hanging otherwise on gloo).
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=timeout_s))
-        dist.init_process_group(
-            "nccl" if device_type == "cuda" else "gloo", store=dist.PrefixStore(f"attempt{attempt}/", store),
-            rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
-        )
+        backend, timeout = ("nccl" if device_type == "cuda" else "gloo"), timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The agents' store outlives worker restarts and torch adds no per-attempt prefix: without one a
+            # restarted group reads the dead attempt's keys (seen hanging on gloo). The restart count is only
+            # consistent across agents on one node (`--standalone`); multi-node launch files therefore set
+            # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a fresh store per rendezvous round (the branch below).
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        else:  # torch's env:// rendezvous: rank 0 hosts this round's store
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
