@@ -33,9 +33,14 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, i
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
+def all_reduce_mean(value: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
+    """Mean over all ranks. A float comes back a float; a 0-dim device tensor stays one (no host read)."""
     if not dist.is_initialized():
         return value
+    if isinstance(value, torch.Tensor):
+        t = value.reshape(1).clone()
+        dist.all_reduce(t)
+        return t[0] / dist.get_world_size()
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()

@@ -231,14 +231,7 @@ class Trainer:
     def reduce_loss(self, local: float | torch.Tensor) -> float | torch.Tensor:
         """Average over the ranks holding losses (under pipeline parallel, only the last stage does). A float comes
         back a float; a device tensor stays one (reduced in place of a host round trip)."""
-        pp = self.dims.pp if self.dims.pp > 1 else 1
-        if not isinstance(local, torch.Tensor):
-            return all_reduce_mean(local, self.device) * pp
-        if dist.is_initialized():
-            local = local.reshape(1).clone()
-            dist.all_reduce(local)
-            local = local[0] / dist.get_world_size()
-        return local * pp
+        return all_reduce_mean(local, self.device) * (self.dims.pp if self.dims.pp > 1 else 1)
 
     def forward_backward(self, step: int) -> tuple[float, float]:
         """Gradients of one step's batch; (global mean loss, global gradient norm after clipping). The loss, norm
