@@ -50,13 +50,11 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> No
     raise SystemExit("the server did not come up")
 
 
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, int, bool]:
-    """(time to first token, tokens received, ok) for one streaming chat request."""
-    body = {"messages": [{"role": "user", "content": f"Tell me about day {i} of creation."}], "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True, "temperature": 0.8, "seed": i,
-            "stream_options": {"include_usage": True}}
+async def stream_timed(client: httpx.AsyncClient, path: str, body: dict) -> tuple[float, int, bool]:
+    """(time to the first generated text, completion tokens, ok) for one streamed request on /v1/completions or
+    /v1/chat/completions (any OpenAI-compatible server: ours, vLLM, the gateway)."""
     start, ttft, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             return 0.0, 0, False
         async for line in r.aiter_lines():
@@ -65,9 +63,17 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tup
             obj = json.loads(line[6:])
             if obj.get("usage"):
                 tokens = obj["usage"]["completion_tokens"]
-            elif ttft is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+            choice = (obj.get("choices") or [{}])[0]
+            if ttft is None and (choice.get("text") or choice.get("delta", {}).get("content")):
                 ttft = time.perf_counter() - start
     return (ttft if ttft is not None else time.perf_counter() - start), tokens, True
+
+
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, int, bool]:
+    body = {"messages": [{"role": "user", "content": f"Tell me about day {i} of creation."}], "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True, "temperature": 0.8, "seed": i,
+            "stream_options": {"include_usage": True}}
+    return await stream_timed(client, "/v1/chat/completions", body)
 
 
 async def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:

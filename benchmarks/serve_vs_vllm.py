@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -30,26 +29,15 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from serve_load import stream_timed  # noqa: E402  (benchmarks/ is this script's own folder on sys.path)
+
 NAME = "bench"
 
 
 async def one_request(client: httpx.AsyncClient, prompt: list[int], seed: int, max_tokens: int):
-    """(time to first token, completion tokens, ok) for one streamed completion."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
             "temperature": 0.8, "seed": seed, "stream_options": {"include_usage": True}}
-    start, ttft, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return 0.0, 0, False
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if obj.get("usage"):
-                tokens = obj["usage"]["completion_tokens"]
-            if ttft is None and obj.get("choices") and obj["choices"][0].get("text"):
-                ttft = time.perf_counter() - start
-    return (ttft if ttft is not None else time.perf_counter() - start), tokens, True
+    return await stream_timed(client, "/v1/completions", body)
 
 
 async def load(url: str, prompts: list[list[int]], clients: int, per_client: int, max_tokens: int) -> dict:
