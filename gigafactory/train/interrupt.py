@@ -71,6 +71,7 @@ class StopSignals:
             return flag
         t = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() and self.signum is None:  # a peer got it first: stop too, under the same grace
-            self._handle(int(t.item()), None)
-        return bool(t.item())
+        signum = int(t.item())  # one host read
+        if signum and self.signum is None:  # a peer got it first: stop too, under the same grace
+            self._handle(signum, None)
+        return bool(signum)
