@@ -93,6 +93,29 @@ class LoggingConfig:
     peak_tflops: float = knob(0.0, "Device peak TFLOP/s for MFU; 0 = a built-in guess for the device.")
 
 
+EVAL_SUITES = ("kjv", "harness:<task>")  # built by posttrain/eval_suites.py; named here so a typo fails at load
+
+
+@dataclass
+class EvalConfig:
+    """Task suites scored during training, at every eval.every-th eval point of training.eval_every: the scores
+    `gigafactory eval` gives, logged as eval/<suite>/<score> and written to RUN/eval-step-N.json + .md."""
+
+    tasks: list[str] = knob(factory=list, help="Suites to run: kjv (the KJV task's answer log-likelihood and token accuracy, held-out preference accuracy), harness:<task> (an lm-evaluation-harness task; local YAML via harness_include). Empty = none.")
+    every: int = knob(1, "Run the suites at every N-th eval point (step 0's is the first; the last step's always).")
+    limit: int = knob(50, "KJV test items scored (at most 200), and documents per harness task.")
+    exact_match: bool = knob(False, "kjv: also score exact match by greedy decoding (slow: one generation per item).")
+    harness_include: str = knob("", "A directory of lm-eval task YAML files for harness:<task> suites.")
+
+    def validate(self) -> None:
+        for name in self.tasks:
+            if name != "kjv" and not (name.startswith("harness:") and name[len("harness:"):].strip()):
+                raise ConfigError(f"eval.tasks: unknown suite {name!r}; known suites: {', '.join(EVAL_SUITES)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"eval.tasks={self.tasks!r} names a suite twice")
+        _check(self, "eval.", [("every", self.every >= 1, "must be >= 1"), ("limit", self.limit >= 1, "must be >= 1")])
+
+
 ANOMALY_ACTIONS = ("skip", "rollback", "stop")
 
 
@@ -250,12 +273,16 @@ class JobConfig:
     resilience: ResilienceConfig = knob(factory=ResilienceConfig, help="Failure detection and recovery.")
     fault_tolerance: FaultToleranceConfig = knob(factory=FaultToleranceConfig, help="Replica-group fault tolerance (torchft).")
     faults: FaultConfig = knob(factory=FaultConfig, help="Fault injection for tests and drills.")
+    eval: EvalConfig = knob(factory=EvalConfig, help="Task suites scored during training.")
 
     def validate(self) -> None:
         self.model.validate()
         self.resilience.validate()
         self.faults.validate()
         self.fault_tolerance.validate()
+        self.eval.validate()
+        if self.eval.tasks and not self.training.eval_every:
+            raise ConfigError(f"eval.tasks={self.eval.tasks!r} run at eval points: set training.eval_every > 0")
         if self.fault_tolerance.enabled and "rollback" in (self.resilience.on_nan, self.resilience.on_spike):
             raise ConfigError("resilience.on_nan/on_spike=rollback is not supported with fault_tolerance.enabled (a rollback would "
                               "leave the other replica groups); use skip or stop")
