@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.launch.test_launch import check_sbatch, launch, load_yaml_documents, pod_of
+from tests.launch.launch_helpers import check_sbatch, launch, load_yaml_documents, pod_of
 
 
 @pytest.mark.parametrize("content", [["node-1", "node-2"], {"bad_nodes": ["node-1", "node-2", "node-1"], "verdicts": {}}])

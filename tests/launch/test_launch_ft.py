@@ -24,7 +24,7 @@ import pytest
 
 from gigafactory.launch.spec import _check_train_args
 from tests.launch import slurm_stub
-from tests.launch.test_launch import check_sbatch, launch, load_yaml_documents, pod_of, write_config
+from tests.launch.launch_helpers import check_sbatch, launch, load_yaml_documents, pod_of, write_config
 
 FT = "\n[fault_tolerance]\nenabled = true\nreplica_groups = {groups}\n"
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests.launch import slurm_stub
-from tests.launch.test_launch import check_sbatch, launch, load_yaml_documents, pod_of
+from tests.launch.launch_helpers import check_sbatch, launch, load_yaml_documents, pod_of
 
 FAKE_PYTHON = """
 import json, os, sys
