@@ -31,6 +31,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="Requests that may wait for a slot per model; more get 503 + Retry-After.")
     p.add_argument("--request-timeout", type=float, default=600, help="Seconds a request may take from arrival to its last token (0 = no limit).")
     p.add_argument("--shutdown-timeout", type=float, default=30, help="Seconds SIGTERM waits for open requests and connections before closing them.")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="Run each model's engine in its own process (the HTTP process keeps only the tokenizer); "
+                        "--no-engine-process runs it as a thread of the HTTP process.")
+    p.add_argument("--engine-threads", type=int, default=0,
+                   help="torch threads of each engine process (0 = every core but one, which is left to HTTP).")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="Server log level.")
     p.set_defaults(func=run)
 
@@ -41,7 +46,9 @@ def build_state(args: argparse.Namespace):
     from gigafactory.inference.generate import check_device, load_for_inference
     from gigafactory.serve.access import RateLimiter, load_keys
     from gigafactory.serve.api_server import ServerState
-    from gigafactory.serve.engine import Engine
+    from gigafactory.serve.engine import Engine, check_kv_blocks
+    from gigafactory.serve.engine_client import EngineClient, load_serving_info
+    from gigafactory.serve.engine_core import CoreSpec
     from gigafactory.serve.metrics import Metrics
     from gigafactory.serve.rollout import RolloutPolicy
 
@@ -55,6 +62,8 @@ def build_state(args: argparse.Namespace):
         raise UserError(f"--prefill-chunk {args.prefill_chunk} must be >= 1")
     if not 0 <= args.kv_blocks <= 1 << 24:
         raise UserError(f"--kv-blocks {args.kv_blocks} must be between 0 (a full context per slot) and {1 << 24}")
+    if args.engine_threads < 0:
+        raise UserError(f"--engine-threads {args.engine_threads} must be >= 0 (0 = every core but one)")
     if args.max_queue < 1:
         raise UserError(f"--max-queue {args.max_queue} must be >= 1")
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
@@ -72,13 +81,23 @@ def build_state(args: argparse.Namespace):
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = "", spec
-        loaded = load_for_inference(path, args.device)
-        name = name or loaded.config.model.name
+        if args.engine_process:  # the weights load in the engine process; here only what HTTP needs
+            tokenizer, config, ckpt = load_serving_info(path)
+        else:
+            loaded = load_for_inference(path, args.device)
+            tokenizer, config, ckpt = loaded.tokenizer, loaded.config, loaded.checkpoint
+        name = name or config.model.name
         if name in engines:
             raise UserError(f"--checkpoint {spec}: the name '{name}' is taken; write NAME=DIR to give each model its own")
-        engines[name] = Engine(loaded.model, loaded.tokenizer, name, n_slots=args.slots, metrics=metrics,
-                               max_waiting=args.max_queue, prefix_cache=not args.no_prefix_cache,
-                               prefill_chunk=args.prefill_chunk, kv_blocks=args.kv_blocks or None)
+        check_kv_blocks(args.kv_blocks or None, config.model.max_seq_len)
+        if args.engine_process:
+            core = CoreSpec(str(ckpt), name, args.device, args.slots, args.max_queue, not args.no_prefix_cache,
+                            args.prefill_chunk, args.kv_blocks or None, args.engine_threads or default_engine_threads())
+            engines[name] = EngineClient(core, tokenizer, config.model, metrics)
+        else:
+            engines[name] = Engine(loaded.model, tokenizer, name, n_slots=args.slots, metrics=metrics,
+                                   max_waiting=args.max_queue, prefix_cache=not args.no_prefix_cache,
+                                   prefill_chunk=args.prefill_chunk, kv_blocks=args.kv_blocks or None)
     rollout = RolloutPolicy(args.rollout, metrics) if args.rollout else None
     if rollout is not None:
         missing = {r.model for r in [rollout.policy.default, *rollout.policy.regions.values()] if r.model} - set(engines)
@@ -87,6 +106,14 @@ def build_state(args: argparse.Namespace):
                             f"add --checkpoint NAME=DIR for each or fix the policy")
     return ServerState(engines, next(iter(engines)), metrics, keys, RateLimiter(args.rate_limit), rollout, proxies,
                        args.request_timeout or None)
+
+
+def default_engine_threads() -> int:
+    """Every core this process may use but one, left to the HTTP process (one when there is only one)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def parse_proxies(text: str) -> tuple:
@@ -111,6 +138,13 @@ def run(args: argparse.Namespace) -> int:
 
     state = build_state(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        for engine in state.engines.values():  # engine processes load here, so a failure is one line, not a
+            engine.start()  # traceback from the server's startup (starting again in the lifespan is a no-op)
+    except BaseException:
+        for engine in state.engines.values():
+            engine.stop()
+        raise
     if state.rollout is not None and hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda *_: state.rollout.reload())
     print(f"serving {', '.join(state.engines)} on http://{args.host}:{args.port}/ "

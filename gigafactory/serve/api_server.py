@@ -132,8 +132,8 @@ def create_app(state: ServerState, start_engines: bool = True) -> FastAPI:
             ids = await _encode(engine, prompt, "prompt")
         else:
             ids = list(prompt)
-            if any(not 0 <= t < engine.model.cfg.vocab_size for t in ids):
-                raise ApiError(400, f"prompt token ids must be in [0, {engine.model.cfg.vocab_size})", param="prompt")
+            if any(not 0 <= t < engine.vocab_size for t in ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {engine.vocab_size})", param="prompt")
         params = _sampling(engine, req, ids, req.max_tokens, "prompt")
         params.constraint = await _constraint(engine, req)
         return await respond(request, state, engine, req, ids, params, req.stop_list(), False, started)
@@ -285,7 +285,7 @@ def _sampling(engine: Engine, req, ids: list[int], max_tokens: int | None, param
     room = context - len(ids)
     params = SamplingParams(req.temperature, req.top_k, req.top_p, room if max_tokens is None else max_tokens,
                             req.min_p, req.presence_penalty, req.frequency_penalty,
-                            req.bias_ids(engine.model.cfg.vocab_size))
+                            req.bias_ids(engine.vocab_size))
     try:
         params.validate()
     except UserError as err:

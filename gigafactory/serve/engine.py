@@ -29,11 +29,20 @@ from gigafactory.serve.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+def check_kv_blocks(kv_blocks: int | None, max_len: int) -> None:
+    """A pool smaller than one full context would leave a full-length request waiting forever."""
+    if kv_blocks is not None and kv_blocks < blocks_for(max_len):
+        raise UserError(f"kv_blocks={kv_blocks} cannot hold one full context of {max_len} tokens "
+                        f"({blocks_for(max_len)} blocks of {BLOCK_SIZE})")
+
+
 class QueueFull(Exception):
     """`max_waiting` requests are already waiting for a slot: the server answers 503 + Retry-After."""
 
 
 class Engine:
+    delivers_on_loop = False  # on_event runs on the engine thread (EngineClient: on the submitter's event loop)
+
     def __init__(self, model: GrokModel, tokenizer: Tokenizer, name: str, n_slots: int = 16,
                  metrics: Metrics | None = None, max_waiting: int = 256, prefix_cache: bool = True,
                  prefill_chunk: int = 512, kv_blocks: int | None = None):
@@ -47,9 +56,7 @@ class Engine:
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         device = next(model.parameters()).device
-        if kv_blocks is not None and kv_blocks < blocks_for(self.max_len):  # a full-length request would wait forever
-            raise UserError(f"kv_blocks={kv_blocks} cannot hold one full context of {self.max_len} tokens "
-                            f"({blocks_for(self.max_len)} blocks of {BLOCK_SIZE})")
+        check_kv_blocks(kv_blocks, self.max_len)
         self.kv = PagedKVCache(model.cfg, n_slots, self.max_len, device, dtype=next(model.parameters()).dtype,
                                n_blocks=kv_blocks)
         self.scheduler = Scheduler(self.kv, prefix_cache=prefix_cache)
@@ -62,7 +69,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
 
     def start(self) -> "Engine":
-        self._thread.start()
+        if self._thread.ident is None:  # starting twice (the CLI, then the server's lifespan) is a no-op
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -109,27 +117,37 @@ class Engine:
     def n_running(self) -> int:
         return len(self.scheduler.running)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping:
-            try:
-                while not self._inbox.empty():
-                    self.scheduler.add(self._inbox.get_nowait())
-                self._expire()
-                self.scheduler.retire()
-                if self.scheduler.idle:
-                    self.metrics.engine_state(self.name, self.queue_length, self.n_running,
-                                              self.kv.blocks_in_use / self.kv.n_blocks, self.kv.blocks_in_use)
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                self.step()
-            except Exception as err:  # outside any one request: end them all rather than hang every client
-                log.exception("engine loop failed")
-                message = f"engine failure: {type(err).__name__}"
-                for seq in self.scheduler.running + list(self.scheduler.waiting):
-                    self._guard(seq, lambda s=seq: s.fail(message))
-                self.scheduler.retire()
+            if not self.run_once():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    def run_once(self) -> bool:
+        """One turn of the loop: take new requests, end expired ones, step if there is work. False when idle (the
+        caller waits for work: the thread on its wake event, the engine process on its pipe)."""
+        try:
+            while not self._inbox.empty():
+                self.scheduler.add(self._inbox.get_nowait())
+            self._expire()
+            self.scheduler.retire()
+            if self.scheduler.idle:
+                self.metrics.engine_state(self.name, self.queue_length, self.n_running,
+                                          self.kv.blocks_in_use / self.kv.n_blocks, self.kv.blocks_in_use)
+                return False
+            self.step()
+        except Exception as err:  # outside any one request: end them all rather than hang every client
+            log.exception("engine loop failed")
+            message = f"engine failure: {type(err).__name__}"
+            for seq in self.scheduler.running + list(self.scheduler.waiting):
+                self._guard(seq, lambda s=seq: s.fail(message))
+            self.scheduler.retire()
+        return True
 
     def _expire(self) -> None:
         now = time.perf_counter()

@@ -45,6 +45,8 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
     k = req.top_logprobs_k()
 
     def callback(index: int):
+        if engine.delivers_on_loop:  # the engine process's client already calls back on this loop
+            return lambda text, fin: events.put_nowait((index, text, fin))
         return lambda text, fin: loop.call_soon_threadsafe(events.put_nowait, (index, text, fin))
 
     seqs = []
@@ -91,20 +93,27 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
                                   "finish_reason": None} for i in range(len(seqs))])
                 running = len(seqs)
                 while running:
-                    i, text, finish = await events.get()
-                    if finish in ("error", "timeout"):
-                        finished(finish)
-                        yield f"data: {json.dumps(_failure(finish, text, state.request_timeout).body())}\n\n"
+                    batch = [await events.get()]
+                    while not events.empty():  # every token already queued goes out in this one chunk
+                        batch.append(events.get_nowait())
+                    failure = next(((text, finish) for _, text, finish in batch if finish in ("error", "timeout")),
+                                   None)
+                    if failure is not None:
+                        finished(failure[1])
+                        yield f"data: {json.dumps(_failure(failure[1], failure[0], state.request_timeout).body())}\n\n"
                         break
-                    if text or finish:
+                    out = []
+                    for i, text, finish in _merge(batch):
                         piece = fmts[i].choice(text, finish, delta=True)
                         if piece.get("delta", True) or piece["finish_reason"] or piece["logprobs"]:  # a call's
-                            yield chunk([piece])  # fixed opening adds nothing until its name is complete
-                    running -= finish is not None
-                    if not running:
-                        finished(finish)
-                        if req.include_usage():
-                            yield chunk([], usage=usage())
+                            out.append(chunk([piece]))  # fixed opening adds nothing until its name is complete
+                        running -= finish is not None
+                        if not running:
+                            finished(finish)
+                            if req.include_usage():
+                                out.append(chunk([], usage=usage()))
+                    if out:
+                        yield "".join(out)
                 yield "data: [DONE]\n\n"
             finally:
                 abort_all()
@@ -137,6 +146,17 @@ async def respond(request: Request, state, engine: Engine, req, ids: list[int], 
     return {"id": rid, "object": kind, "created": created, "model": engine.name,
             "choices": [fmt.choice("".join(p), f, delta=False) for fmt, p, f in zip(fmts, pieces, finishes)],
             "usage": usage()}
+
+
+def _merge(batch: list[tuple[int, str, str | None]]) -> list[tuple[int, str, str | None]]:
+    """Queued events folded per choice: one piece of text each (with its finish reason if it came), in order."""
+    text: dict[int, list[str]] = {}
+    finish: dict[int, str | None] = {}
+    for i, piece, fin in batch:
+        text.setdefault(i, []).append(piece)
+        if fin is not None:
+            finish[i] = fin
+    return [(i, "".join(pieces), finish.get(i)) for i, pieces in text.items()]
 
 
 class _Formatter:
