@@ -4,6 +4,10 @@ Each stage is a GrokModel with the other stages' layers deleted, so parameter na
 same as the single-device model's. gpipe and 1f1b put one stage on each `pp` rank; interleaved_1f1b and
 zero_bubble put two (rank r holds stages r and r + pp). With tied embeddings the first and last stages each hold
 the embedding; their gradients are summed after backward (Megatron's embedding group).
+
+Keyword arguments of schedule.step reach every stage's forward (torch passes them per microbatch to each stage), so
+packed documents' positions and document ids travel with their microbatch; the last stage's loss can be replaced per
+step (LastStageLoss) when it needs more than logits and next-token targets.
 """
 
 from __future__ import annotations
@@ -61,18 +65,35 @@ def stage_indices(pp_rank: int, pp: int, schedule: str) -> list[int]:
     return [pp_rank + v * pp for v in range(stages_per_rank(schedule))]
 
 
+class LastStageLoss:
+    """The schedule's loss_fn. Pre-training uses the plain loss given at build time. A trainer whose loss needs
+    more than logits and next-token targets (post-training: a weighting by the step's trained tokens, document ids,
+    pair indices) passes its own for the step: schedule.step(..., target=T, loss_kwargs={"loss": fn}). T is one
+    tensor split along dim 0 with the microbatches (pack what each microbatch needs into it), and
+    fn(logits, T_microbatch, inferring) -> loss, where `inferring` is True while torch runs a stage on
+    placeholder inputs to learn shapes (a loss with side effects, such as logged statistics, skips them then)."""
+
+    def __init__(self, plain):
+        self.plain, self.inferring = plain, False
+
+    def __call__(self, output, target, loss=None):
+        return self.plain(output, target) if loss is None else loss(output, target, self.inferring)
+
+
 def build_schedule(stage_models: list[GrokModel], indices: list[int], n_stages: int, pp_group, device, schedule: str, n_microbatches: int, loss_fn):
     stages = [PipelineStage(m, i, n_stages, device, group=pp_group) for m, i in zip(stage_models, indices)]
+    loss_fn = LastStageLoss(loss_fn)
     for stage, model in zip(stages, stage_models):
-        _pause_balance_stats_in_metadata_inference(stage, model)
+        _pause_balance_stats_in_metadata_inference(stage, model, loss_fn)
     if schedule in SINGLE_STAGE:
         return SINGLE_STAGE[schedule](stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
     return MULTI_STAGE[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
 
 
-def _pause_balance_stats_in_metadata_inference(stage: PipelineStage, model: GrokModel) -> None:
+def _pause_balance_stats_in_metadata_inference(stage: PipelineStage, model: GrokModel, loss: LastStageLoss) -> None:
     """On its first step a stage runs forward (and backward) once on the first microbatch or on empty tensors to
-    learn shapes; those are not training tokens, so the router balance statistics (models/grok/moe.py) skip them.
+    learn shapes; those are not training tokens, so the router balance statistics (models/grok/moe.py) skip them,
+    and the loss is told (LastStageLoss.inferring).
     The method names are torch's (2.13: *_metadata_inference; earlier: _shape_inference); the layout tests'
     pipeline parity with the balance loss on fails if a torch version renames them."""
     stats = [moe.balance for moe in model.moe_layers()]
@@ -84,9 +105,11 @@ def _pause_balance_stats_in_metadata_inference(stage: PipelineStage, model: Grok
         def paused(*args, _method=method, **kwargs):
             for s in stats:
                 s.paused = True
+            loss.inferring = True
             try:
                 return _method(*args, **kwargs)
             finally:
+                loss.inferring = False
                 for s in stats:
                     s.paused = False
 

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: train.trainer.Trainer with packed, loss-masked conversations and pre-trained weights.
 
-Everything else is the pre-training loop's: layouts (data, FSDP, tensor/sequence, expert parallel), checkpoints
+Everything else is the pre-training loop's: layouts (data, FSDP, tensor/sequence, expert, pipeline), checkpoints
 and resume, resilience, metrics. The checkpoints it writes are ordinary ones (config.toml, tokenizer.json), so
 generate, serve and export load them as they load pre-trained ones.
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from gigafactory.config.job import JobConfig
 from gigafactory.config.loader import config_to_toml, load_config
@@ -21,6 +22,7 @@ from gigafactory.data.sft import PackedChatLoader, build_rows, read_chat_jsonl, 
 from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
+from gigafactory.parallel.balance import microbatches_per_step
 from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.posttrain.lora import LoRA
 from gigafactory.posttrain.options import LoRAOptions
@@ -82,9 +84,9 @@ class SFTTrainer(Trainer):
             self.optimizer = build_optimizer(self.lora, cfg.optimizer)
 
     def build_data(self) -> None:
-        if self.dims.cp > 1 or self.dims.pp > 1:
-            raise UserError("sft does not run with parallel.cp > 1 or parallel.pp > 1 yet (document masks cannot reach "
-                            "gathered keys or later pipeline stages); use data, FSDP, tensor or expert parallelism")
+        if self.dims.cp > 1:
+            raise UserError("sft does not run with parallel.cp > 1 yet (document masks cannot reach the gathered keys); "
+                            "use data, FSDP, tensor, expert or pipeline parallelism")
         tokenizer = load_tokenizer(self.sft.base / "tokenizer.json")
         if tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is {self.cfg.model.vocab_size}")
@@ -107,6 +109,18 @@ class SFTTrainer(Trainer):
         sp = self.dims.tp if self.sequence_parallel else 1  # each TP rank's loss covers its slice of the sequence
         local = slice_sequence(targets, self.mesh["tp"].get_local_rank(), sp) if sp > 1 else targets
         return loss * (float((local != IGNORE_INDEX).sum()) * self.dims.dp * sp / float(n_global))
+
+    def pipeline_batch(self, inputs, targets, positions, doc_ids, n_global):
+        """Under pipeline parallel: positions and document ids go to every stage with their microbatch, and each
+        microbatch's loss is its summed token loss times M * dp / n_global (M microbatches), so the schedule's mean
+        over microbatches and the gradient mean over data ranks give the global token mean of the step's batch."""
+        scale = microbatches_per_step(self.cfg, self.dims) * self.dims.dp / max(float(n_global), 1.0)
+
+        def summed_token_loss(logits, target, inferring):
+            nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            return nll * scale
+
+        return inputs, {"positions_BS": positions, "doc_ids_BS": doc_ids}, targets, summed_token_loss
 
     def val_loader(self) -> PackedChatLoader:
         return PackedChatLoader(self.val_rows, self.cfg.training.batch_size, 0, self.dp_rank, self.dims.dp, shuffle=False)

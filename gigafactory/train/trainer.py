@@ -217,14 +217,26 @@ class Trainer:
         with self.autocast():
             return self.pmodel.parts[0](inputs, positions, targets_BS=targets, doc_ids_BS=doc_ids)
 
-    def pipeline_loss(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> torch.Tensor:
+    def pipeline_batch(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """How one loader batch enters the pipeline schedule: (the first stage's input, keyword arguments of every
+        stage's forward, the last stage's target, its loss function or None for the plain one; see
+        parallel/pipeline.LastStageLoss). Post-training overrides it (packed documents, weighted losses)."""
+        return inputs, {}, targets, None
+
+    def pipeline_loss(self, *batch, train: bool) -> torch.Tensor:
         """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0), as a
         0-dim float64 device tensor (not read here: see train/host_reads.py)."""
         pm, losses = self.pmodel, []
-        kwargs = {"target": targets.to(self.device), "losses": losses} if pm.is_last_stage else {}
+        inputs, stage_kwargs, target, loss_fn = self.pipeline_batch(*batch)
+        stage_kwargs = {k: v.to(self.device) for k, v in stage_kwargs.items()}
+        if train and hasattr(pm.schedule, "regroup"):  # global microbatches (parallel/balance.py) regroup the inputs
+            stage_kwargs = {k: pm.schedule.regroup(v) for k, v in stage_kwargs.items()}  # and target; these too
+        kwargs = {"target": target.to(self.device), "losses": losses} if pm.is_last_stage else {}
+        if pm.is_last_stage and loss_fn is not None:
+            kwargs["loss_kwargs"] = {"loss": loss_fn}
         args = (inputs.to(self.device),) if pm.is_first_stage else ()
         with self.autocast():
-            (pm.schedule.step if train else pm.schedule.eval)(*args, **kwargs)
+            (pm.schedule.step if train else pm.schedule.eval)(*args, **kwargs, **stage_kwargs)
         wide = wide_float(self.device)
         return torch.stack(losses).mean().to(wide) if losses else torch.zeros((), dtype=wide, device=self.device)
 
