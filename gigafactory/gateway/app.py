@@ -1,6 +1,6 @@
 """The gateway's FastAPI app: one OpenAI-compatible front door over the replicas of every region.
 
-A request passes: API key (401) -> rate limit and daily quota (429 + Retry-After) -> region (from a trusted proxy's
+A request passes: API key (401) -> token quota, rate limit and daily quota (429 + Retry-After) -> region (from a trusted proxy's
 header, else the key's region; 403 when it is no configured region) -> the rollout's pool for this user (403 when
 none) -> body (413, 400) -> router and proxy (503 + Retry-After when no replica could take it). Admin routes
 (Bearer admin key) report the fleet and drive the rollout: kill switch, resume, advance, rollback, reload.
@@ -29,7 +29,9 @@ from gigafactory.gateway.config import GatewayConfig, load_config
 from gigafactory.gateway.metrics import GatewayMetrics
 from gigafactory.gateway.pool import Pool
 from gigafactory.gateway.proxy import GatewayError, Proxy, Route
+from gigafactory.gateway.quota import TokenLedger, pod_share
 from gigafactory.gateway.router import affinity_key
+from gigafactory.gateway.usage import UsageMeter
 from gigafactory.serve.access import DailyQuota, RateLimiter, find_key, load_keys, retry_after_header
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ class Gateway:
 
     def __post_init__(self):
         self.keys = access_keys(self.cfg)
-        self.limiter, self.quota = RateLimiter(self.cfg.rate_limit), DailyQuota()
+        self.limiter, self.quota = RateLimiter(pod_share(self.cfg.rate_limit, self.cfg.pods)), DailyQuota()
+        self.tokens = TokenLedger(self.cfg.token_quota, self.cfg.pods, self.clock)
         self.pool = Pool(self.cfg, self.metrics)
         self.controller = Controller(self.cfg, self.clock, self.metrics)
         self.proxies = trusted_networks(self.cfg)
@@ -64,7 +67,8 @@ class Gateway:
             log.error("gateway config not reloaded, keeping the previous one: %s", err)
             return False
         self.cfg, self.keys = cfg, keys
-        self.limiter.default_rpm = cfg.rate_limit
+        self.limiter.default_rpm = pod_share(cfg.rate_limit, cfg.pods)
+        self.tokens.update(cfg.token_quota, cfg.pods)
         self.proxies = trusted_networks(cfg)
         self.pool.update(cfg)
         self.controller.apply_config(cfg)
@@ -94,6 +98,14 @@ def access_keys(cfg: GatewayConfig) -> dict:
     if cfg.rate_limit and not keys:
         raise UserError(f"gateway config {cfg.source}: rate_limit limits requests per API key, and no key is configured; "
                         "set api_keys or drop rate_limit")
+    quota = cfg.token_quota
+    if (quota.tokens or quota.keys) and not keys:
+        raise UserError(f"gateway config {cfg.source}: token_quota limits tokens per API key, and no key is configured; "
+                        "set api_keys or drop token_quota")
+    unknown = sorted(set(quota.keys) - {k.name for k in keys.values()})
+    if unknown:  # a misspelled name would leave that key unlimited
+        raise UserError(f"gateway config {cfg.source}: token_quota.keys names no key called {', '.join(unknown)[:200]}; "
+                        "use the keys' `name` values from the key file")
     return keys
 
 
@@ -255,20 +267,45 @@ async def unless_client_leaves(request: Request, forwarding) -> Response:
         return Response(status_code=499)  # nobody is listening; the status is for the logs and /metrics
 
 
+def admit(gw: Gateway, key) -> None:
+    """The key's limits, in this order: its token quota (only looked at: a refused request uses no tokens), its rate
+    (counted), its daily requests (counted). Each is this pod's share (config `pods`)."""
+    wait = gw.tokens.check(key.secret, key.name)
+    if wait:
+        limit, window = gw.tokens.limit(key.name), gw.cfg.token_quota.window_s
+        raise GatewayError(429, f"token quota of {limit} tokens per {window:g} s used for key '{key.name}'; "
+                                f"retry in {retry_after_header(wait)} s", "token_quota_exceeded", {"Retry-After": retry_after_header(wait)})
+    wait = gw.limiter.check(key.secret, pod_share(key.requests_per_minute, gw.cfg.pods))
+    if wait:
+        raise GatewayError(429, f"rate limit reached for key '{key.name}'; retry in {wait:.1f} s",
+                           "rate_limit_exceeded", {"Retry-After": retry_after_header(wait)})
+    per_day = pod_share(key.requests_per_day, gw.cfg.pods, whole=True)
+    wait = gw.quota.check(key.secret, per_day)
+    if wait:
+        raise GatewayError(429, f"daily quota of {per_day} requests used for key '{key.name}'; it resets at 00:00 UTC",
+                           "quota_exceeded", {"Retry-After": retry_after_header(wait)})
+
+
+def charger(gw: Gateway, key, pool: str):
+    """What a request's tokens are charged to: the key's token quota (when there is a key) and /metrics."""
+    def charge(prompt: int, completion: int, estimated: bool) -> None:
+        if key is not None:
+            gw.tokens.debit(key.secret, prompt + completion)
+        if estimated:
+            gw.metrics.tokens.labels(pool=pool, kind="estimated").inc(prompt + completion)
+        else:
+            gw.metrics.tokens.labels(pool=pool, kind="prompt").inc(prompt)
+            gw.metrics.tokens.labels(pool=pool, kind="completion").inc(completion)
+    return charge
+
+
 async def proxied(gw: Gateway, request: Request, path: str) -> Response:
     started = time.monotonic()
     region, pool, status = "none", "none", 500
     try:
         key = authenticate(gw, request)
         if key is not None:
-            wait = gw.limiter.check(key.secret, key.requests_per_minute)
-            if wait:
-                raise GatewayError(429, f"rate limit reached for key '{key.name}'; retry in {wait:.1f} s",
-                                   "rate_limit_exceeded", {"Retry-After": retry_after_header(wait)})
-            wait = gw.quota.check(key.secret, key.requests_per_day)
-            if wait:
-                raise GatewayError(429, f"daily quota of {key.requests_per_day} requests used for key '{key.name}'; "
-                                        f"it resets at 00:00 UTC", "quota_exceeded", {"Retry-After": retry_after_header(wait)})
+            admit(gw, key)
         trusted = gw.trusted(request)
         claimed = (request.headers.get(gw.cfg.region_header) if trusted else None) or (key.region if key else None)
         found = gw.cfg.region_of(claimed)
@@ -281,7 +318,9 @@ async def proxied(gw: Gateway, request: Request, path: str) -> Response:
             raise GatewayError(403, assignment.reason, "not_in_rollout")
         pool = assignment.pool
         body = await read_json(request)
-        route = Route(region, pool, assignment.canary, affinity_key(body, user, gw.cfg.routing.prefix_chars))
+        meter = UsageMeter(body, charger(gw, key, pool))
+        route = Route(region, pool, assignment.canary, affinity_key(body, user, gw.cfg.routing.prefix_chars), meter)
+        body = meter.upstream_body(body)
         response = await unless_client_leaves(request, gw.proxy.forward(path, body, route, started))
         status = response.status_code
         return response

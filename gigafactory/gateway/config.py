@@ -90,14 +90,24 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class TokenQuota:
+    tokens: int = knob(0, "Prompt + completion tokens each key may use per window (0 = unlimited); a key's own value in [token_quota.keys] wins.")
+    window_s: float = knob(60.0, "The window, in seconds: 60 = tokens per minute, 86400 = per UTC day (windows start at multiples of it since the epoch).")
+    keys: dict = knob(None, "Key name -> its own token limit per window ([token_quota.keys] alice = 200000).", factory=dict)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     replicas: tuple[Replica, ...] = knob((), "The backends.")
     regions: dict = knob(None, "Region name -> Region.", factory=dict)
     slo: Slo = knob(None, "The canary's SLO.", factory=Slo)
     health: Health = knob(None, "Health checking.", factory=Health)
     routing: Routing = knob(None, "Routing.", factory=Routing)
+    token_quota: TokenQuota = knob(None, "Token quotas per key, debited from each answer's usage.", factory=TokenQuota)
     api_keys: str = knob("", "TOML file of API keys (serve's format, plus requests_per_day); relative to this file.")
     rate_limit: float = knob(0.0, "Requests per minute per key (0 = unlimited); a key's own value wins.")
+    pods: int = knob(1, "Gateway processes behind one load balancer (the Kubernetes Deployment's replicas); each enforces "
+                        "1/pods of every rate limit and quota, as it sees about 1/pods of a key's traffic.")
     admin_key_env: str = knob("GIGAFACTORY_ADMIN_KEY", "Environment variable holding the admin key for /admin/*; unset = admin routes off.")
     default_region: str = knob("", "Region for requests whose region is unknown or absent; empty = refuse them (403).")
     region_header: str = knob("X-Region", "Header carrying the client's region, believed only from trusted proxies.")
@@ -178,7 +188,7 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         _fail(source, f"not valid TOML ({err})")
-    sections = {"replicas", "regions", "slo", "health", "routing"}
+    sections = {"replicas", "regions", "slo", "health", "routing", "token_quota"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for key in ("trusted_proxies",):
         if key in top and isinstance(top[key], str):
@@ -235,6 +245,9 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
     sections_built = {}
     for key, cls in (("slo", Slo), ("health", Health), ("routing", Routing)):
         sections_built[key] = _build(cls, raw.get(key, {}), key, source)
+    sections_built["token_quota"] = _token_quota(raw.get("token_quota", {}), source)
+    if cfg.pods < 1:
+        _fail(source, f"pods = {cfg.pods} must be >= 1 (the number of gateway processes sharing the traffic)")
     if not sections_built["health"].path.startswith("/"):
         _fail(source, f"health.path {sections_built['health'].path!r} must start with /")
     for key in ("region_header", "user_header"):
@@ -259,9 +272,24 @@ def parse_config(text: str, source: str = "<text>", base_dir: Path | None = None
         return str((base_dir / path) if base_dir and path and not Path(path).is_absolute() else path)
 
     return GatewayConfig(tuple(built), regions, sections_built["slo"], sections_built["health"], sections_built["routing"],
-                         resolve(cfg.api_keys), cfg.rate_limit, cfg.admin_key_env, default_region, cfg.region_header,
-                         cfg.user_header, cfg.trusted_proxies, cfg.salt, resolve(cfg.decisions_log),
-                         resolve(cfg.state_file), source)
+                         sections_built["token_quota"], resolve(cfg.api_keys), cfg.rate_limit, cfg.pods, cfg.admin_key_env,
+                         default_region, cfg.region_header, cfg.user_header, cfg.trusted_proxies, cfg.salt,
+                         resolve(cfg.decisions_log), resolve(cfg.state_file), source)
+
+
+def _token_quota(raw, source: str) -> TokenQuota:
+    """[token_quota] with its [token_quota.keys] table of per-key limits (whole token counts >= 1, by key name)."""
+    raw = dict(raw) if isinstance(raw, dict) else raw
+    per_key = raw.pop("keys", {}) if isinstance(raw, dict) else {}
+    quota = _build(TokenQuota, raw, "token_quota", source)
+    if quota.window_s <= 0:
+        _fail(source, "token_quota.window_s must be > 0")
+    if not isinstance(per_key, dict):
+        _fail(source, "token_quota.keys must be a table of key name = tokens")
+    for name, limit in per_key.items():
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            _fail(source, f"token_quota.keys.{name} = {limit!r} must be a whole number of tokens >= 1")
+    return TokenQuota(quota.tokens, quota.window_s, dict(per_key))
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -27,6 +27,9 @@ class GatewayMetrics:
         self.outstanding = prom.Gauge(p + "replica_outstanding_requests", "Requests in flight per replica.", ("replica",), registry=r)
         self.phase = prom.Gauge(p + "rollout_phase", "Current phase per region (-1 before the first, -2 killed).",
                                 ("region",), registry=r)
+        self.tokens = prom.Counter(p + "tokens_total", "Tokens used by answered requests, by pool and kind (prompt, "
+                                   "completion: as the replica reported them; estimated: a stream cut short or an "
+                                   "answer without usage).", ("pool", "kind"), registry=r)
         self.refused = prom.Counter(p + "refused_total", "Requests refused by the gateway itself, by code.", ("code",), registry=r)
 
     def render(self) -> bytes:

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gigafactory.gateway import router
 from gigafactory.gateway.pool import Pool, ReplicaLost, ReplicaState, Watch
+from gigafactory.gateway.usage import UsageMeter
 
 REPLICA_HEADER = "X-Gateway-Replica"
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Route:
     pool: str
     canary: bool  # attempts count for the region's SLO window
     affinity: str | None
+    meter: UsageMeter | None = None  # the request's token count (quotas, /metrics), fed from the answer
 
 
 class Proxy:
@@ -140,6 +142,8 @@ class Proxy:
                 async with watch:
                     content = first + b"".join([c async for c in chunks])
                 self.outcome(state, route, "ok" if upstream.status_code < 400 else "client_error", latency)
+                if route.meter is not None and upstream.status_code < 400:
+                    route.meter.read_answer(content)
                 return Response(content, status_code=upstream.status_code, media_type=kind, headers=headers)
             handed_over = True
             return RelayResponse(self, state, watch, route, upstream, first, chunks, latency, headers)
@@ -178,21 +182,28 @@ class RelayResponse(StreamingResponse):
             self.recorded = True
             self.proxy.outcome(self.state, self.route, outcome, self.latency if outcome == "ok" else None)
 
+    def _events(self, block: bytes) -> bytes:
+        """Whole events on their way to the client, through the request's usage meter (which may take its usage
+        chunk out)."""
+        return self.route.meter.relay(block) if self.route.meter is not None else block
+
     async def _relay(self, first: bytes, chunks):
         pending = first
         try:
             while True:
                 cut = pending.rfind(b"\n\n")
                 if cut >= 0:  # whole events only: a failure later never leaves a half-written one behind
-                    yield pending[:cut + 2]
+                    events = self._events(pending[:cut + 2])
                     pending = pending[cut + 2:]
+                    if events:
+                        yield events
                 async with self.watch:
                     chunk = await anext(chunks, None)
                 if chunk is None:
                     break
                 pending += chunk
             if pending:
-                yield pending
+                yield self._events(pending)
             self._record("ok")
         except (httpx.HTTPError, ReplicaLost) as err:
             why = self.proxy.lost(self.state, err)
@@ -215,6 +226,8 @@ class RelayResponse(StreamingResponse):
             return
         self.closed = True
         self._record("client_gone")
+        if self.route.meter is not None:
+            self.route.meter.settle()  # the usage it reported, or an estimate when the stream was cut short
         try:
             await self.upstream.aclose()
         finally:
