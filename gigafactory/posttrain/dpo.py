@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from gigafactory.data.chat import ChatTemplate
@@ -25,6 +26,7 @@ from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
 from gigafactory.parallel.distributed import all_reduce_mean
+from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.posttrain.options import DPOOptions
 from gigafactory.posttrain.sft import SFTData, SFTTrainer
 
@@ -55,9 +57,9 @@ class DPOTrainer(SFTTrainer):
         super().__init__(cfg, data)
 
     def build_data(self) -> None:
-        if self.dims.cp > 1 or self.dims.pp > 1 or self.dims.tp > 1:
-            raise UserError("dpo runs with data-parallel, FSDP and expert-parallel layouts only (it needs whole-sequence "
-                            "logits on every rank); use parallel.tp=1, cp=1, pp=1")
+        if self.dims.cp > 1 or self.dims.pp > 1:
+            raise UserError("dpo does not run with parallel.cp > 1 or parallel.pp > 1 yet (its pair log-probabilities "
+                            "need every token's logits in one place); use data, FSDP, tensor or expert parallelism")
         tokenizer = load_tokenizer(self.sft.base / "tokenizer.json")
         self.tokenizer_json = tokenizer.to_str()
         template = ChatTemplate(tokenizer, plain_text_encoder(tokenizer))
@@ -124,7 +126,14 @@ class DPOTrainer(SFTTrainer):
             logits = self.pmodel.parts[0](inputs, positions, doc_ids_BS=doc_ids)
         n_docs = 2 * pair_docs.shape[1]
         per_slot = lambda seq: torch.stack([seq.gather(1, pair_docs[..., side].clamp(min=0)) for side in (0, 1)], -1)  # noqa: E731
-        logps = per_slot(sequence_logps(logits, targets, doc_ids, n_docs))
+        if self.sequence_parallel:  # the head ran on this TP rank's slice of the sequence: sum the slices' documents
+            tp_rank, group = self.mesh["tp"].get_local_rank(), self.mesh["tp"].get_group()
+            part = sequence_logps(logits, *(slice_sequence(x, tp_rank, self.dims.tp) for x in (targets, doc_ids)), n_docs)
+            # Differentiable: its backward sums the TP ranks' gradients, each 1/tp of the whole (the trainer's
+            # sequence-parallel scaling), so every slice gets the full gradient of its tokens.
+            logps = per_slot(funcol.wait_tensor(funcol.all_reduce(part, "sum", group)))
+        else:
+            logps = per_slot(sequence_logps(logits, targets, doc_ids, n_docs))
         if not counts:
             return logps
         ones = torch.zeros(targets.shape[0], n_docs + 1, device=targets.device)
