@@ -80,3 +80,17 @@ def test_launch_cli_writes_the_fleet_and_refuses_what_it_cannot(tmp_path, capsys
                         (["launch", "k8s"], "give --nodes")):
         assert main(bad) == 2
         assert reason in capsys.readouterr().err
+
+
+def test_several_gateway_pods_each_enforce_their_share():
+    from tests.launch.k8s_schema import validate_manifest
+
+    docs = list(yaml.safe_load_all(render_serve(ServeFleetSpec({"EU": 1}, "/runs/x", gateway_pods=3))))
+    validate_manifest(docs)
+    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "grok-gateway")
+    assert gateway["spec"]["replicas"] == 3
+    assert gateway["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}  # never a 4th pod
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert parse_config(config_map["data"]["gateway.toml"], "configmap").pods == 3
+    with pytest.raises(UserError, match="gateway pods 0 must be in 1..64"):
+        render_serve(ServeFleetSpec({"EU": 1}, "/runs/x", gateway_pods=0))
