@@ -25,7 +25,7 @@ from gigafactory.data.sft import split_conversations
 from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
-from gigafactory.parallel.distributed import all_reduce_mean
+from gigafactory.parallel.balance import microbatches_per_step
 from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.posttrain.options import DPOOptions
 from gigafactory.posttrain.sft import SFTData, SFTTrainer
@@ -48,6 +48,21 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, opts: DPOOptions, chosen_tokens=None) -> 
     return losses.mean(), stats
 
 
+REWARD_STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")  # dpo_loss's, logged each step
+
+
+def per_slot(per_doc_BD: torch.Tensor, pair_docs_BP3: torch.Tensor) -> torch.Tensor:
+    """[B, P, 2]: the chosen and rejected documents' values of each pair slot (garbage where a slot is unused)."""
+    return torch.stack([per_doc_BD.gather(1, pair_docs_BP3[..., side].clamp(min=0)) for side in (0, 1)], -1)
+
+
+def token_counts(targets_BS: torch.Tensor, doc_ids_BS: torch.Tensor, n_docs: int) -> torch.Tensor:
+    """[B, n_docs]: each document's trained tokens (targets != IGNORE_INDEX)."""
+    counts = torch.zeros(targets_BS.shape[0], n_docs + 1, device=targets_BS.device)
+    counts.scatter_add_(1, doc_ids_BS.clamp(max=n_docs), (targets_BS != IGNORE_INDEX).float())
+    return counts[:, :n_docs]
+
+
 class DPOTrainer(SFTTrainer):
     """SFTTrainer's checkpoint-as-initial-weights, with pairs instead of conversations and the DPO loss."""
 
@@ -57,9 +72,9 @@ class DPOTrainer(SFTTrainer):
         super().__init__(cfg, data)
 
     def build_data(self) -> None:
-        if self.dims.cp > 1 or self.dims.pp > 1:
-            raise UserError("dpo does not run with parallel.cp > 1 or parallel.pp > 1 yet (its pair log-probabilities "
-                            "need every token's logits in one place); use data, FSDP, tensor or expert parallelism")
+        if self.dims.cp > 1:
+            raise UserError("dpo does not run with parallel.cp > 1 yet (document masks cannot reach the gathered keys); "
+                            "use data, FSDP, tensor, expert or pipeline parallelism")
         tokenizer = load_tokenizer(self.sft.base / "tokenizer.json")
         self.tokenizer_json = tokenizer.to_str()
         template = ChatTemplate(tokenizer, plain_text_encoder(tokenizer))
@@ -93,6 +108,9 @@ class DPOTrainer(SFTTrainer):
         self.model.eval()
         with torch.no_grad():
             for rows, docs in self.splits.values():  # every rank scores every row (FSDP forwards stay in lockstep)
+                if self.pmodel.schedule is not None:
+                    self._score_through_pipeline(rows, docs, ref)
+                    continue
                 loader = PackedPairLoader(rows, docs, 1, 0, shuffle=False)
                 for _ in range(loader.n_windows):
                     batch = loader.next_batch()[:5]
@@ -100,6 +118,11 @@ class DPOTrainer(SFTTrainer):
                     ok = pair_docs[..., 2] >= 0
                     ref[pair_docs[..., 2][ok].cpu()] = logps[ok].float().cpu()
         self.model.train()
+        if self.pmodel.schedule is not None:  # the last stage scored them: every stage of its pipeline takes its copy
+            group = self.mesh["pp"].get_group()
+            ref = ref.to(self.device)
+            dist.broadcast(ref, src=dist.get_global_rank(group, self.dims.pp - 1), group=group)
+            ref = ref.cpu()
         self.ref_logps = ref
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +131,23 @@ class DPOTrainer(SFTTrainer):
             tmp.replace(self.ref_path)
         if dist.is_initialized():
             dist.barrier()
+
+    def _score_through_pipeline(self, rows, docs, ref: torch.Tensor) -> None:
+        """Under pipeline parallel: the last stage's loss function writes each microbatch's pair log-probs into ref
+        (one row per microbatch; the loader wraps around, so a last short batch re-scores rows of the first)."""
+        n_micro = microbatches_per_step(self.cfg, self.dims)
+        loader = PackedPairLoader(rows, docs, n_micro, 0, shuffle=False)
+
+        def record(logits, target, inferring):
+            if not inferring:
+                logps, _, pair_docs = self._pair_sums(logits, target)
+                ok = pair_docs[..., 2] >= 0
+                ref[pair_docs[..., 2][ok].cpu()] = logps[ok].float().cpu()
+            return logits.new_zeros((), dtype=torch.float32)
+
+        for _ in range(-(-loader.n_windows // n_micro)):
+            inputs, stage_kwargs, target, _ = self.pipeline_batch(*loader.next_batch())
+            self.run_pipeline(inputs, stage_kwargs, target, record, train=False)
 
     def maybe_resume(self) -> None:
         super().maybe_resume()
@@ -125,35 +165,64 @@ class DPOTrainer(SFTTrainer):
         with self.autocast():
             logits = self.pmodel.parts[0](inputs, positions, doc_ids_BS=doc_ids)
         n_docs = 2 * pair_docs.shape[1]
-        per_slot = lambda seq: torch.stack([seq.gather(1, pair_docs[..., side].clamp(min=0)) for side in (0, 1)], -1)  # noqa: E731
         if self.sequence_parallel:  # the head ran on this TP rank's slice of the sequence: sum the slices' documents
             tp_rank, group = self.mesh["tp"].get_local_rank(), self.mesh["tp"].get_group()
             part = sequence_logps(logits, *(slice_sequence(x, tp_rank, self.dims.tp) for x in (targets, doc_ids)), n_docs)
             # Differentiable: its backward sums the TP ranks' gradients, each 1/tp of the whole (the trainer's
             # sequence-parallel scaling), so every slice gets the full gradient of its tokens.
-            logps = per_slot(funcol.wait_tensor(funcol.all_reduce(part, "sum", group)))
+            logps = per_slot(funcol.wait_tensor(funcol.all_reduce(part, "sum", group)), pair_docs)
         else:
-            logps = per_slot(sequence_logps(logits, targets, doc_ids, n_docs))
-        if not counts:
-            return logps
-        ones = torch.zeros(targets.shape[0], n_docs + 1, device=targets.device)
-        ones.scatter_add_(1, doc_ids.clamp(max=n_docs), (targets != IGNORE_INDEX).float())
-        return logps, per_slot(ones[:, :n_docs])
+            logps = per_slot(sequence_logps(logits, targets, doc_ids, n_docs), pair_docs)
+        return (logps, per_slot(token_counts(targets, doc_ids, n_docs), pair_docs)) if counts else logps
+
+    def pair_objective(self, logps, tokens, pair_docs) -> tuple[torch.Tensor, dict, float]:
+        """(mean loss over the used pair slots, reward statistics, number of pairs) of one batch's pair sums."""
+        ok = pair_docs[..., 2] >= 0
+        ref = self.ref_logps.to(self.device)[pair_docs[..., 2][ok]]
+        loss, stats = dpo_loss(logps[ok][:, 0], logps[ok][:, 1], ref[:, 0], ref[:, 1], self.opts, tokens[ok][:, 0])
+        return loss, stats, float(ok.sum())
 
     def loss_on(self, inputs, targets, positions=None, doc_ids=None, pair_docs=None, n_global=None) -> torch.Tensor:
         """The mean over this rank's pairs, reweighted by its share of the micro-batch's pairs (as SFT's tokens)."""
         logps, tokens = self.pair_logps(inputs, targets, positions, doc_ids, pair_docs, counts=True)
-        ok = pair_docs[..., 2].to(self.device) >= 0
-        ref = self.ref_logps.to(self.device)[pair_docs[..., 2].to(self.device)[ok]]
-        loss, stats = dpo_loss(logps[ok][:, 0], logps[ok][:, 1], ref[:, 0], ref[:, 1], self.opts, tokens[ok][:, 0])
+        loss, stats, n_pairs = self.pair_objective(logps, tokens, pair_docs.to(self.device))
         if torch.is_grad_enabled():
             self.step_stats.append(stats)
-        return loss * (float(ok.sum()) * self.dims.dp / float(n_global))
+        return loss * (n_pairs * self.dims.dp / float(n_global))
+
+    def pipeline_batch(self, inputs, targets, positions, doc_ids, pair_docs, n_global):
+        """Under pipeline parallel: positions and document ids go to every stage; targets, document ids and pair
+        slots travel to the last stage packed in one target tensor (split with the microbatches), whose loss is the
+        microbatch's pair mean times its pairs * M * dp / n_global, so the schedule's mean over the M microbatches
+        and the gradient mean over data ranks give the mean over the step's pairs."""
+        self._packed_widths = (targets.shape[1], pair_docs.shape[1])
+        scale = microbatches_per_step(self.cfg, self.dims) * self.dims.dp / max(float(n_global), 1.0)
+
+        def pair_loss(logits, target, inferring):
+            logps, tokens, pair_docs = self._pair_sums(logits, target)
+            loss, stats, n_pairs = self.pair_objective(logps, tokens, pair_docs)
+            if torch.is_grad_enabled() and not inferring:
+                self.step_stats.append(stats)
+            return loss * (n_pairs * scale)
+
+        packed = torch.cat([targets, doc_ids, pair_docs.flatten(1)], dim=1)
+        return inputs, {"positions_BS": positions, "doc_ids_BS": doc_ids}, packed, pair_loss
+
+    def _pair_sums(self, logits, packed):
+        """The last stage's (log-probs, token counts, pair slots) of a microbatch from pipeline_batch's packed target."""
+        seq_len, slots = self._packed_widths
+        targets, doc_ids = packed[:, :seq_len], packed[:, seq_len:2 * seq_len]
+        pair_docs = packed[:, 2 * seq_len:].reshape(-1, slots, 3)
+        per_doc = sequence_logps(logits, targets, doc_ids, 2 * slots)
+        return per_slot(per_doc, pair_docs), per_slot(token_counts(targets, doc_ids, 2 * slots), pair_docs), pair_docs
 
     def train_step(self) -> dict:
         values = super().train_step()
-        if self.step_stats:  # this step's microbatches (and a re-run's), averaged over the data-parallel ranks
-            for key in self.step_stats[0]:
-                values[key] = all_reduce_mean(sum(s[key] for s in self.step_stats) / len(self.step_stats), self.device)
-            self.step_stats = []
+        if "loss" in values:  # a step every rank finished alike (not a rollback or an abandoned one)
+            # this step's microbatches (and a re-run's), averaged over the ranks that computed them (under pipeline
+            # parallel the last stages: the others add zeros, and reduce_loss scales the mean by pp)
+            for key in REWARD_STATS:
+                mine = sum(s[key] for s in self.step_stats) / len(self.step_stats) if self.step_stats else 0.0
+                values[key] = self.reduce_loss(mine)
+        self.step_stats = []
         return values

@@ -224,10 +224,13 @@ class Trainer:
         return inputs, {}, targets, None
 
     def pipeline_loss(self, *batch, train: bool) -> torch.Tensor:
-        """Run the pipeline schedule on one batch; the mean microbatch loss, known to the last stage (else 0), as a
-        0-dim float64 device tensor (not read here: see train/host_reads.py)."""
+        """Run the pipeline schedule on one loader batch; the mean microbatch loss, known to the last stage (else 0),
+        as a 0-dim float64 device tensor (not read here: see train/host_reads.py)."""
+        return self.run_pipeline(*self.pipeline_batch(*batch), train=train)
+
+    def run_pipeline(self, inputs, stage_kwargs: dict, target, loss_fn, train: bool) -> torch.Tensor:
+        """pipeline_loss for pipeline_batch's four parts (a caller may bring its own loss function)."""
         pm, losses = self.pmodel, []
-        inputs, stage_kwargs, target, loss_fn = self.pipeline_batch(*batch)
         stage_kwargs = {k: v.to(self.device) for k, v in stage_kwargs.items()}
         if train and hasattr(pm.schedule, "regroup"):  # global microbatches (parallel/balance.py) regroup the inputs
             stage_kwargs = {k: pm.schedule.regroup(v) for k, v in stage_kwargs.items()}  # and target; these too
