@@ -19,6 +19,8 @@ import collections
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -222,7 +224,8 @@ class Controller:
         if not self.cfg.state_file:
             return
         path = Path(self.cfg.state_file)
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        # a name of this process's own: several gateway pods may share the file (the last writer wins, whole)
+        tmp = path.with_suffix(f"{path.suffix}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps({n: asdict(s) for n, s in self.states.items()}, indent=1))
             tmp.replace(path)
