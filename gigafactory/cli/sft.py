@@ -76,7 +76,11 @@ def launch_if_asked(command: str, args: argparse.Namespace, cfg) -> int | None:
 
     if cfg.fault_tolerance.enabled:
         raise UserError(f"{command} --nproc does not run replica groups (fault_tolerance.enabled); set it to false")
-    check_supported(cfg, resolve_dims(cfg, args.nproc))
+    from gigafactory.train.evaluation import check_task_layout
+
+    dims = resolve_dims(cfg, args.nproc)
+    check_supported(cfg, dims)
+    check_task_layout(cfg, dims)
     cmd = torchrun_cmd([], args.nproc, cfg.resilience.max_restarts)
     cmd[-1] = command  # torchrun_cmd ends with `gigafactory.cli.main train`; the same launch, another subcommand
     job = LocalJob([cmd + worker_argv(command)])
@@ -114,12 +118,18 @@ def run(args: argparse.Namespace) -> int:
 
 def train_and_report(trainer, eval_name: str) -> int:
     """Run a post-training Trainer to its end; rank 0 prints the held-out metric's first and last value and the
-    checkpoint (shared by `sft` and `dpo`)."""
+    checkpoint (shared by `sft` and `dpo`); eval.tasks' suites are attached first."""
+    from gigafactory.posttrain.eval_suites import attach_task_suites
+    from gigafactory.train.evaluation import summary_lines
+
+    attach_task_suites(trainer)
     summary = trainer.train()
     trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:
         if summary["eval"]:
             (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
             print(f"{eval_name}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+        for line in summary_lines(summary.get("tasks", [])):
+            print(line)
         print(f"checkpoint: {summary['checkpoint']}")
     return 0

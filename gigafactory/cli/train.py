@@ -54,12 +54,15 @@ def run(args: argparse.Namespace) -> int:
     if not under_torchrun:  # check the layout, run dir and data before starting any process
         from gigafactory.parallel.build import check_supported
         from gigafactory.parallel.dims import resolve_dims
+        from gigafactory.train.evaluation import check_task_layout
         from gigafactory.train.preflight import preflight
 
         ft = cfg.fault_tolerance
         if ft.enabled and args.nproc % ft.replica_groups:
             raise UserError(f"--nproc={args.nproc} must be a multiple of fault_tolerance.replica_groups={ft.replica_groups} (one torchrun per group)")
-        check_supported(cfg, resolve_dims(cfg, args.nproc // ft.replica_groups if ft.enabled else args.nproc))
+        dims = resolve_dims(cfg, args.nproc // ft.replica_groups if ft.enabled else args.nproc)
+        check_supported(cfg, dims)
+        check_task_layout(cfg, dims)
         preflight(cfg)
     if (args.nproc > 1 or cfg.fault_tolerance.enabled) and not under_torchrun:  # fault tolerance: a lighthouse + torchrun per group
         from gigafactory.cli.local_launch import run_local
@@ -68,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
     trainer = Trainer(cfg)
+    if cfg.eval.tasks:  # task suites live in posttrain/, above the trainer: it is handed them (train/evaluation.py)
+        from gigafactory.posttrain.eval_suites import attach_task_suites
+
+        attach_task_suites(trainer)
     summary = trainer.train()
     trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 speaks for the job
@@ -77,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         if summary["eval"]:
             (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
             print(f"eval loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+        from gigafactory.train.evaluation import summary_lines
+
+        for line in summary_lines(summary.get("tasks", [])):  # eval.tasks' scores, first -> last
+            print(line)
     if summary["interrupted"] and not under_torchrun:  # unfinished: a non-zero exit tells schedulers to requeue
         return 128 + int(getattr(signal, summary["interrupted"]))
     return 0  # a torchrun worker exits 0 after a clean stop, or its agent would restart it

@@ -82,14 +82,21 @@ def evaluate_checkpoint(path: str, device: str = "cpu", limit: int = 200, ppl_ba
 
 
 def table(result: dict) -> str:
-    """A markdown table of the headline numbers."""
-    h, t = result["heldout"], result["kjv_task"]
-    lines = ["| metric | value |", "|---|---|",
-             f"| held-out loss | {h['loss']:.4f} |", f"| held-out perplexity | {h['perplexity']:.2f} |",
-             f"| KJV task exact match ({t['items']} items) | {t['exact_match']:.3f} |",
-             *(f"| - {k} ({v['items']}) | {v['exact_match']:.3f} |" for k, v in t["by_kind"].items()),
-             f"| KJV answer log-likelihood per token | {t['answer_logp_per_token']:.4f} |",
-             f"| KJV answer token accuracy | {t['answer_token_accuracy']:.3f} |"]
+    """A markdown table of the headline numbers, of the sections present: an eval during training
+    (train/evaluation.py) has the trainer's eval loss instead of the held-out perplexity, exact match only when asked
+    for, and no KJV rows when it ran lm-eval tasks alone."""
+    h, t = result.get("heldout"), result.get("kjv_task") or {"preference": None}
+    lines = ["| metric | value |", "|---|---|"]
+    if "eval_loss" in result:
+        lines.append(f"| training eval loss (step {result['step']}) | {result['eval_loss']:.4f} |")
+    if h:
+        lines += [f"| held-out loss | {h['loss']:.4f} |", f"| held-out perplexity | {h['perplexity']:.2f} |"]
+    if "exact_match" in t:
+        lines += [f"| KJV task exact match ({t['items']} items) | {t['exact_match']:.3f} |",
+                  *(f"| - {k} ({v['items']}) | {v['exact_match']:.3f} |" for k, v in t["by_kind"].items())]
+    if "answer_logp_per_token" in t:
+        lines += [f"| KJV answer log-likelihood per token | {t['answer_logp_per_token']:.4f} |",
+                  f"| KJV answer token accuracy | {t['answer_token_accuracy']:.3f} |"]
     if t["preference"]:
         p = t["preference"]
         lines += [f"| KJV preference accuracy ({p['pairs']} held-out pairs) | {p['preference_accuracy']:.3f} |",

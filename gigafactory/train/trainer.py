@@ -27,6 +27,7 @@ from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, Stragg
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train.checkpoint_files import list_checkpoints, remove_stale, usable_checkpoints
 from gigafactory.train.devices import pick_device, pick_dtype
+from gigafactory.train.evaluation import TaskSuites, check_task_layout, eval_point
 from gigafactory.train.host_reads import read_scalars, sum_on_device, to_device, wide_float
 from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.memory_checkpoint import MemoryCheckpoints
@@ -52,6 +53,7 @@ class Trainer:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = resolve_dims(cfg, world_size)  # fails on a bad layout before any process group exists
         check_supported(cfg, self.dims)
+        check_task_layout(cfg, self.dims)
         r = cfg.resilience
         # Collectives time out after the watchdog would have fired, so a hang surfaces as the watchdog's event.
         self.rank, self.world_size = init_distributed(self.device.type, timeout_s=max(60.0, 2 * r.watchdog_timeout_s) if r.watchdog_timeout_s else 1800.0)
@@ -80,6 +82,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(cfg.model, d.seq_len)
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops) * 1e12
         self.save_failure: ckpt.CheckpointSaveError | None = None
+        self.task_suites: TaskSuites | None = None  # eval.tasks' suites, attached by the command that builds the trainer
 
         self.events = EventLog(self.run_dir / r.events_file, rank=self.rank, echo=True)
         faults = cfg.faults if not ft.enabled or cfg.faults.replica_id in (-1, ft.replica_id) else FaultConfig()
@@ -404,10 +407,7 @@ class Trainer:
         path = None
         try:
             if t.eval_every and self.step == 0 and not (self.ft is not None and list_checkpoints(self.ckpt_root)):
-                with self.watchdog.paused():
-                    summary["eval"].append((0, self.evaluate()))
-                metrics.log(0, {"eval_loss": summary["eval"][-1][1]})
-                progress.print(f"step 0: eval loss {summary['eval'][-1][1]:.4f}")
+                eval_point(self, metrics, progress, summary)
             while self.step < min(t.steps, stop_at or t.steps) and not self.signals.requested(self.device):
                 self.signals.step = self.step
                 started = time.perf_counter()
@@ -430,10 +430,7 @@ class Trainer:
                     metrics.log(self.step, values)
                 progress.update(self.step, f"loss {values['loss']:.3f} | {values['tokens_per_s']:.0f} tok/s", log_now)
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    with self.watchdog.paused():
-                        summary["eval"].append((self.step, self.evaluate()))
-                    metrics.log(self.step, {"eval_loss": summary["eval"][-1][1]})
-                    progress.print(f"step {self.step}: eval loss {summary['eval'][-1][1]:.4f}")
+                    eval_point(self, metrics, progress, summary)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.save()
                 elif self.memory and self.memory.due(self.step) and self.step < t.steps:

@@ -1,0 +1,97 @@
+"""eval.tasks: task suites scored during training (train/evaluation.py, posttrain/eval_suites.py) give exactly what
+`gigafactory eval`'s functions give on the checkpoint saved at the same step; bad settings fail in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gigafactory.cli.main import main
+from gigafactory.config.loader import build_config
+from gigafactory.errors import UserError
+from gigafactory.parallel.dims import resolve_dims
+from gigafactory.train.evaluation import check_task_layout
+from tests.conftest import TINY_MODEL
+from tests.posttrain.conftest import VERSES
+
+ROLLING_TASK = """\
+task: verse_ppl
+dataset_path: json
+dataset_kwargs: {data_files: {test: DOCS}, cache_dir: CACHE}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity, higher_is_better: false}, {metric: bits_per_byte, higher_is_better: false}]
+"""
+LIMIT = 6  # KJV test items (and harness documents) per eval point
+
+
+def test_scores_logged_during_training_equal_eval_on_the_saved_checkpoint(tmp_path, capsys):
+    from gigafactory.data.chat import ChatTemplate
+    from gigafactory.data.tokenizer import plain_text_encoder
+    from gigafactory.inference.generate import load_for_inference
+    from gigafactory.posttrain.harness import run_harness
+    from gigafactory.posttrain.task_metrics import answer_scores, preference_scores
+    from gigafactory.posttrain.tasks import build_task
+
+    (tmp_path / "text.txt").write_text("\n".join(VERSES * 40))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "docs.jsonl").write_text("".join(json.dumps({"text": v}) + "\n" for v in VERSES))
+    (tasks / "verse_ppl.yaml").write_text(ROLLING_TASK.replace("DOCS", str(tasks / "docs.jsonl")).replace("CACHE", str(tmp_path / "hf")))
+    run = tmp_path / "run"
+    model = {**TINY_MODEL, "max_seq_len": 256}  # room for the KJV prompts
+    flags = {**{f"model.{k}": v for k, v in model.items()},
+             "data.inputs": str(tmp_path / "text.txt"), "data.cache_dir": str(tmp_path / "cache"), "data.seq_len": 64,
+             "data.val_fraction": 0.2, "training.batch_size": 2, "training.steps": 2, "training.eval_every": 2,
+             "training.eval_batches": 1, "training.dtype": "fp32", "checkpoint.every": 0, "logging.run_dir": str(run),
+             "logging.tensorboard": False, "logging.progress": False,
+             "eval.tasks": "kjv,harness:verse_ppl", "eval.limit": LIMIT, "eval.harness_include": str(tasks)}
+    assert main(["train", *(f"--{k}={v}" for k, v in flags.items())]) == 0
+    printed = capsys.readouterr().out
+    logged = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r}
+    assert sorted(logged) == [0, 2]  # step 0's eval point and the last step's
+
+    # The same functions `gigafactory eval` runs, on the checkpoint saved at step 2 (the last eval point's weights).
+    loaded = load_for_inference(run)  # the newest checkpoint: step 2
+    assert int(loaded.checkpoint.name.removeprefix("step-")) == 2
+    template = ChatTemplate(loaded.tokenizer, plain_text_encoder(loaded.tokenizer))
+    items = build_task()["test"][:LIMIT]
+    answers, prefs = answer_scores(loaded.model, template, items), preference_scores(loaded.model, template, items)
+    assert prefs is not None and prefs["pairs"] > 0  # some pairs fit the context: the preference score is real
+    harness = run_harness(str(loaded.checkpoint), ["verse_ppl"], str(tasks), LIMIT)["results"]["verse_ppl"]
+    expected = {"eval/kjv/answer_loglik": answers["answer_logp_per_token"], "eval/kjv/answer_token_acc": answers["answer_token_accuracy"],
+                "eval/kjv/preference_acc_near": prefs["preference_accuracy"], "eval/kjv/preference_margin_near": prefs["preference_margin"],
+                "eval/harness:verse_ppl/word_perplexity": harness["word_perplexity,none"],
+                "eval/harness:verse_ppl/bits_per_byte": harness["bits_per_byte,none"]}
+    assert {k: logged[2][k] for k in expected} == expected  # bit for bit: the same weights, the same forwards
+    assert all(logged[0][k] != logged[2][k] for k in expected if "acc" not in k)  # step 0 scored the weights before training
+
+    # The JSON + table `gigafactory eval` writes, for each eval point; the summary lines printed at the end.
+    report = json.loads((run / "eval-step-2.json").read_text())
+    assert report["kjv_task"]["answer_logp_per_token"] == pytest.approx(answers["answer_logp_per_token"], rel=1e-6)
+    assert report["kjv_task"]["preference"]["near"]["preference_accuracy"] == pytest.approx(prefs["preference_accuracy"])
+    assert report["harness"]["verse_ppl"]["word_perplexity,none"] == pytest.approx(harness["word_perplexity,none"], rel=1e-6)
+    assert report["eval_loss"] == logged[2]["eval_loss"] and (run / "eval-step-0.json").is_file()
+    assert "| KJV answer log-likelihood per token |" in (run / "eval-step-2.md").read_text()
+    first, last = logged[0]["eval/kjv/answer_loglik"], logged[2]["eval/kjv/answer_loglik"]
+    assert f"eval/kjv/answer_loglik: {first:.4f} at step 0 -> {last:.4f} at step 2" in printed
+
+
+def test_an_unknown_suite_is_one_line_naming_the_known_ones(capsys):
+    assert main(["train", "--eval.tasks", "kjv,mmlu", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown suite 'mmlu'" in err and "known suites: kjv, harness:<task>" in err
+    with pytest.raises(UserError, match="training.eval_every > 0"):
+        build_config({}, {"eval.tasks": ["kjv"], "training.eval_every": 0})
+
+
+@pytest.mark.parametrize("axis", ["tp", "pp", "cp"])
+def test_layouts_the_suites_cannot_run_under_are_refused_up_front(axis):
+    cfg = build_config({}, {"eval.tasks": ["kjv"], f"parallel.{axis}": 2, "parallel.sequence_parallel": False})
+    with pytest.raises(UserError, match=f"eval.tasks with parallel.{axis}=2 is not supported yet"):
+        check_task_layout(cfg, resolve_dims(cfg, 2))
+    fsdp = build_config({}, {"eval.tasks": ["kjv"]})
+    check_task_layout(fsdp, resolve_dims(fsdp, 2))  # FSDP (dp_shard=2) runs them
