@@ -8,7 +8,6 @@ generate, serve and export load them as they load pre-trained ones.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from gigafactory.posttrain.lora import LoRA
 from gigafactory.posttrain.options import LoRAOptions
 from gigafactory.train.checkpoint import load_checkpoint
 from gigafactory.train.checkpoint_files import resolve_checkpoint
-from gigafactory.train.optim import build_optimizer, clip_grad_norm_
+from gigafactory.train.optim import build_optimizer
 from gigafactory.train.trainer import Trainer
 
 # Fine-tuning settings that differ from pre-training's; a --section.key flag still wins.
@@ -75,12 +74,9 @@ class SFTTrainer(Trainer):
     def __init__(self, cfg: JobConfig, sft: SFTData):
         self.sft, self.lora = sft, None
         sft.lora.validate()
-        if sft.lora.rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("--lora.rank runs on one process for now (the adapters are neither sharded nor all-reduced); "
-                            "drop --nproc, or fine-tune every weight (--lora.rank 0)")
         super().__init__(cfg)
-        if sft.lora.rank:  # the base is frozen; the optimizer holds the adapters only
-            self.lora = LoRA(self.model, sft.lora, seed=cfg.data.seed)
+        if sft.lora.rank:  # the base is frozen; the optimizer holds the adapters only (sharded as the layout needs)
+            self.lora = LoRA(self.model, sft.lora, seed=cfg.data.seed, mesh=self.mesh, sequence_parallel=self.sequence_parallel)
             self.optimizer = build_optimizer(self.lora, cfg.optimizer)
 
     def build_data(self) -> None:
@@ -136,7 +132,8 @@ class SFTTrainer(Trainer):
         loss, grad_norm = super().forward_backward(step)
         if self.lora is None:
             return loss, grad_norm
-        return loss, float(clip_grad_norm_(list(self.lora.parameters()), self.cfg.optimizer.grad_clip))  # the base has no gradients
+        self.lora.sync_grads()  # the base has no gradients (nothing for FSDP to reduce); the adapters' average here
+        return loss, float(self.lora.clip_grads(self.cfg.optimizer.grad_clip))
 
     def save(self, checkpointer=None):
         """With LoRA: an ordinary checkpoint of W + (alpha / r) B A (no adapter keys, no optimizer state), so

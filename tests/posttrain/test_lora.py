@@ -13,7 +13,7 @@ from gigafactory.posttrain.options import LoRAOptions
 from gigafactory.posttrain.sft import SFTData, SFTTrainer, sft_config
 from tests.posttrain.test_sft_masks import tiny_model
 
-TARGETS = ("wq", "wk", "wv", "wo")
+TARGETS = ("w_down", "w_gate", "w_up", "wk", "wo", "wq", "wv")
 
 
 def test_zero_b_is_the_base_model_and_merging_is_the_same_function():
@@ -23,7 +23,8 @@ def test_zero_b_is_the_base_model_and_merging_is_the_same_function():
         base = model(x)
         lora = LoRA(model, LoRAOptions(rank=4, alpha=8.0), seed=1)
         assert torch.equal(model(x), base)  # B = 0: exactly the base function
-        assert sorted({name.rpartition(".")[2] for name in lora.linears}) == sorted(TARGETS)  # grok-tiny: attention only (MoE FFN)
+        assert sorted({t.param if t.experts else t.name.split(".")[-2] for t in lora.targets.values()}) == sorted(TARGETS)
+        assert sum(t.experts for t in lora.targets.values()) == 6  # grok-tiny's FFN is MoE: 2 layers x 3 expert weights
         for b in lora.B.values():
             b.normal_(0, 0.1)
         adapted = model(x)
@@ -33,7 +34,7 @@ def test_zero_b_is_the_base_model_and_merging_is_the_same_function():
             torch.testing.assert_close(model(x), adapted, atol=1e-9, rtol=1e-9)  # one matmul per layer, same function
         assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # the frozen base, bit for bit
     assert not any(p.requires_grad for p in model.parameters())
-    with pytest.raises(UserError, match="matches no linear layer"):
+    with pytest.raises(UserError, match="matches no layer"):
         LoRA(tiny_model(), LoRAOptions(rank=2, targets="nope"))
 
 
@@ -49,10 +50,11 @@ def test_lora_sft_trains_only_adapters_and_saves_merged_weights(pretrained):
     assert all(torch.equal(live[n], pre[n]) for n in pre)  # the base never moved
     assert all(b.abs().max() > 0 for b in trainer.lora.B.values())  # the adapters did
     saved = dict(load_for_inference(pretrained / "sft-lora").model.named_parameters())  # an ordinary checkpoint
-    adapted = {name + ".weight" for name in trainer.lora.linears}
+    adapted = {t.name: key for key, t in trainer.lora.targets.items()}
+    assert len(adapted) == 14  # attention (4 x 2 layers) and the experts' three weights (x 2 layers)
     for name, p in saved.items():
         if name in adapted:
-            delta = trainer.lora.delta(name.removesuffix(".weight").replace(".", "__"))
+            delta = trainer.lora.delta(adapted[name])
             torch.testing.assert_close(p, pre[name] + delta.to(p.dtype), atol=1e-6, rtol=1e-6)
         else:
             assert torch.equal(p, pre[name]), name

@@ -134,6 +134,9 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, D, Fw))  # Grok `linear_v`
         self.w_down = nn.Parameter(torch.empty(E, Fw, D))  # Grok `linear_1`
         self.act = gated_activation(cfg.activation)
+        # A hook for adapters (posttrain/lora.py): low_rank(name, x_NI, tokens_per_expert_E) -> a term added to the
+        # projection `name` (w_gate, w_up, w_down) of those rows, or None. Unset: the plain path below, untouched.
+        self.low_rank = None
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_ND holds tokens sorted by expert; tokens_per_expert_E[e] rows belong to expert e."""
@@ -142,6 +145,12 @@ class Experts(nn.Module):
             x_ND = x_ND.to(torch.get_autocast_dtype(device))
         # Under tensor parallel the weights are DTensor shards of the F dimension: compute on the local shard.
         w_gate, w_up, w_down = (_local(w).to(x_ND.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        if self.low_rank is not None:
+            def project(name, x, w):
+                out = grouped_matmul(x, w, tokens_per_expert_E)
+                extra = self.low_rank(name, x, tokens_per_expert_E)
+                return out if extra is None else out + extra
+            return project("w_down", self.act(project("w_gate", x_ND, w_gate)) * project("w_up", x_ND, w_up), w_down)
         if _grouped_mm_ok(x_ND):
             offsets = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
             h_NF = self.act(F.grouped_mm(x_ND, w_gate, offs=offsets)) * F.grouped_mm(x_ND, w_up, offs=offsets)
@@ -158,6 +167,15 @@ def per_expert_ffn(x_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, 
         outputs.append((act(x @ w_gate_EDF[e]) * (x @ w_up_EDF[e])) @ w_down_EFD[e])
         start += count
     return torch.cat(outputs)
+
+
+def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """Expert-sorted rows times their expert's [in, out] matrix: one grouped GEMM where the shapes allow it (both
+    row strides 16-byte aligned), else per_expert_ffn's loop over experts (one host read of the counts)."""
+    if _grouped_mm_ok(x_NI) and (w_EIO.shape[-1] * w_EIO.element_size()) % 16 == 0:
+        return F.grouped_mm(x_NI, w_EIO, offs=torch.cumsum(tokens_per_expert_E, 0).to(torch.int32))
+    rows = x_NI.split(tokens_per_expert_E.tolist())
+    return torch.cat([r @ w_EIO[e] for e, r in enumerate(rows)])
 
 
 def tokens_per_expert(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
