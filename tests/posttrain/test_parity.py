@@ -1,7 +1,12 @@
-"""SFT and DPO train alike on one process and on two (FSDP; tensor + sequence parallel for SFT): per-step losses
-equal to fp32 rounding, because each rank weights its loss by its share of the micro-batch's tokens (or pairs).
-The FSDP SFT run goes through `gigafactory sft --nproc 2` (the launcher `train --nproc` uses); the others share one
-torchrun launch of parity_runner.py."""
+"""SFT and DPO train alike on one process and on two (FSDP; tensor + sequence parallel; pipeline parallel): per-step
+losses and gradient norms equal to fp32 rounding, because each rank weights its loss by its share of the step's
+tokens (or pairs). The FSDP SFT run goes through `gigafactory sft --nproc 2` (the launcher `train --nproc` uses);
+the others share one torchrun launch of parity_runner.py.
+
+Pipeline runs split the batch into 4 microbatches, and the router balance loss's unit is the microbatch
+(docs/architecture.md), so they and their one-process references train without it (model.aux_loss_weight=0): what
+they test is that positions, document ids and pair slots reach every stage with their microbatch, and that the
+last stage's loss weights each microbatch to the step's token (pair) mean."""
 
 from __future__ import annotations
 
@@ -18,12 +23,17 @@ from tests.posttrain.parity_runner import run
 COMMON = {"training.steps": 3, "training.eval_every": 3, "training.eval_batches": 1, "logging.log_every": 1,
           "training.dtype": "fp32", "checkpoint.every": 0}
 LAYOUTS = {"fsdp": {"parallel.dp_shard": 2, "training.batch_size": 2},
-           "tp_sp": {"parallel.tp": 2, "parallel.dp_shard": 1, "training.batch_size": 4}}
+           "tp_sp": {"parallel.tp": 2, "parallel.dp_shard": 1, "training.batch_size": 4},
+           "pp": {"parallel.pp": 2, "parallel.dp_shard": 1, "training.batch_size": 4, "model.aux_loss_weight": 0.0}}
+ONE = {"training.batch_size": 4}
+ONE_NO_BALANCE = {**ONE, "model.aux_loss_weight": 0.0}
 
 
-def losses(run_dir: Path) -> tuple[dict, list]:
+def losses(run_dir: Path) -> tuple[dict, list, dict]:
+    """(loss per step, eval losses, gradient norm per step) from a run's metrics.jsonl."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}, [r["eval_loss"] for r in recs if "eval_loss" in r]
+    return ({r["step"]: r["loss"] for r in recs if "loss" in r}, [r["eval_loss"] for r in recs if "eval_loss" in r],
+            {r["step"]: r["grad_norm"] for r in recs if "grad_norm" in r})
 
 
 def test_two_process_layouts_match_one_process(pretrained, tmp_path):
@@ -31,8 +41,10 @@ def test_two_process_layouts_match_one_process(pretrained, tmp_path):
     pairs.write_text("".join(json.dumps({"prompt": f"Quote verse {i}", "chosen": v, "rejected": v.replace("e", "a")}) + "\n"
                              for i, v in enumerate(["Jesus wept.", "For God so loved the world.", "The LORD is my shepherd."] * 7)))
     chat = str(pretrained / "chat.jsonl")
-    jobs = [{"name": "sft-tp_sp", "kind": "sft", "data": chat, "overrides": {**COMMON, **LAYOUTS["tp_sp"]}},
-            {"name": "dpo-fsdp", "kind": "dpo", "data": str(pairs), "overrides": {**COMMON, **LAYOUTS["fsdp"], "data.seq_len": 128}}]
+    sft = lambda name, layout: {"name": name, "kind": "sft", "data": chat, "overrides": {**COMMON, **layout}}  # noqa: E731
+    dpo = lambda name, layout: {"name": name, "kind": "dpo", "data": str(pairs), "overrides": {**COMMON, **layout, "data.seq_len": 128}}  # noqa: E731
+    jobs = [sft("sft-tp_sp", LAYOUTS["tp_sp"]), sft("sft-pp", LAYOUTS["pp"]),
+            dpo("dpo-fsdp", LAYOUTS["fsdp"]), dpo("dpo-tp_sp", LAYOUTS["tp_sp"]), dpo("dpo-pp", LAYOUTS["pp"])]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"checkpoint": str(pretrained / "pre"), "runs": jobs}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
@@ -45,12 +57,15 @@ def test_two_process_layouts_match_one_process(pretrained, tmp_path):
     assert launches[0].returncode == 0 and "eval loss (assistant tokens)" in cli_out, cli_err[-3000:]
     assert launches[1].returncode == 0, runner_err[-3000:]
 
-    run(str(pretrained / "pre"), tmp_path, {"name": "sft-one", "kind": "sft", "overrides": {**COMMON, "training.batch_size": 4}, "data": chat})
-    run(str(pretrained / "pre"), tmp_path, {"name": "dpo-one", "kind": "dpo", "data": str(pairs),
-                                            "overrides": {**COMMON, "training.batch_size": 4, "data.seq_len": 128}})
-    for one, many in (("sft-one", "sft-fsdp"), ("sft-one", "sft-tp_sp"), ("dpo-one", "dpo-fsdp")):
-        (ref, ref_eval), (got, got_eval) = losses(tmp_path / one), losses(tmp_path / many)
+    for job in (sft("sft-one", ONE), sft("sft-one-nobal", ONE_NO_BALANCE), dpo("dpo-one", ONE), dpo("dpo-one-nobal", ONE_NO_BALANCE)):
+        run(str(pretrained / "pre"), tmp_path, job)
+    compared = (("sft-one", "sft-fsdp"), ("sft-one", "sft-tp_sp"), ("sft-one-nobal", "sft-pp"),
+                ("dpo-one", "dpo-fsdp"), ("dpo-one", "dpo-tp_sp"), ("dpo-one-nobal", "dpo-pp"))
+    for one, many in compared:
+        (ref, ref_eval, ref_norm), (got, got_eval, got_norm) = losses(tmp_path / one), losses(tmp_path / many)
         assert sorted(got) == [1, 2, 3]
         for step in ref:
             assert got[step] == pytest.approx(ref[step], rel=2e-5), (many, step)
+            assert got_norm[step] == pytest.approx(ref_norm[step], rel=2e-5), (many, step)  # a wrong gradient scale shows here
         assert got_eval[-1] == pytest.approx(ref_eval[-1], rel=2e-5), many
+    assert losses(tmp_path / "sft-one")[0][3] != losses(tmp_path / "sft-one-nobal")[0][3]  # the two references differ
