@@ -77,3 +77,25 @@ def server(loaded):
     state = make_state(loaded)
     with running_server(state) as url:
         yield url, state
+
+
+def make_process_engine(served_run, metrics: Metrics, n_slots: int = 8, name: str = "grok-tiny", **spec):
+    """An EngineClient: the model's engine in its own (spawned) process, started; stop() it when done."""
+    from gigafactory.serve.engine_client import EngineClient, load_serving_info
+    from gigafactory.serve.engine_core import CoreSpec
+
+    tokenizer, config, ckpt = load_serving_info(str(served_run))
+    return EngineClient(CoreSpec(str(ckpt), name, n_slots=n_slots, **spec), tokenizer, config.model, metrics).start()
+
+
+@pytest.fixture(scope="session")
+def process_server(served_run):
+    """An open server whose engine runs in its own process (`gigafactory serve`'s default); yields (url, state)."""
+    metrics = Metrics()
+    engine = make_process_engine(served_run, metrics)
+    state = ServerState({"grok-tiny": engine}, "grok-tiny", metrics, limiter=RateLimiter())
+    try:
+        with running_server(state) as url:
+            yield url, state
+    finally:
+        engine.stop()
