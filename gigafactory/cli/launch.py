@@ -64,6 +64,7 @@ def register(subparsers) -> None:
     serve.add_argument("--checkpoint", metavar="PATH", help="With --serve: the run directory or checkpoint to serve, as seen inside the pods (on --pvc).")
     serve.add_argument("--pool", default="grok", help="With --serve: the pool (model version) these replicas serve in the gateway's rollout.")
     serve.add_argument("--gpus-per-replica", type=int, default=1, help="With --serve: GPUs per serve replica (0 = CPU).")
+    serve.add_argument("--gateway-pods", type=int, default=1, help="With --serve: gateway pods; each enforces 1/N of every rate limit and quota.")
     parser.set_defaults(func=run, train_args=[])
 
 
@@ -125,8 +126,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     spec = ServeFleetSpec(
         regions=parse_regions(args.regions), checkpoint=args.checkpoint, name=args.name or "grok", pool=args.pool,
         image=args.image or "gigafactory:latest", pvc=args.pvc, gpus=args.gpus_per_replica, serve_args=tuple(args.train_args),
+        gateway_pods=args.gateway_pods,
     )
     argv = ["gigafactory", "launch", "k8s", "--serve", "--regions", args.regions, "--checkpoint", args.checkpoint]
+    argv += ["--gateway-pods", str(args.gateway_pods)] if args.gateway_pods != 1 else []
     text = render_serve(spec, shlex.join(argv + (["--", *args.train_args] if args.train_args else [])))
     _write(args.out, text, f"{sum(spec.regions.values())} serve replica(s) + gateway", "kubectl apply -f")
     return 0
