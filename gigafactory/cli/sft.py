@@ -21,7 +21,8 @@ def register(subparsers) -> None:
             "packed into data.seq_len sequences with attention kept inside each one, loss on assistant tokens only. "
             "Settings: the checkpoint's config, then SFT defaults (lr 3e-4, 100 steps), then --section.key flags. "
             "Re-running the same command resumes. --nproc N runs it under torchrun as `train --nproc` does. --lora.rank R "
-            "trains low-rank adapters on a frozen base instead (one process); checkpoints hold the merged weights."
+            "trains low-rank adapters on a frozen base instead (attention, dense-FFN and MoE expert weights; every layout); "
+            "checkpoints hold the merged weights."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -34,7 +34,7 @@ class DPOOptions:
             raise UserError(f"--loss-type {self.loss_type!r} must be one of {', '.join(LOSS_TYPES)}")
 
 
-LORA_TARGETS = "wq,wk,wv,wo,w_gate,w_up,w_down"  # attention projections and the dense MLP (MoE experts are not nn.Linear)
+LORA_TARGETS = "wq,wk,wv,wo,w_gate,w_up,w_down"  # attention projections; dense-FFN linears and MoE experts' 3-D weights
 
 
 @dataclass
@@ -43,7 +43,8 @@ class LoRAOptions:
 
     rank: int = knob(0, "Adapter rank r; 0 = full fine-tune (every weight trains).")
     alpha: float = knob(16.0, "Adapter scale numerator: the update is (alpha / r) * B A.")
-    targets: str = knob(LORA_TARGETS, "Comma-separated names of the linear layers that get adapters (the last part of the module name).")
+    targets: str = knob(LORA_TARGETS, "Comma-separated names of the weights that get adapters: linear layers by the last part of "
+                        "the module name; w_gate, w_up, w_down also name the MoE experts' stacked weights (one adapter per expert).")
 
     def target_names(self) -> list[str]:
         return [t.strip() for t in self.targets.split(",") if t.strip()]
