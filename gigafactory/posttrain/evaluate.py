@@ -1,7 +1,9 @@
 """`gigafactory eval`: held-out perplexity of the pre-training data, and the KJV instruction task (tasks.py): its
 exact match under greedy decoding with serve's chat template, and continuous scores that move long before exact
-match does (task_metrics.py: answer log-likelihood and token accuracy, preference accuracy on held-out near misses).
-Results go to a JSON file and a table.
+match does (task_metrics.py: answer log-likelihood and token accuracy, preference accuracy on held-out pairs).
+Greedy decoding is slow, teacher-forced preference scoring cheap, so they are sized apart: exact match on `limit`
+test items, preferences on `pref_limit` (by default every held-out item). Per-item scores are kept in the JSON so
+two results compare item by item (paired.py). Results go to a JSON file and a table.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from gigafactory.data.tokenizer import plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.inference.generate import LoadedModel, generate_tokens, load_for_inference
 from gigafactory.inference.sampling import SamplingParams
-from gigafactory.posttrain.task_metrics import answer_scores, preference_scores
-from gigafactory.posttrain.tasks import build_task, exact_match
+from gigafactory.posttrain.task_metrics import answer_scores, item_key, preference_scores
+from gigafactory.posttrain.tasks import REJECTED, build_task, exact_match
 
 
 @torch.no_grad()
@@ -43,42 +45,53 @@ def heldout_perplexity(loaded: LoadedModel, batches: int, batch_size: int = 4) -
 
 
 @torch.no_grad()
-def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16) -> dict:
-    """Exact match (greedy) overall and per kind, the teacher-forced answer scores and the preference accuracy
-    (task_metrics.py). An item whose prompt and answer do not fit the model's context counts as a miss for exact
-    match (reported as too_long)."""
+def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16, pref_items: list[dict] | None = None,
+                rejected: tuple[str, ...] = ("near",)) -> dict:
+    """Exact match (greedy) overall and per kind with each item's hit (`per_item`: [key, kind, hit]), the
+    teacher-forced answer scores, and the preference accuracy on `pref_items` (default `items`) for each
+    rejected-answer construction (task_metrics.py). An item whose prompt and answer do not fit the model's context
+    counts as a miss for exact match (reported as too_long)."""
     tok = loaded.tokenizer
     template = ChatTemplate(tok, plain_text_encoder(tok))
     device = next(loaded.model.parameters()).device
     hits: dict[str, list[bool]] = {}
-    examples, too_long = [], 0
+    examples, too_long, per_item = [], 0, []
     for item in items:
         prompt = template.encode(item["messages"][:-1])
         answer_len = len(template.encoder.encode(item["answer"]).ids)
         if len(prompt) + answer_len >= loaded.model.cfg.max_seq_len:  # cannot be answered in this context: a miss
             too_long += 1
             hits.setdefault(item["kind"], []).append(False)
+            per_item.append([item_key(item["messages"]), item["kind"], False])
             continue
         out = list(generate_tokens(loaded.model, prompt, SamplingParams(temperature=0.0, max_tokens=max(max_new_tokens, answer_len + 4))))
         prediction = tok.decode(out)
         hits.setdefault(item["kind"], []).append(exact_match(prediction, item["answer"]))
+        per_item.append([item_key(item["messages"]), item["kind"], hits[item["kind"]][-1]])
         if len(examples) < 5:
             examples.append({"question": item["messages"][-2]["content"], "answer": item["answer"], "prediction": prediction})
     every = [h for hs in hits.values() for h in hs]
     return {"exact_match": sum(every) / len(every), "items": len(every), "too_long": too_long,
             **answer_scores(loaded.model, template, items),
-            "preference": preference_scores(loaded.model, template, items),
+            "preference": {style: preference_scores(loaded.model, template, pref_items or items, rejected=style) for style in rejected},
             "by_kind": {k: {"exact_match": sum(v) / len(v), "items": len(v)} for k, v in sorted(hits.items())},
-            "examples": examples}
+            "examples": examples, "per_item": per_item}
 
 
-def evaluate_checkpoint(path: str, device: str = "cpu", limit: int = 200, ppl_batches: int = 8) -> dict:
+def evaluate_checkpoint(path: str, device: str = "cpu", limit: int = 200, ppl_batches: int = 8, pref_limit: int = 0,
+                        rejected: tuple[str, ...] = REJECTED) -> dict:
+    """Held-out perplexity and the KJV task: exact match on `limit` test items, preferences on `pref_limit` held-out
+    items (0: all of them), one pair per item for each rejected-answer construction."""
+    if limit < 1 or pref_limit < 0:
+        raise UserError("--limit must be at least 1 and --pref-limit at least 0 (0: every held-out item)")
+    unknown = sorted(set(rejected) - set(REJECTED))
+    if unknown or not rejected:
+        raise UserError(f"--rejected takes a comma list of {', '.join(REJECTED)}; got '{','.join(rejected)}'")
     loaded = load_for_inference(path, device)
     test = build_task()["test"][:limit]
-    if not test:
-        raise UserError("--limit must be at least 1")
+    held_out = build_task(max_test=pref_limit or 10**9)["test"]
     return {"checkpoint": str(loaded.checkpoint), "heldout": heldout_perplexity(loaded, ppl_batches),
-            "kjv_task": task_scores(loaded, test)}
+            "kjv_task": task_scores(loaded, test, pref_items=held_out, rejected=tuple(rejected))}
 
 
 def table(result: dict) -> str:
@@ -97,11 +110,11 @@ def table(result: dict) -> str:
     if "answer_logp_per_token" in t:
         lines += [f"| KJV answer log-likelihood per token | {t['answer_logp_per_token']:.4f} |",
                   f"| KJV answer token accuracy | {t['answer_token_accuracy']:.3f} |"]
-    if t["preference"]:
-        p = t["preference"]
-        lines += [f"| KJV preference accuracy ({p['pairs']} held-out pairs) | {p['preference_accuracy']:.3f} |",
-                  *(f"| - {k} ({v['pairs']}) | {v['preference_accuracy']:.3f} |" for k, v in p["by_kind"].items()),
-                  f"| KJV preference margin (nats) | {p['preference_margin']:.3f} |"]
+    for style, p in (t["preference"] or {}).items():
+        if p:
+            lines += [f"| KJV preference accuracy, {style} misses ({p['pairs']} held-out pairs) | {p['preference_accuracy']:.3f} |",
+                      *(f"| - {k} ({v['pairs']}) | {v['preference_accuracy']:.3f} |" for k, v in p["by_kind"].items()),
+                      f"| KJV preference margin, {style} (nats) | {p['preference_margin']:.3f} |"]
     for task, metrics in result.get("harness", {}).items():  # lm-eval tasks (--harness-tasks)
         lines += [f"| lm-eval {task}: {name} | {value:.4f} |" for name, value in metrics.items()]
     return "\n".join(lines)

@@ -5,10 +5,14 @@ started to learn, so these show each stage's progress on the held-out items.
   [EOS] included) and the fraction of answer tokens that are the model's argmax (token accuracy).
 - Preference accuracy: on held-out pairs (the answer against tasks.corrupt's near miss, as DPO trains on), how
   often the model gives the right answer a higher log-probability than the wrong one, and the mean margin. This is
-  the policy's own preference (no reference model), so it compares across checkpoints.
+  the policy's own preference (no reference model), so it compares across checkpoints. Every pair's margin is kept
+  under a key of its text (item_key), so two checkpoints' results pair up item by item (posttrain/paired.py).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import torch
 
@@ -17,6 +21,11 @@ from gigafactory.data.preference import PackedPairLoader, pack_pairs, sequence_l
 from gigafactory.data.sft import PackedChatLoader, pack_conversations
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
 from gigafactory.posttrain.tasks import preference_pairs
+
+
+def item_key(*parts) -> str:
+    """A short stable key of an item's (or pair's) text: the same item gets the same key in every eval JSON."""
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -39,9 +48,10 @@ def answer_scores(model, template: ChatTemplate, items: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def preference_scores(model, template: ChatTemplate, items: list[dict], seed: int = 0) -> dict | None:
-    """How often log p(answer) > log p(near miss) on `items`; pairs that do not fit the model's context are left
-    out (counted as too_long). None for a tokenizer without chat role tokens, or when no pair fits."""
+def preference_scores(model, template: ChatTemplate, items: list[dict], seed: int = 0, rejected: str = "near") -> dict | None:
+    """How often log p(answer) > log p(wrong answer) on `items`, the wrong one built as tasks.REJECTED[rejected]
+    says; pairs that do not fit the model's context are left out (counted as too_long). `per_pair`: [key, kind,
+    margin] for every scored pair. None for a tokenizer without chat role tokens, or when no pair fits."""
     if not template.special:
         return None
     device = next(model.parameters()).device
@@ -50,7 +60,7 @@ def preference_scores(model, template: ChatTemplate, items: list[dict], seed: in
         return 2 * len(template.encode(pair["messages"])) + reply
 
     every = [{"messages": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "kind": item["kind"]}
-             for p, item in zip(preference_pairs(items, seed), items)]
+             for p, item in zip(preference_pairs(items, seed, rejected), items)]
     pairs = [p for p in every if size(p) <= model.cfg.max_seq_len]
     if not pairs:
         return None
@@ -60,11 +70,12 @@ def preference_scores(model, template: ChatTemplate, items: list[dict], seed: in
     for _ in range(loader.n_windows):
         x, y, pos, doc, pair_docs = (t.to(device) for t in loader.next_batch()[:5])
         seq = sequence_logps(model(x, pos, doc_ids_BS=doc), y, doc, 2 * pair_docs.shape[1])[0]
-        for chosen, rejected, k in pair_docs[0].tolist():
+        for chosen_doc, rejected_doc, k in pair_docs[0].tolist():
             if k >= 0:
-                margins[k] = float(seq[chosen] - seq[rejected])
+                margins[k] = float(seq[chosen_doc] - seq[rejected_doc])
     kinds = sorted({p["kind"] for p in pairs})
     by_kind = {k: torch.tensor([p["kind"] == k for p in pairs]) for k in kinds}
-    return {"preference_accuracy": float((margins > 0).float().mean()), "preference_margin": float(margins.mean()),
-            "pairs": len(pairs), "too_long": len(every) - len(pairs),
-            "by_kind": {k: {"preference_accuracy": float((margins[m] > 0).float().mean()), "pairs": int(m.sum())} for k, m in by_kind.items()}}
+    return {"rejected": rejected, "preference_accuracy": float((margins > 0).float().mean()),
+            "preference_margin": float(margins.mean()), "pairs": len(pairs), "too_long": len(every) - len(pairs),
+            "by_kind": {k: {"preference_accuracy": float((margins[m] > 0).float().mean()), "pairs": int(m.sum())} for k, m in by_kind.items()},
+            "per_pair": [[item_key(p["messages"], p["chosen"], p["rejected"]), p["kind"], float(m)] for p, m in zip(pairs, margins)]}

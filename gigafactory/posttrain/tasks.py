@@ -6,6 +6,14 @@ item ask the model what pre-training could have taught it and SFT teaches it to 
   continue:   Quote what follows in <Book> <chapter>: "<s>"     ->  <the next sentence>
 Each sentence (by its text) is assigned to train or test by a seeded hash; an item belongs to the split of every sentence it
 shows, and items touching both splits are dropped, so no test answer or question appears in the training set.
+
+Preference pairs (DPO's training pairs, and the held-out pairs `eval` scores) put the answer against a wrong one,
+built one of two ways (REJECTED):
+  near:  a near miss: the neighbouring chapter, or the next sentence with two adjacent words swapped;
+  far:   a real answer of another item of the same split and kind from a different book, of the same shape (word
+         count, length): another book's chapter, or a sentence of another book. Chosen and rejected come from the
+         same distribution of answers and both are well formed, so only the question's content separates them (no
+         prior, fluency or length shortcut), and drawing within one split keeps test sentences out of training pairs.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from gigafactory.data.corpus import SHIPPED_CORPUS
+from gigafactory.errors import UserError
 
 SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
 MIN_CHARS, MAX_CHARS = 20, 120  # short sentences: a tiny model's context and a fair exact match
@@ -67,6 +76,9 @@ def exact_match(prediction: str, answer: str) -> bool:
     return " ".join(prediction.split()) == " ".join(answer.split())
 
 
+REJECTED = ("near", "far")
+
+
 def corrupt(item: dict, rng: np.random.Generator) -> str:
     """A wrong answer close to the right one: a neighbouring chapter, or the verse with two words swapped."""
     if item["kind"] == "reference":
@@ -80,21 +92,64 @@ def corrupt(item: dict, rng: np.random.Generator) -> str:
     return " ".join(words) if words != item["answer"].split() else item["answer"] + " and"
 
 
-def preference_pairs(items: list[dict], seed: int = 0) -> list[dict]:
-    """DPO pairs from task items: chosen = the answer, rejected = corrupt(answer)."""
+def book_of(item: dict) -> str:
+    """The book an item is about: its answer's for `reference`, the one its question names for `continue`."""
+    ref = item["answer"] if item["kind"] == "reference" else item["messages"][0]["content"].split(": ", 1)[0].removeprefix("Quote what follows in ")
+    return ref.rpartition(" ")[0]
+
+
+def same_shape(a: str, b: str) -> bool:
+    """As many words and about as many characters: a summed log-probability then compares content, not length."""
+    return len(a.split()) == len(b.split()) and abs(len(a) - len(b)) <= max(2, len(a) // 10)
+
+
+def far_miss(item: dict, pool: dict[str, list[tuple[str, str]]], rng: np.random.Generator, tries: int = 400) -> str:
+    """The answer of a random item of the same kind from another book, of the same shape where one is found in
+    `tries` draws (else the closest in length drawn); pool: kind -> [(book, answer)] of the split. A near miss when
+    the pool has no other book."""
+    candidates, book, answer = pool[item["kind"]], book_of(item), item["answer"]
+    if all(b == book for b, _ in candidates):
+        return corrupt(item, rng)
+    best = None
+    for _ in range(tries):
+        b, other = candidates[int(rng.integers(len(candidates)))]
+        if b == book:
+            continue
+        if same_shape(answer, other):
+            return other
+        if best is None or abs(len(other) - len(answer)) < abs(len(best) - len(answer)):
+            best = other
+    return best if best is not None else corrupt(item, rng)
+
+
+def preference_pairs(items: list[dict], seed: int = 0, rejected: str = "near") -> list[dict]:
+    """DPO pairs from task items (all of one split): chosen = the answer, rejected built as REJECTED[rejected] says."""
+    if rejected not in REJECTED:
+        raise UserError(f"unknown rejected-answer construction '{rejected}'; choose from {', '.join(REJECTED)}")
     rng = np.random.default_rng([seed, 2])
-    return [{"prompt": item["messages"][:-1], "chosen": item["answer"], "rejected": corrupt(item, rng)} for item in items]
+    pool: dict[str, list[tuple[str, str]]] = {}
+    for item in items:
+        pool.setdefault(item["kind"], []).append((book_of(item), item["answer"]))
+    wrong = (lambda item: corrupt(item, rng)) if rejected == "near" else (lambda item: far_miss(item, pool, rng))
+    return [{"prompt": item["messages"][:-1], "chosen": item["answer"], "rejected": wrong(item)} for item in items]
 
 
-def write_task(out_dir: str | Path, **kwargs) -> dict[str, Path]:
-    """kjv-train.jsonl and kjv-test.jsonl (chat lines `gigafactory sft` reads, plus kind and answer), and
-    kjv-pairs.jsonl (DPO pairs from the training items)."""
+def pairs_file_name(rejected: str) -> str:
+    return "kjv-pairs.jsonl" if rejected == "near" else f"kjv-pairs-{rejected}.jsonl"
+
+
+def write_task(out_dir: str | Path, rejected: tuple[str, ...] = REJECTED, **kwargs) -> dict[str, Path]:
+    """kjv-train.jsonl and kjv-test.jsonl (chat lines `gigafactory sft` reads, plus kind and answer), and DPO pairs
+    from the training items for each rejected-answer construction (kjv-pairs.jsonl: near, kjv-pairs-far.jsonl)."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(**kwargs)
-    files = {**task, "pairs": preference_pairs(task["train"])}
     paths = {}
-    for name, records in files.items():
+    for name, records in task.items():
         paths[name] = out / f"kjv-{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    for style in rejected:
+        name = "pairs" if style == "near" else f"pairs-{style}"
+        paths[name] = out / pairs_file_name(style)
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(task["train"], rejected=style)))
     return paths

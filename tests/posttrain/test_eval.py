@@ -31,13 +31,18 @@ def test_exact_match_is_exact_up_to_whitespace():
 
 def test_eval_cli_writes_json_and_table(pretrained, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "6", "--ppl-batches", "2", "--out", str(out)]) == 0
+    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "6", "--pref-limit", "8", "--ppl-batches", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     h, t = result["heldout"], result["kjv_task"]
     assert h["perplexity"] > 1 and abs(h["perplexity"] - 2.718281828 ** h["loss"]) < 1e-6 * h["perplexity"]
     assert t["items"] == 6 and 0 <= t["exact_match"] <= 1 and t["answer_loss"] > 0
     assert "| held-out perplexity |" in printed and out.with_suffix(".md").is_file()
+    assert len(t["per_item"]) == 6 and len({key for key, _, _ in t["per_item"]}) == 6  # exact match per item, for --compare
+    for style in ("near", "far"):  # preferences sized apart from exact match: --pref-limit held-out items
+        p = t["preference"][style]
+        assert p["rejected"] == style and p["pairs"] + p["too_long"] == 8 and len(p["per_pair"]) == p["pairs"]
+        assert f"{style} misses ({p['pairs']} held-out pairs)" in printed
 
 
 def test_write_task_gives_chat_files_sft_reads(tmp_path):
@@ -48,3 +53,6 @@ def test_write_task_gives_chat_files_sft_reads(tmp_path):
     assert len(read_chat_jsonl(tmp_path / "kjv-train.jsonl")) == 4000
     pairs = read_preference_jsonl(tmp_path / "kjv-pairs.jsonl")  # DPO: the answer against a near miss
     assert len(pairs) == 4000 and all(p["chosen"] != p["rejected"] for p in pairs)
+    far = read_preference_jsonl(tmp_path / "kjv-pairs-far.jsonl")  # the same prompts and answers against far misses
+    assert [(p["messages"], p["chosen"]) for p in far] == [(p["messages"], p["chosen"]) for p in pairs]
+    assert all(p["chosen"] != p["rejected"] for p in far)

@@ -43,4 +43,6 @@ def test_answer_and_preference_scores_equal_direct_computation(template):  # noq
         assert pref["pairs"] == 3 and pref["too_long"] == 0
         assert pref["preference_margin"] == pytest.approx(torch.stack(margins).mean().item(), abs=1e-5)
         assert pref["preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+        assert [m for _, _, m in pref["per_pair"]] == pytest.approx([float(m) for m in margins], abs=5e-5)
+        assert [kind for _, kind, _ in pref["per_pair"]] == [item["kind"] for item in ITEMS]
         assert pref["by_kind"]["continue"] == {"preference_accuracy": pytest.approx(float(margins[0] > 0) / 2 + float(margins[2] > 0) / 2), "pairs": 2}
