@@ -64,16 +64,35 @@ class TrainingModelLM(GrokLM):
 class HarnessSuite:
     def __init__(self, task: str, cfg: JobConfig, tokenizer: Tokenizer):
         self.name, self.task, self.cfg, self.tokenizer = f"harness:{task}", task, cfg, tokenizer
+        check_harness_task(task, cfg.eval.harness_include)
 
     def run(self, model: nn.Module) -> SuiteResult:
         e = self.cfg.eval
         out = run_harness(TrainingModelLM(model, self.tokenizer), [self.task], e.harness_include, e.limit)
-        # as `gigafactory eval --harness-tasks` keeps them: each task's (and group's) numeric metrics
+        # lm-eval returns results where LOCAL_RANK is 0 only; the other ranks ran the same forwards (FSDP gathers
+        # need them) and have nothing to log (rank 0 logs). Kept as `gigafactory eval --harness-tasks` keeps them:
+        # each task's (and group's) numeric metrics.
         section = {task: {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                   for task, m in out["results"].items()}
+                   for task, m in (out["results"] if out else {}).items()}
         scores = {("" if task == self.task else f"{task}/") + metric.removesuffix(",none").replace(",", "_"): value
                   for task, m in section.items() for metric, value in m.items()}  # a group's subtasks by name
         return SuiteResult("harness", section, scores)
+
+
+def check_harness_task(task: str, include: str) -> None:
+    """Fail before training, in one line, when lm-eval is missing or does not know the task (else the first eval
+    point would, after the model is built and maybe a reference pass is done)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError(f"eval.tasks harness:{task} needs lm-evaluation-harness: pip install lm-eval") from None
+    local = Path(include).expanduser() if include else None
+    if local is not None and not local.is_dir():
+        raise UserError(f"eval.harness_include={include!r} is not a directory of lm-eval task YAML files")
+    if local is not None and task in TaskManager(include_path=str(local), include_defaults=False).all_tasks:
+        return
+    if task not in TaskManager(include_path=str(local) if local else None).all_tasks:  # the harness's own tasks
+        raise UserError(f"eval.tasks: harness:{task} is not an lm-eval task, built in or in eval.harness_include={include!r}")
 
 
 def build_task_suites(cfg: JobConfig, tokenizer_json: str) -> TaskSuites:
