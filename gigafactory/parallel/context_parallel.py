@@ -3,6 +3,7 @@
 Causal attention does more work late in the sequence, so the sequence is cut into 2*cp chunks and rank r keeps
 chunks r and 2*cp-1-r (the load balancing of Llama 3 / Megatron). Attention masks by absolute positions, so gathered
 keys are masked correctly wherever they came from. The gather is differentiable (its backward is a reduce-scatter).
+Packed documents (SFT, DPO) gather their document ids the same way, so a query sees only its own document's keys.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class KVGather:
         v = funcol.all_gather_tensor_autograd(v_BGSD.contiguous(), gather_dim=2, group=self.group)
         pos = funcol.all_gather_tensor(positions_BS.contiguous(), gather_dim=1, group=self.group)
         return funcol.wait_tensor(k), funcol.wait_tensor(v), funcol.wait_tensor(pos)
+
+    def gather_ids(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        """Per-token labels (document ids) of the whole sequence, in the gathered keys' order."""
+        return funcol.wait_tensor(funcol.all_gather_tensor(ids_BS.contiguous(), gather_dim=1, group=self.group))
 
 
 def apply_cp(model: GrokModel, cp_mesh) -> None:

@@ -26,6 +26,7 @@ from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
 from gigafactory.parallel.balance import microbatches_per_step
+from gigafactory.parallel.context_parallel import shard_sequence
 from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.posttrain.options import DPOOptions
 from gigafactory.posttrain.sft import SFTData, SFTTrainer
@@ -72,9 +73,6 @@ class DPOTrainer(SFTTrainer):
         super().__init__(cfg, data)
 
     def build_data(self) -> None:
-        if self.dims.cp > 1:
-            raise UserError("dpo does not run with parallel.cp > 1 yet (document masks cannot reach the gathered keys); "
-                            "use data, FSDP, tensor, expert or pipeline parallelism")
         tokenizer = load_tokenizer(self.sft.base / "tokenizer.json")
         self.tokenizer_json = tokenizer.to_str()
         template = ChatTemplate(tokenizer, plain_text_encoder(tokenizer))
@@ -162,18 +160,24 @@ class DPOTrainer(SFTTrainer):
         """[B, P, 2]: summed log-probs of the chosen and rejected replies of each pair slot (garbage where unused);
         with counts=True also their token counts (same shape)."""
         inputs, targets, positions, doc_ids, pair_docs = (x.to(self.device) for x in (inputs, targets, positions, doc_ids, pair_docs))
+        n_docs, whole, group = 2 * pair_docs.shape[1], (targets, doc_ids), None
+        if self.dims.cp > 1:  # this rank's load-balanced chunks (the keys' document ids are gathered with the keys)
+            cp_rank, group = self.mesh["cp"].get_local_rank(), self.mesh["cp"].get_group()
+            inputs, targets, positions, doc_ids = (shard_sequence(x, cp_rank, self.dims.cp) for x in (inputs, targets, positions, doc_ids))
         with self.autocast():
             logits = self.pmodel.parts[0](inputs, positions, doc_ids_BS=doc_ids)
-        n_docs = 2 * pair_docs.shape[1]
-        if self.sequence_parallel:  # the head ran on this TP rank's slice of the sequence: sum the slices' documents
+        if self.sequence_parallel:  # the head ran on this TP rank's slice of the sequence
             tp_rank, group = self.mesh["tp"].get_local_rank(), self.mesh["tp"].get_group()
-            part = sequence_logps(logits, *(slice_sequence(x, tp_rank, self.dims.tp) for x in (targets, doc_ids)), n_docs)
-            # Differentiable: its backward sums the TP ranks' gradients, each 1/tp of the whole (the trainer's
-            # sequence-parallel scaling), so every slice gets the full gradient of its tokens.
-            logps = per_slot(funcol.wait_tensor(funcol.all_reduce(part, "sum", group)), pair_docs)
-        else:
-            logps = per_slot(sequence_logps(logits, targets, doc_ids, n_docs), pair_docs)
-        return (logps, per_slot(token_counts(targets, doc_ids, n_docs), pair_docs)) if counts else logps
+            targets, doc_ids = (slice_sequence(x, tp_rank, self.dims.tp) for x in (targets, doc_ids))
+        per_doc = sequence_logps(logits, targets, doc_ids, n_docs)
+        if group is not None:
+            # Every rank's part of each document's sum, added up: the loss is then the whole one on every rank. The
+            # all-reduce's backward sums the ranks' gradients (each 1/tp of the whole under sequence parallel, where
+            # the trainer divides by tp; whole under context parallel, where FSDP averages over cp), so each part
+            # gets its tokens' full gradient.
+            per_doc = funcol.wait_tensor(funcol.all_reduce(per_doc, "sum", group))
+        logps = per_slot(per_doc, pair_docs)
+        return (logps, per_slot(token_counts(*whole, n_docs), pair_docs)) if counts else logps
 
     def pair_objective(self, logps, tokens, pair_docs) -> tuple[torch.Tensor, dict, float]:
         """(mean loss over the used pair slots, reward statistics, number of pairs) of one batch's pair sums."""

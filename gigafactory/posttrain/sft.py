@@ -1,6 +1,6 @@
 """Supervised fine-tuning: train.trainer.Trainer with packed, loss-masked conversations and pre-trained weights.
 
-Everything else is the pre-training loop's: layouts (data, FSDP, tensor/sequence, expert, pipeline), checkpoints
+Everything else is the pre-training loop's: layouts (data, FSDP, tensor/sequence, expert, pipeline, context), checkpoints
 and resume, resilience, metrics. The checkpoints it writes are ordinary ones (config.toml, tokenizer.json), so
 generate, serve and export load them as they load pre-trained ones.
 """
@@ -22,6 +22,7 @@ from gigafactory.data.tokenizer import load_tokenizer, plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
 from gigafactory.parallel.balance import microbatches_per_step
+from gigafactory.parallel.context_parallel import shard_sequence
 from gigafactory.parallel.sequence_parallel import slice_sequence
 from gigafactory.posttrain.lora import LoRA
 from gigafactory.posttrain.options import LoRAOptions
@@ -80,9 +81,6 @@ class SFTTrainer(Trainer):
             self.optimizer = build_optimizer(self.lora, cfg.optimizer)
 
     def build_data(self) -> None:
-        if self.dims.cp > 1:
-            raise UserError("sft does not run with parallel.cp > 1 yet (document masks cannot reach the gathered keys); "
-                            "use data, FSDP, tensor, expert or pipeline parallelism")
         tokenizer = load_tokenizer(self.sft.base / "tokenizer.json")
         if tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is {self.cfg.model.vocab_size}")
@@ -98,13 +96,21 @@ class SFTTrainer(Trainer):
     def loss_on(self, inputs, targets, positions=None, doc_ids=None, n_global=None) -> torch.Tensor:
         """The rank's token mean, reweighted by its share of the micro-batch's trained tokens (n_global over every
         rank): the mean over ranks that the gradient averaging forms is then the global token mean, as on one
-        process, however unevenly the assistant tokens fall on the ranks."""
+        process, however unevenly the assistant tokens fall on the ranks. Under sequence or context parallel a rank's
+        loss covers its part of the sequence (its slice; its load-balanced chunks, whose document ids it passes on:
+        the keys' ids are gathered with the keys)."""
+        if self.dims.cp > 1 and doc_ids is not None:  # Trainer.loss_on takes this rank's chunks of the rest
+            doc_ids = shard_sequence(doc_ids, self.mesh["cp"].get_local_rank(), self.dims.cp)
         loss = super().loss_on(inputs, targets, positions, doc_ids)
         if n_global is None:
             return loss
-        sp = self.dims.tp if self.sequence_parallel else 1  # each TP rank's loss covers its slice of the sequence
-        local = slice_sequence(targets, self.mesh["tp"].get_local_rank(), sp) if sp > 1 else targets
-        return loss * (float((local != IGNORE_INDEX).sum()) * self.dims.dp * sp / float(n_global))
+        if self.sequence_parallel:
+            parts, local = self.dims.tp, slice_sequence(targets, self.mesh["tp"].get_local_rank(), self.dims.tp)
+        elif self.dims.cp > 1:
+            parts, local = self.dims.cp, shard_sequence(targets, self.mesh["cp"].get_local_rank(), self.dims.cp)
+        else:
+            parts, local = 1, targets
+        return loss * (float((local != IGNORE_INDEX).sum()) * self.dims.dp * parts / float(n_global))
 
     def pipeline_batch(self, inputs, targets, positions, doc_ids, n_global):
         """Under pipeline parallel: positions and document ids go to every stage with their microbatch, and each

@@ -143,10 +143,13 @@ class Attention(nn.Module):
             return cache_kv.attend(q, k, v, self._masked_attention)
         B, _, S, _ = q.shape
         n_kv = k.shape[1]
+        key_docs_BK = doc_ids_BS
         if cache_kv is None:
             key_pos_BK = positions_BS
             if self.kv_gather is not None:  # context parallel: keys/values of the whole sequence
                 k, v, key_pos_BK = self.kv_gather(k, v, positions_BS)
+                if doc_ids_BS is not None:  # and their documents, gathered as their positions are
+                    key_docs_BK = self.kv_gather.gather_ids(doc_ids_BS)
         else:  # write this step's keys/values at each row's positions, then attend over the whole buffer
             cache_k, cache_v = cache_kv
             index = positions_BS[:, None, :, None].expand(B, n_kv, S, self.head_dim)
@@ -155,10 +158,10 @@ class Attention(nn.Module):
             k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
             key_pos_BK = torch.arange(k.shape[2], device=k.device).expand(B, -1)
         mask_BSK = key_pos_BK[:, None, :] <= positions_BS[:, :, None]  # causal on absolute positions
-        if doc_ids_BS is not None:  # packed documents: keys of the query's own document only (full sequence here)
-            if cache_kv is not None or self.kv_gather is not None:
-                raise ValueError("document-masked attention needs the whole sequence (no KV cache, no context parallel)")
-            mask_BSK = mask_BSK & (doc_ids_BS[:, None, :] == doc_ids_BS[:, :, None])
+        if doc_ids_BS is not None:  # packed documents: keys of the query's own document only
+            if cache_kv is not None:
+                raise ValueError("document-masked attention needs the whole sequence's keys (no KV cache)")
+            mask_BSK = mask_BSK & (key_docs_BK[:, None, :] == doc_ids_BS[:, :, None])
         return self._masked_attention(q, k, v, mask_BSK)
 
     def _masked_attention(self, q, k, v, mask_BSK) -> torch.Tensor:
