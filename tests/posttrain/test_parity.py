@@ -1,7 +1,8 @@
-"""SFT and DPO train alike on one process and on two (FSDP; tensor + sequence parallel; pipeline parallel): per-step
+"""SFT and DPO train alike on one process and on two (FSDP; tensor + sequence, pipeline, context parallel): per-step
 losses and gradient norms equal to fp32 rounding, because each rank weights its loss by its share of the step's
 tokens (or pairs). The FSDP SFT run goes through `gigafactory sft --nproc 2` (the launcher `train --nproc` uses);
-the others share one torchrun launch of parity_runner.py.
+the others share one torchrun launch of parity_runner.py. Under context parallel the keys' document ids are
+gathered with the keys, so no query sees another packed conversation's keys (a mask error changes the losses).
 
 Pipeline runs split the batch into 4 microbatches, and the router balance loss's unit is the microbatch
 (docs/architecture.md), so they and their one-process references train without it (model.aux_loss_weight=0): what
@@ -24,7 +25,8 @@ COMMON = {"training.steps": 3, "training.eval_every": 3, "training.eval_batches"
           "training.dtype": "fp32", "checkpoint.every": 0}
 LAYOUTS = {"fsdp": {"parallel.dp_shard": 2, "training.batch_size": 2},
            "tp_sp": {"parallel.tp": 2, "parallel.dp_shard": 1, "training.batch_size": 4},
-           "pp": {"parallel.pp": 2, "parallel.dp_shard": 1, "training.batch_size": 4, "model.aux_loss_weight": 0.0}}
+           "pp": {"parallel.pp": 2, "parallel.dp_shard": 1, "training.batch_size": 4, "model.aux_loss_weight": 0.0},
+           "cp": {"parallel.cp": 2, "parallel.dp_shard": 1, "training.batch_size": 4}}
 ONE = {"training.batch_size": 4}
 ONE_NO_BALANCE = {**ONE, "model.aux_loss_weight": 0.0}
 
@@ -43,8 +45,8 @@ def test_two_process_layouts_match_one_process(pretrained, tmp_path):
     chat = str(pretrained / "chat.jsonl")
     sft = lambda name, layout: {"name": name, "kind": "sft", "data": chat, "overrides": {**COMMON, **layout}}  # noqa: E731
     dpo = lambda name, layout: {"name": name, "kind": "dpo", "data": str(pairs), "overrides": {**COMMON, **layout, "data.seq_len": 128}}  # noqa: E731
-    jobs = [sft("sft-tp_sp", LAYOUTS["tp_sp"]), sft("sft-pp", LAYOUTS["pp"]),
-            dpo("dpo-fsdp", LAYOUTS["fsdp"]), dpo("dpo-tp_sp", LAYOUTS["tp_sp"]), dpo("dpo-pp", LAYOUTS["pp"])]
+    jobs = [sft("sft-tp_sp", LAYOUTS["tp_sp"]), sft("sft-pp", LAYOUTS["pp"]), sft("sft-cp", LAYOUTS["cp"]),
+            dpo("dpo-fsdp", LAYOUTS["fsdp"]), dpo("dpo-tp_sp", LAYOUTS["tp_sp"]), dpo("dpo-pp", LAYOUTS["pp"]), dpo("dpo-cp", LAYOUTS["cp"])]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"checkpoint": str(pretrained / "pre"), "runs": jobs}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
@@ -59,8 +61,8 @@ def test_two_process_layouts_match_one_process(pretrained, tmp_path):
 
     for job in (sft("sft-one", ONE), sft("sft-one-nobal", ONE_NO_BALANCE), dpo("dpo-one", ONE), dpo("dpo-one-nobal", ONE_NO_BALANCE)):
         run(str(pretrained / "pre"), tmp_path, job)
-    compared = (("sft-one", "sft-fsdp"), ("sft-one", "sft-tp_sp"), ("sft-one-nobal", "sft-pp"),
-                ("dpo-one", "dpo-fsdp"), ("dpo-one", "dpo-tp_sp"), ("dpo-one-nobal", "dpo-pp"))
+    compared = (("sft-one", "sft-fsdp"), ("sft-one", "sft-tp_sp"), ("sft-one-nobal", "sft-pp"), ("sft-one", "sft-cp"),
+                ("dpo-one", "dpo-fsdp"), ("dpo-one", "dpo-tp_sp"), ("dpo-one-nobal", "dpo-pp"), ("dpo-one", "dpo-cp"))
     for one, many in compared:
         (ref, ref_eval, ref_norm), (got, got_eval, got_norm) = losses(tmp_path / one), losses(tmp_path / many)
         assert sorted(got) == [1, 2, 3]
