@@ -95,3 +95,22 @@ def test_layouts_the_suites_cannot_run_under_are_refused_up_front(axis):
         check_task_layout(cfg, resolve_dims(cfg, 2))
     fsdp = build_config({}, {"eval.tasks": ["kjv"]})
     check_task_layout(fsdp, resolve_dims(fsdp, 2))  # FSDP (dp_shard=2) runs them
+
+
+def test_sft_runs_the_suites_too(pretrained, tmp_path):
+    """`gigafactory sft` (and `dpo`, through the same train_and_report) hands its trainer the suites: the step-1
+    scores are eval's on the step-1 checkpoint."""
+    from gigafactory.data.chat import ChatTemplate
+    from gigafactory.data.tokenizer import plain_text_encoder
+    from gigafactory.inference.generate import load_for_inference
+    from gigafactory.posttrain.task_metrics import answer_scores
+    from gigafactory.posttrain.tasks import build_task
+
+    run = tmp_path / "sft"
+    assert main(["sft", "--checkpoint", str(pretrained / "pre"), "--data", str(pretrained / "chat.jsonl"), f"--logging.run_dir={run}",
+                 "--training.steps=1", "--training.eval_every=1", "--training.eval_batches=1", "--training.batch_size=2",
+                 "--eval.tasks=kjv", "--eval.limit=3"]) == 0
+    report = json.loads((run / "eval-step-1.json").read_text())
+    loaded = load_for_inference(run)
+    expected = answer_scores(loaded.model, ChatTemplate(loaded.tokenizer, plain_text_encoder(loaded.tokenizer)), build_task()["test"][:3])
+    assert {k: report["kjv_task"][k] for k in expected} == expected
