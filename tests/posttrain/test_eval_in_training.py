@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,14 +29,31 @@ metric_list: [{metric: word_perplexity, higher_is_better: false}, {metric: bits_
 LIMIT = 6  # KJV test items (and harness documents) per eval point
 
 
-def test_scores_logged_during_training_equal_eval_on_the_saved_checkpoint(tmp_path, capsys):
+def test_scores_logged_during_training_equal_eval_on_the_saved_checkpoint(tmp_path, capsys, monkeypatch):
     from gigafactory.data.chat import ChatTemplate
     from gigafactory.data.tokenizer import plain_text_encoder
     from gigafactory.inference.generate import load_for_inference
+    from gigafactory.posttrain.eval_suites import KJVSuite
     from gigafactory.posttrain.harness import run_harness
     from gigafactory.posttrain.task_metrics import answer_scores, preference_scores
     from gigafactory.posttrain.tasks import build_task
+    from gigafactory.resilience import Watchdog
 
+    # Whether the watchdog is paused while a suite runs (they take longer than a step; it must not fire).
+    depth, paused_during_suite = [0], []
+    real_paused, real_run = Watchdog.paused, KJVSuite.run
+
+    @contextmanager
+    def counted_pause(self):
+        with real_paused(self):
+            depth[0] += 1
+            try:
+                yield
+            finally:
+                depth[0] -= 1
+
+    monkeypatch.setattr(Watchdog, "paused", counted_pause)
+    monkeypatch.setattr(KJVSuite, "run", lambda self, model: paused_during_suite.append(depth[0] > 0) or real_run(self, model))
     (tmp_path / "text.txt").write_text("\n".join(VERSES * 40))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -53,6 +71,7 @@ def test_scores_logged_during_training_equal_eval_on_the_saved_checkpoint(tmp_pa
     printed = capsys.readouterr().out
     logged = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r}
     assert sorted(logged) == [0, 2]  # step 0's eval point and the last step's
+    assert paused_during_suite == [True, True]
 
     # The same functions `gigafactory eval` runs, on the checkpoint saved at step 2 (the last eval point's weights).
     loaded = load_for_inference(run)  # the newest checkpoint: step 2
