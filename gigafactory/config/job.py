@@ -102,8 +102,8 @@ class EvalConfig:
     `gigafactory eval` gives, logged as eval/<suite>/<score> and written to RUN/eval-step-N.json + .md."""
 
     tasks: list[str] = knob(factory=list, help="Suites to run: kjv (the KJV task's answer log-likelihood and token accuracy, held-out preference accuracy), harness:<task> (an lm-evaluation-harness task; local YAML via harness_include). Empty = none.")
-    every: int = knob(1, "Run the suites at every N-th eval point (step 0's is the first; the last step's always).")
-    limit: int = knob(50, "KJV test items scored (at most 200), and documents per harness task.")
+    every: int = knob(1, "Run the suites at the eval points whose step is a multiple of training.eval_every x N (step 0 included), and at the last step.")
+    limit: int = knob(50, "KJV held-out items: the first N (at most 200) for exact match and the answer scores, a seeded draw of N for the preferences, as `gigafactory eval --limit N --pref-limit N`; and documents per harness task.")
     exact_match: bool = knob(False, "kjv: also score exact match by greedy decoding (slow: one generation per item).")
     harness_include: str = knob("", "A directory of lm-eval task YAML files for harness:<task> suites.")
 
