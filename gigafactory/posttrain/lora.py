@@ -25,6 +25,8 @@ the non-ep data ranks, divided by ep as well, as parallel/expert_parallel.Expert
 from __future__ import annotations
 
 import math
+import re
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,6 +96,7 @@ class LoRA(nn.Module):
     def _find_targets(self, model: nn.Module, names: set[str], spec: str) -> dict[str, Target]:
         targets, found = {}, set()
         for name, mod in model.named_modules():
+            name = re.sub(r"(_checkpoint_wrapped_module|_orig_mod)\.", "", name)  # the single-device name
             if isinstance(mod, nn.Linear):
                 found.add(name.rpartition(".")[2])
                 if name.rpartition(".")[2] in names:
@@ -127,10 +130,12 @@ class LoRA(nn.Module):
         return Target(name, mod, param, True, shard_a=by_expert, shard_b=by_expert)
 
     def _draw(self, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each target's (A, B) slices, drawn whole in one order on every rank (the one-process draw): A uniform in
-        +-1/sqrt(fan_in) (nn.Linear's own init, and peft's), B zero."""
-        generator, out = torch.Generator().manual_seed(seed), {}
+        """Each target's (A, B) slices, drawn whole from a generator seeded by `seed` and the weight's name, so
+        every layout draws the one-process values whichever targets a rank holds (a pipeline stage holds some): A
+        uniform in +-1/sqrt(fan_in) (nn.Linear's own init, and peft's), B zero."""
+        out = {}
         for key, t in self.targets.items():
+            generator = torch.Generator().manual_seed((seed << 32 | zlib.crc32(t.name.encode())) % 2**63)
             w = t.weight
             if t.experts:  # [E, in, out]
                 fan_in, a_shape, b_shape = w.shape[1], (w.shape[0], w.shape[1], self.rank), (w.shape[0], self.rank, w.shape[2])
@@ -167,9 +172,9 @@ class LoRA(nn.Module):
         return low_rank
 
     # ---- training ------------------------------------------------------------------------------------------------
-    def sync_grads(self) -> None:
+    def sync_grads(self, microbatches: int = 1) -> None:
         """After backward: the gradients one process would have (see lora_layout.Layout.sync_grads)."""
-        self.layout.sync_grads(self.factors)
+        self.layout.sync_grads(self.factors, microbatches)
 
     def clip_grads(self, max_norm: float) -> torch.Tensor:
         return self.layout.clip_grads(self.factors, max_norm)

@@ -57,11 +57,7 @@ class Layout:
             return None
         if len(live) == 1:
             return self.group(live[0])
-        name = "lora_" + "_".join(live)
-        try:  # flattened once per mesh
-            return self.mesh[name].get_group()
-        except KeyError:
-            return self.mesh[tuple(live)]._flatten(name).get_group()
+        return self.mesh[tuple(live)]._flatten("lora_" + "_".join(live)).get_group()  # the same group if flattened before
 
     @staticmethod
     def shard_dim(weight: torch.Tensor, axis: str) -> int | None:
@@ -86,14 +82,18 @@ class Layout:
         return local
 
     # ---- gradients ---------------------------------------------------------------------------------------------
-    def sync_grads(self, factors: list[Factor]) -> None:
+    def sync_grads(self, factors: list[Factor], microbatches: int = 1) -> None:
         """Sum the tp-partial gradients over tp, then average every gradient over the data ranks (expert factors:
-        summed over the non-ep data ranks, divided by all of them). A factor with no gradient gets zeros, so every
-        rank flattens the same list."""
+        summed over the non-ep data ranks, divided by all of them) and over `microbatches` (a pipeline schedule
+        divides its stages' gradients by its microbatch count; the adapters are not in a stage). A factor with no
+        gradient gets zeros, so every rank flattens the same list."""
         for f in factors:
             if f.param.grad is None:
                 f.param.grad = torch.zeros_like(f.param)
+        divisor = self.data_degree * microbatches
         if self.world == 1:
+            for f in factors if divisor > 1 else ():
+                f.param.grad.div_(divisor)
             return
         if self.degree("tp") > 1:
             _all_reduce_sum([f.param.grad for f in factors if f.partial_over_tp], self.group("tp"))
@@ -101,9 +101,9 @@ class Layout:
             grads = [f.param.grad for f in factors if f.experts == experts]
             if group is not None:
                 _all_reduce_sum(grads, group)
-            if self.data_degree > 1:
+            if divisor > 1:
                 for g in grads:
-                    g.div_(self.data_degree)
+                    g.div_(divisor)
 
     def clip_grads(self, factors: list[Factor], max_norm: float) -> torch.Tensor:
         """The global gradient norm of the whole adapters (each element counted once, whatever its copies), clipped

@@ -138,7 +138,9 @@ class SFTTrainer(Trainer):
         loss, grad_norm = super().forward_backward(step)
         if self.lora is None:
             return loss, grad_norm
-        self.lora.sync_grads()  # the base has no gradients (nothing for FSDP to reduce); the adapters' average here
+        # The base has no gradients (nothing for FSDP to reduce); the adapters' are averaged here, over the pipeline
+        # microbatches too (the schedule divides only its stages' gradients by their count).
+        self.lora.sync_grads(microbatches_per_step(self.cfg, self.dims) if self.dims.pp > 1 else 1)
         return loss, float(self.lora.clip_grads(self.cfg.optimizer.grad_clip))
 
     def save(self, checkpointer=None):
