@@ -7,6 +7,10 @@ loss(pair) = -(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z),  z = beta * ((pi
 (Azar et al. 2023), "hinge" max(0, 1 - z) (SLiC); sft_weight > 0 adds the chosen reply's per-token NLL (RPO, Pang
 et al. 2024), which keeps the chosen answer's likelihood from falling as the margin widens. Rewards beta * (pi - ref) of the chosen and rejected replies,
 their margin and how often the chosen one wins are logged each step.
+
+Every layout: a pair's log-probability is a sum over its tokens, so where the sequence is split (sequence parallel
+slices, context parallel chunks) each rank sums its part and one differentiable all-reduce adds them; under pipeline
+parallel the last stage's loss function computes them from a target that packs targets, document ids and pair slots.
 """
 
 from __future__ import annotations
