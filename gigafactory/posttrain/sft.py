@@ -75,6 +75,9 @@ class SFTTrainer(Trainer):
     def __init__(self, cfg: JobConfig, sft: SFTData):
         self.sft, self.lora = sft, None
         sft.lora.validate()
+        if sft.lora.rank and cfg.fault_tolerance.enabled:
+            raise UserError("--lora.rank with fault_tolerance.enabled is not supported (replica groups average the model's "
+                            "gradients, not the adapters'); set fault_tolerance.enabled=false")
         super().__init__(cfg)
         if sft.lora.rank:  # the base is frozen; the optimizer holds the adapters only (sharded as the layout needs)
             self.lora = LoRA(self.model, sft.lora, seed=cfg.data.seed, mesh=self.mesh, sequence_parallel=self.sequence_parallel)
