@@ -13,13 +13,15 @@ A starts random and B at 0, so the adapted model computes exactly the base model
 folds the delta into the weights for the length of a save: a LoRA run's checkpoints are ordinary checkpoints that
 generate, serve and export load unchanged; the live weights go back to the frozen base afterwards, bit for bit.
 
-Layouts. Each factor is drawn whole (same seed, same order as on one process) and each rank keeps the slice its
-layout needs: the factor on a tensor-parallel-sharded side of W is sharded the same way (B for a column-parallel
+Layouts. Each factor is drawn whole (seeded by the run's seed and the weight's name, so as on one process) and
+each rank keeps the slice its layout needs: the factor on a tensor-parallel-sharded side of W is sharded the same way (B for a column-parallel
 linear or the experts' F outputs, A for a row-parallel one), the other is replicated; under expert parallel each
 rank holds its own experts' A_e and B_e. `sync_grads()` after backward makes the gradients those of one process:
 a replicated factor whose gradient is partial over tp (it multiplies a sharded one) is summed over tp, then every
 gradient is averaged over the ranks that saw different tokens, as FSDP averages the model's (expert adapters: over
-the non-ep data ranks, divided by ep as well, as parallel/expert_parallel.ExpertGradScale does for experts).
+the non-ep data ranks, divided by ep as well, as parallel/expert_parallel.ExpertGradScale does for experts) and
+over a pipeline's microbatches. `merged()` adds each rank's piece of the whole delta to its piece of W, whatever
+DTensor layout holds it (TP, EP, FSDP/HSDP or several).
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ class LoRA(nn.Module):
         if tp_dim == 0:  # column parallel: B keeps this rank's output rows; A's gradient sums over the rows' ranks
             return Target(name, mod, "weight", False, shard_b=((0, "tp"),), partial="A")
         if tp_dim == 1:  # row parallel: A keeps this rank's input columns; A x is summed over tp before B
-            return Target(name, mod, "weight", False, shard_a=((1, "tp"),), sum_h=True, partial="B" if self.layout.sequence_parallel else "")
+            # B's gradient is whole on every tp rank, except under sequence parallel (each rank's slice of tokens)
+            partial = "B" if self.layout.sequence_parallel else ""
+            return Target(name, mod, "weight", False, shard_a=((1, "tp"),), sum_h=True, partial=partial)
         return Target(name, mod, "weight", False)
 
     def _expert_target(self, name: str, mod: Experts, param: str) -> Target:
