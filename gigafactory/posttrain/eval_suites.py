@@ -1,10 +1,12 @@
 """The task suites of the [eval] config section, scored on the model being trained (train/evaluation.py decides when
 and where the numbers go). Each suite calls the functions `gigafactory eval` calls on a loaded checkpoint, on the
-trainer's module instead, so a score logged at step N equals `gigafactory eval`'s on the checkpoint saved at N.
+trainer's module instead, so a score logged at step N equals `gigafactory eval --limit L --pref-limit L`'s (L =
+eval.limit) on the checkpoint saved at step N.
 
     kjv             the KJV task's held-out items (tasks.py): answer log-likelihood per token and token accuracy,
-                    preference accuracy and margin (task_metrics.py); exact match by greedy decoding with
-                    eval.exact_match (slow: one generation per item)
+                    preference accuracy and margin for each rejected-answer construction (near, far misses;
+                    task_metrics.py); exact match by greedy decoding with eval.exact_match (slow: one generation
+                    per item)
     harness:<task>  an lm-evaluation-harness task through GrokLM (harness.py), its YAML from eval.harness_include
 """
 
@@ -23,7 +25,7 @@ from gigafactory.inference.generate import LoadedModel
 from gigafactory.posttrain.evaluate import task_scores, write_results
 from gigafactory.posttrain.harness import GrokLM, run_harness
 from gigafactory.posttrain.task_metrics import answer_scores, preference_scores
-from gigafactory.posttrain.tasks import build_task
+from gigafactory.posttrain.tasks import REJECTED, build_task
 from gigafactory.train.evaluation import SuiteResult, TaskSuites
 
 
@@ -33,14 +35,17 @@ class KJVSuite:
     def __init__(self, cfg: JobConfig, tokenizer: Tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.template = ChatTemplate(tokenizer, plain_text_encoder(tokenizer))
-        self.items = build_task()["test"][:cfg.eval.limit]  # the held-out items `gigafactory eval --limit` scores
+        # the held-out items `gigafactory eval --limit L --pref-limit L` scores: the first L for exact match and the
+        # answer scores, a seeded draw of L for the preferences (one pair per item and rejected-answer construction)
+        self.items = build_task()["test"][:cfg.eval.limit]
+        self.pref_items = build_task(max_test=cfg.eval.limit)["test"]
 
     def run(self, model: nn.Module) -> SuiteResult:
         if self.cfg.eval.exact_match:  # exactly `gigafactory eval`'s section, greedy decoding included
-            section = task_scores(LoadedModel(model, self.tokenizer, self.cfg, Path()), self.items)
+            section = task_scores(LoadedModel(model, self.tokenizer, self.cfg, Path()), self.items, pref_items=self.pref_items, rejected=REJECTED)
         else:  # its teacher-forced scores alone, as that section holds them
             section = {"items": len(self.items), **answer_scores(model, self.template, self.items),
-                       "preference": {"near": preference_scores(model, self.template, self.items)}}
+                       "preference": {style: preference_scores(model, self.template, self.pref_items, rejected=style) for style in REJECTED}}
         scores = {"answer_loglik": section["answer_logp_per_token"], "answer_token_acc": section["answer_token_accuracy"]}
         for style, pref in (section["preference"] or {}).items():
             if pref:  # None without chat role tokens in the tokenizer, or when no pair fits the context

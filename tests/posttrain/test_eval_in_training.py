@@ -26,17 +26,13 @@ doc_to_text: ""
 doc_to_target: "{{text}}"
 metric_list: [{metric: word_perplexity, higher_is_better: false}, {metric: bits_per_byte, higher_is_better: false}]
 """
-LIMIT = 6  # KJV test items (and harness documents) per eval point
+LIMIT = 3  # KJV held-out items (and harness documents) per eval point
 
 
 def test_scores_logged_during_training_equal_eval_on_the_saved_checkpoint(tmp_path, capsys, monkeypatch):
-    from gigafactory.data.chat import ChatTemplate
-    from gigafactory.data.tokenizer import plain_text_encoder
-    from gigafactory.inference.generate import load_for_inference
     from gigafactory.posttrain.eval_suites import KJVSuite
+    from gigafactory.posttrain.evaluate import evaluate_checkpoint
     from gigafactory.posttrain.harness import run_harness
-    from gigafactory.posttrain.task_metrics import answer_scores, preference_scores
-    from gigafactory.posttrain.tasks import build_task
     from gigafactory.resilience import Watchdog
 
     # Whether the watchdog is paused while a suite runs (they take longer than a step; it must not fire).
@@ -66,33 +62,34 @@ def test_scores_logged_during_training_equal_eval_on_the_saved_checkpoint(tmp_pa
              "data.val_fraction": 0.2, "training.batch_size": 2, "training.steps": 2, "training.eval_every": 2,
              "training.eval_batches": 1, "training.dtype": "fp32", "checkpoint.every": 0, "logging.run_dir": str(run),
              "logging.tensorboard": False, "logging.progress": False,
-             "eval.tasks": "kjv,harness:verse_ppl", "eval.limit": LIMIT, "eval.harness_include": str(tasks)}
+             "eval.tasks": "kjv,harness:verse_ppl", "eval.limit": LIMIT, "eval.exact_match": True, "eval.harness_include": str(tasks)}
     assert main(["train", *(f"--{k}={v}" for k, v in flags.items())]) == 0
     printed = capsys.readouterr().out
     logged = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r}
     assert sorted(logged) == [0, 2]  # step 0's eval point and the last step's
     assert paused_during_suite == [True, True]
 
-    # The same functions `gigafactory eval` runs, on the checkpoint saved at step 2 (the last eval point's weights).
-    loaded = load_for_inference(run)  # the newest checkpoint: step 2
-    assert int(loaded.checkpoint.name.removeprefix("step-")) == 2
-    template = ChatTemplate(loaded.tokenizer, plain_text_encoder(loaded.tokenizer))
-    items = build_task()["test"][:LIMIT]
-    answers, prefs = answer_scores(loaded.model, template, items), preference_scores(loaded.model, template, items)
-    assert prefs is not None and prefs["pairs"] > 0  # some pairs fit the context: the preference score is real
-    harness = run_harness(str(loaded.checkpoint), ["verse_ppl"], str(tasks), LIMIT)["results"]["verse_ppl"]
-    expected = {"eval/kjv/answer_loglik": answers["answer_logp_per_token"], "eval/kjv/answer_token_acc": answers["answer_token_accuracy"],
-                "eval/kjv/preference_acc_near": prefs["preference_accuracy"], "eval/kjv/preference_margin_near": prefs["preference_margin"],
+    # `gigafactory eval --limit L --pref-limit L` (its functions) on the checkpoint saved at step 2, the last eval
+    # point's weights: the whole KJV section, exact match and per-item scores included, and the harness task's.
+    evaluated = evaluate_checkpoint(str(run), limit=LIMIT, ppl_batches=1, pref_limit=LIMIT)
+    assert evaluated["checkpoint"].endswith("step-00000002")
+    kjv = evaluated["kjv_task"]
+    assert all(p and p["pairs"] > 0 for p in kjv["preference"].values())  # pairs fit the context: real preference scores
+    harness = run_harness(evaluated["checkpoint"], ["verse_ppl"], str(tasks), LIMIT)["results"]["verse_ppl"]
+    report = json.loads((run / "eval-step-2.json").read_text())
+    assert report["kjv_task"] == json.loads(json.dumps(kjv))  # bit for bit: the same weights, the same forwards
+    assert report["harness"]["verse_ppl"] == {k: v for k, v in harness.items() if isinstance(v, (int, float))}
+    expected = {"eval/kjv/answer_loglik": kjv["answer_logp_per_token"], "eval/kjv/answer_token_acc": kjv["answer_token_accuracy"],
+                "eval/kjv/exact_match": kjv["exact_match"],
+                **{f"eval/kjv/preference_acc_{s}": kjv["preference"][s]["preference_accuracy"] for s in ("near", "far")},
+                **{f"eval/kjv/preference_margin_{s}": kjv["preference"][s]["preference_margin"] for s in ("near", "far")},
                 "eval/harness:verse_ppl/word_perplexity": harness["word_perplexity,none"],
                 "eval/harness:verse_ppl/bits_per_byte": harness["bits_per_byte,none"]}
-    assert {k: logged[2][k] for k in expected} == expected  # bit for bit: the same weights, the same forwards
-    assert all(logged[0][k] != logged[2][k] for k in expected if "acc" not in k)  # step 0 scored the weights before training
+    assert {k: logged[2][k] for k in expected} == expected
+    changed = [k for k in expected if "margin" in k or "loglik" in k or "harness" in k]
+    assert all(logged[0][k] != logged[2][k] for k in changed)  # step 0 scored the weights before training
 
-    # The JSON + table `gigafactory eval` writes, for each eval point; the summary lines printed at the end.
-    report = json.loads((run / "eval-step-2.json").read_text())
-    assert report["kjv_task"]["answer_logp_per_token"] == pytest.approx(answers["answer_logp_per_token"], rel=1e-6)
-    assert report["kjv_task"]["preference"]["near"]["preference_accuracy"] == pytest.approx(prefs["preference_accuracy"])
-    assert report["harness"]["verse_ppl"]["word_perplexity,none"] == pytest.approx(harness["word_perplexity,none"], rel=1e-6)
+    # The JSON + table for each eval point; the summary lines printed at the end.
     assert report["eval_loss"] == logged[2]["eval_loss"] and (run / "eval-step-0.json").is_file()
     assert "| KJV answer log-likelihood per token |" in (run / "eval-step-2.md").read_text()
     first, last = logged[0]["eval/kjv/answer_loglik"], logged[2]["eval/kjv/answer_loglik"]
