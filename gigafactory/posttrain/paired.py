@@ -57,10 +57,21 @@ def paired_accuracy(a: dict[str, bool], b: dict[str, bool], seed: int = 0) -> di
             "a_right_b_wrong": a_only, "b_right_a_wrong": b_only, "mcnemar_p": mcnemar_exact_p(a_only, b_only)}
 
 
+def _unique(rows: list) -> list:
+    """Rows with the n-th repeat of a key renamed key#n: the task holds a few identical items (a sentence said twice
+    in one chapter), scored in the same order by every eval, so the n-th copies pair up."""
+    seen: dict[str, int] = {}
+    out = []
+    for key, *rest in rows:
+        seen[key] = seen.get(key, 0) + 1
+        out.append([key if seen[key] == 1 else f"{key}#{seen[key]}", *rest])
+    return out
+
+
 def _preference_sets(result: dict) -> dict[str, dict[str, tuple[str, float]]]:
     """{rejected construction: {pair key: (kind, margin)}} of an eval result."""
     prefs = result["kjv_task"].get("preference") or {}
-    return {style: {key: (kind, margin) for key, kind, margin in p["per_pair"]}
+    return {style: {key: (kind, margin) for key, kind, margin in _unique(p["per_pair"])}
             for style, p in prefs.items() if isinstance(p, dict) and "per_pair" in p}
 
 
@@ -83,7 +94,7 @@ def compare_results(a: dict, b: dict, seed: int = 0) -> dict:
         out["preference"][style] = entry
     ha, hb = a["kjv_task"].get("per_item"), b["kjv_task"].get("per_item")
     if ha and hb:
-        out["exact_match"] = paired_accuracy({k: bool(h) for k, _, h in ha}, {k: bool(h) for k, _, h in hb}, seed)
+        out["exact_match"] = paired_accuracy({k: bool(h) for k, _, h in _unique(ha)}, {k: bool(h) for k, _, h in _unique(hb)}, seed)
     if not out["preference"] and "exact_match" not in out:
         raise UserError("neither result has per-item scores (eval JSONs written before per-item scores were kept); re-run eval")
     return out

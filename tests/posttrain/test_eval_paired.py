@@ -75,6 +75,8 @@ def test_eval_compare_prints_and_stores_paired_statistics(tmp_path, capsys):
     keys = [f"k{i}" for i in range(50)]
     a = _result("A", {k: -1.0 if i < 30 else 1.0 for i, k in enumerate(keys)}, {k: False for k in keys})
     b = _result("B", {k: 1.0 for k in keys[5:]} | {"extra": 1.0}, {k: i < 3 for i, k in enumerate(keys)})
+    for r, hit in ((a, False), (b, True)):  # an item the task holds twice: its copies pair up, not collapse
+        r["kjv_task"]["per_item"] += [["twice", "reference", False], ["twice", "reference", hit]]
     (tmp_path / "a.json").write_text(json.dumps(a)), (tmp_path / "b.json").write_text(json.dumps(b))
     assert main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "c.json")]) == 0
     printed = capsys.readouterr().out
@@ -84,8 +86,9 @@ def test_eval_compare_prints_and_stores_paired_statistics(tmp_path, capsys):
     assert near["items"] == 45 and near["accuracy_a"] == pytest.approx(20 / 45) and near["accuracy_b"] == 1.0
     assert near["b_right_a_wrong"] == 25 and near["mcnemar_p"] == pytest.approx(2 / 2**25)
     assert near["margin_difference"] == pytest.approx(50 / 45)
-    assert stored["exact_match"]["b_right_a_wrong"] == 3 and stored["exact_match"]["mcnemar_p"] == pytest.approx(0.25)
-    assert "| preference (near) | 45 |" in printed and "| exact match | 50 |" in printed
+    assert stored["exact_match"]["items"] == 52 and stored["exact_match"]["b_right_a_wrong"] == 4
+    assert stored["exact_match"]["mcnemar_p"] == pytest.approx(0.125)
+    assert "| preference (near) | 45 |" in printed and "| exact match | 52 |" in printed
     (tmp_path / "old.json").write_text(json.dumps({"checkpoint": "old", "kjv_task": {"preference": {"preference_accuracy": 0.5}}}))
     assert main(["eval", "--compare", str(tmp_path / "old.json"), str(tmp_path / "a.json")]) == 2  # one line, non-zero exit
     assert "re-run eval" in capsys.readouterr().err
