@@ -98,8 +98,9 @@ EVAL_SUITES = ("kjv", "harness:<task>")  # built by posttrain/eval_suites.py; na
 
 @dataclass
 class EvalConfig:
-    """Task suites scored during training, at every eval.every-th eval point of training.eval_every: the scores
-    `gigafactory eval` gives, logged as eval/<suite>/<score> and written to RUN/eval-step-N.json + .md."""
+    """Task suites scored during training, at the eval points of training.eval_every whose step is a multiple of
+    eval.every of them, and the last: the scores `gigafactory eval` gives, logged as eval/<suite>/<score> and written
+    to RUN/eval-step-N.json + .md (train/evaluation.py)."""
 
     tasks: list[str] = knob(factory=list, help="Suites to run: kjv (the KJV task's answer log-likelihood and token accuracy, held-out preference accuracy), harness:<task> (an lm-evaluation-harness task; local YAML via harness_include). Empty = none.")
     every: int = knob(1, "Run the suites at the eval points whose step is a multiple of training.eval_every x N (step 0 included), and at the last step.")
