@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--rejected", default="near,far", metavar="near,far",
                         help="Rejected-answer constructions: for the held-out preference pairs, and the DPO pair files --write-task writes "
                              "(near: neighbouring chapter / two words swapped; far: another book's chapter / sentence).")
+    parser.add_argument("--pref-data", action="append", default=[], metavar="PAIRS.jsonl",
+                        help="Also score the preference accuracy on this {prompt, chosen, rejected} file (e.g. DPO's own training "
+                             "pairs, to set in-sample against held-out accuracy); repeatable.")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                         help="Compare two eval results item by item (paired: bootstrap 95%% CI of B - A, exact McNemar test); "
                              "prints a table, writes --out if given.")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         tasks = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
         out = run_harness(args.checkpoint, tasks, args.harness_include, args.harness_limit or None, args.device)
         harness = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in out["results"].items()}
-    result = evaluate_checkpoint(args.checkpoint, args.device, args.limit, args.ppl_batches, args.pref_limit, rejected)
+    result = evaluate_checkpoint(args.checkpoint, args.device, args.limit, args.ppl_batches, args.pref_limit, rejected, tuple(args.pref_data))
     if harness:
         result["harness"] = harness
     ckpt = Path(result["checkpoint"])

@@ -21,8 +21,9 @@ from gigafactory.data.tokenizer import plain_text_encoder
 from gigafactory.errors import UserError
 from gigafactory.inference.generate import LoadedModel, generate_tokens, load_for_inference
 from gigafactory.inference.sampling import SamplingParams
-from gigafactory.posttrain.task_metrics import answer_scores, item_key, preference_scores
-from gigafactory.posttrain.tasks import REJECTED, build_task, exact_match
+from gigafactory.data.preference import read_preference_jsonl
+from gigafactory.posttrain.task_metrics import answer_scores, item_key, preference_scores, score_pairs
+from gigafactory.posttrain.tasks import REJECTED, build_task, exact_match, kind_of
 
 
 @torch.no_grad()
@@ -79,19 +80,26 @@ def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16
 
 
 def evaluate_checkpoint(path: str, device: str = "cpu", limit: int = 200, ppl_batches: int = 8, pref_limit: int = 0,
-                        rejected: tuple[str, ...] = REJECTED) -> dict:
+                        rejected: tuple[str, ...] = REJECTED, pref_data: tuple[str, ...] = ()) -> dict:
     """Held-out perplexity and the KJV task: exact match on `limit` test items, preferences on `pref_limit` held-out
-    items (0: all of them), one pair per item for each rejected-answer construction."""
+    items (0: all of them), one pair per item for each rejected-answer construction; and the preference accuracy on
+    each `pref_data` pairs file (e.g. DPO's own training pairs: in-sample, against held-out), stored as
+    preference["file:NAME"]."""
     if limit < 1 or pref_limit < 0:
         raise UserError("--limit must be at least 1 and --pref-limit at least 0 (0: every held-out item)")
     unknown = sorted(set(rejected) - set(REJECTED))
     if unknown or not rejected:
         raise UserError(f"--rejected takes a comma list of {', '.join(REJECTED)}; got '{','.join(rejected)}'")
+    files = {Path(f).name: [{**p, "kind": kind_of(p["messages"][-1]["content"])} for p in read_preference_jsonl(f)] for f in pref_data}
     loaded = load_for_inference(path, device)
     test = build_task()["test"][:limit]
     held_out = build_task(max_test=pref_limit or 10**9)["test"]
-    return {"checkpoint": str(loaded.checkpoint), "heldout": heldout_perplexity(loaded, ppl_batches),
-            "kjv_task": task_scores(loaded, test, pref_items=held_out, rejected=tuple(rejected))}
+    result = {"checkpoint": str(loaded.checkpoint), "heldout": heldout_perplexity(loaded, ppl_batches),
+              "kjv_task": task_scores(loaded, test, pref_items=held_out, rejected=tuple(rejected))}
+    template = ChatTemplate(loaded.tokenizer, plain_text_encoder(loaded.tokenizer))
+    for name, pairs in files.items():
+        result["kjv_task"]["preference"][f"file:{name}"] = score_pairs(loaded.model, template, pairs)
+    return result
 
 
 def table(result: dict) -> str:
@@ -112,7 +120,8 @@ def table(result: dict) -> str:
                   f"| KJV answer token accuracy | {t['answer_token_accuracy']:.3f} |"]
     for style, p in (t["preference"] or {}).items():
         if p:
-            lines += [f"| KJV preference accuracy, {style} misses ({p['pairs']} held-out pairs) | {p['preference_accuracy']:.3f} |",
+            name = f"pairs of {style[5:]} ({p['pairs']})" if style.startswith("file:") else f"{style} misses ({p['pairs']} held-out pairs)"
+            lines += [f"| KJV preference accuracy, {name} | {p['preference_accuracy']:.3f} |",
                       *(f"| - {k} ({v['pairs']}) | {v['preference_accuracy']:.3f} |" for k, v in p["by_kind"].items()),
                       f"| KJV preference margin, {style} (nats) | {p['preference_margin']:.3f} |"]
     for task, metrics in result.get("harness", {}).items():  # lm-eval tasks (--harness-tasks)

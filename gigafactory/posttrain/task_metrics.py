@@ -50,8 +50,19 @@ def answer_scores(model, template: ChatTemplate, items: list[dict]) -> dict:
 @torch.no_grad()
 def preference_scores(model, template: ChatTemplate, items: list[dict], seed: int = 0, rejected: str = "near") -> dict | None:
     """How often log p(answer) > log p(wrong answer) on `items`, the wrong one built as tasks.REJECTED[rejected]
-    says; pairs that do not fit the model's context are left out (counted as too_long). `per_pair`: [key, kind,
-    margin] for every scored pair. None for a tokenizer without chat role tokens, or when no pair fits."""
+    says (see score_pairs)."""
+    pairs = [{"messages": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "kind": item["kind"]}
+             for p, item in zip(preference_pairs(items, seed, rejected), items)]
+    scores = score_pairs(model, template, pairs)
+    return scores and {"rejected": rejected, **scores}
+
+
+@torch.no_grad()
+def score_pairs(model, template: ChatTemplate, every: list[dict]) -> dict | None:
+    """Preference accuracy and mean margin log p(chosen) - log p(rejected) over pairs {messages, chosen, rejected,
+    kind}, overall and per kind; pairs that do not fit the model's context are left out (counted as too_long).
+    `per_pair`: [key, kind, margin] for every scored pair. None for a tokenizer without chat role tokens, or when
+    no pair fits."""
     if not template.special:
         return None
     device = next(model.parameters()).device
@@ -59,8 +70,6 @@ def preference_scores(model, template: ChatTemplate, items: list[dict], seed: in
         reply = sum(len(template.encoder.encode(pair[side]).ids) + 1 for side in ("chosen", "rejected"))
         return 2 * len(template.encode(pair["messages"])) + reply
 
-    every = [{"messages": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "kind": item["kind"]}
-             for p, item in zip(preference_pairs(items, seed, rejected), items)]
     pairs = [p for p in every if size(p) <= model.cfg.max_seq_len]
     if not pairs:
         return None
@@ -75,7 +84,7 @@ def preference_scores(model, template: ChatTemplate, items: list[dict], seed: in
                 margins[k] = float(seq[chosen_doc] - seq[rejected_doc])
     kinds = sorted({p["kind"] for p in pairs})
     by_kind = {k: torch.tensor([p["kind"] == k for p in pairs]) for k in kinds}
-    return {"rejected": rejected, "preference_accuracy": float((margins > 0).float().mean()),
+    return {"preference_accuracy": float((margins > 0).float().mean()),
             "preference_margin": float(margins.mean()), "pairs": len(pairs), "too_long": len(every) - len(pairs),
             "by_kind": {k: {"preference_accuracy": float((margins[m] > 0).float().mean()), "pairs": int(m.sum())} for k, m in by_kind.items()},
             "per_pair": [[item_key(p["messages"], p["chosen"], p["rejected"]), p["kind"], float(m)] for p, m in zip(pairs, margins)]}

@@ -92,6 +92,11 @@ def corrupt(item: dict, rng: np.random.Generator) -> str:
     return " ".join(words) if words != item["answer"].split() else item["answer"] + " and"
 
 
+def kind_of(question: str) -> str:
+    """The task kind a question belongs to ("other" for a question not from this task)."""
+    return "reference" if question.startswith("Which book and chapter says") else "continue" if question.startswith("Quote what follows in") else "other"
+
+
 def book_of(item: dict) -> str:
     """The book an item is about: its answer's for `reference`, the one its question names for `continue`."""
     ref = item["answer"] if item["kind"] == "reference" else item["messages"][0]["content"].split(": ", 1)[0].removeprefix("Quote what follows in ")

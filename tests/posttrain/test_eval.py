@@ -31,7 +31,11 @@ def test_exact_match_is_exact_up_to_whitespace():
 
 def test_eval_cli_writes_json_and_table(pretrained, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "6", "--pref-limit", "8", "--ppl-batches", "2", "--out", str(out)]) == 0
+    train_pairs = tmp_path / "dpo-pairs.jsonl"  # in-sample preference accuracy: a DPO run's own pairs
+    train_pairs.write_text("".join(json.dumps({"prompt": f'Which book and chapter says "{v}"?', "chosen": "John 11", "rejected": "John 12"}) + "\n"
+                                   for v in ("Jesus wept.", "For God so loved the world.", "Let there be light.")))
+    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "6", "--pref-limit", "8", "--ppl-batches", "2",
+                 "--pref-data", str(train_pairs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     h, t = result["heldout"], result["kjv_task"]
@@ -43,6 +47,8 @@ def test_eval_cli_writes_json_and_table(pretrained, tmp_path, capsys):
         p = t["preference"][style]
         assert p["rejected"] == style and p["pairs"] + p["too_long"] == 8 and len(p["per_pair"]) == p["pairs"]
         assert f"{style} misses ({p['pairs']} held-out pairs)" in printed
+    own = t["preference"]["file:dpo-pairs.jsonl"]
+    assert own["pairs"] == 3 and own["by_kind"]["reference"]["pairs"] == 3 and "pairs of dpo-pairs.jsonl (3)" in printed
 
 
 def test_write_task_gives_chat_files_sft_reads(tmp_path):
