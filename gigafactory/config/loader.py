@@ -30,7 +30,8 @@ def section_fields(cfg_cls=JobConfig):
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config, --preset and one --section.key flag per config field (help text from the field)."""
-    parser.add_argument("--config", metavar="FILE", help="TOML config file (sections: model, data, optimizer, training, parallel, checkpoint, logging, resilience, faults).")
+    sections = ", ".join(name for name, *_ in section_fields())
+    parser.add_argument("--config", metavar="FILE", help=f"TOML config file (sections: {sections}).")
     parser.add_argument("--preset", metavar="NAME", help="Model preset to start from (grok-tiny, grok-1b-moe, grok-20b-moe, grok-1, grok-2, mixtral-tiny).")
     for section, section_cls, fields, hints in section_fields():
         group = parser.add_argument_group(f"{section} ({section_cls.__doc__.strip()})")
