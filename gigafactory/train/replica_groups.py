@@ -231,17 +231,20 @@ class ReplicaGroupSync:
             self.events.record("ft_sync_failed", once=True, group=self.cfg.replica_id, step=step, interval_start=self.interval_start)
         return committed
 
-    def sync(self, params, loss: float) -> float:
-        """ddp: average the gradients (and the loss) over the groups of the quorum; returns the averaged loss."""
+    def sync(self, params, loss: torch.Tensor) -> torch.Tensor:
+        """ddp: average the gradients and the loss (a 0-dim device tensor) over the groups of the quorum in one
+        allreduce; returns the averaged loss as a 0-dim float32 device tensor, left for the step's one batched host
+        read (train/host_reads.py). The loss travels in float32, the gradients' dtype here."""
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], dtype=torch.float32, device=grads[0].device)])
+        loss_1 = loss.detach().reshape(1).to(device=grads[0].device, dtype=torch.float32)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss_1])
         self.manager.allreduce(flat).wait()
         self.link.transfer(flat.numel() * flat.element_size(), self.manager.num_participants())
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-        return float(flat[-1])
+        return flat[-1]
 
     def errored(self) -> bool:
         return self.manager.errored() is not None

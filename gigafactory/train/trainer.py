@@ -12,55 +12,51 @@ import torch
 import torch.distributed as dist
 
 from gigafactory.config.job import FaultConfig, JobConfig
-from gigafactory.config.loader import config_to_toml, load_config
+from gigafactory.config.loader import config_to_toml
 from gigafactory.data.loader import PackedSequenceLoader
 from gigafactory.data.shards import open_split, prepare_dataset
 from gigafactory.data.tokenizer import load_tokenizer
 from gigafactory.errors import UserError
 from gigafactory.models import training_flops_per_token
-from gigafactory.parallel.build import build_parallel_model, check_supported, sequence_parallel
+from gigafactory.parallel.build import build_parallel_model, sequence_parallel
 from gigafactory.parallel.context_parallel import shard_sequence
 from gigafactory.parallel.sequence_parallel import slice_sequence
-from gigafactory.parallel.dims import resolve_dims
 from gigafactory.parallel.distributed import all_reduce_mean, destroy_distributed, init_distributed
 from gigafactory.resilience import AnomalyGuard, EventLog, FaultInjector, StragglerMonitor, Watchdog, record_start
 from gigafactory.train import checkpoint as ckpt
 from gigafactory.train.checkpoint_files import list_checkpoints, remove_stale, usable_checkpoints
 from gigafactory.train.devices import pick_device, pick_dtype
-from gigafactory.train.evaluation import TaskSuites, check_task_layout, eval_point
+from gigafactory.train.evaluation import TaskSuites, eval_point
 from gigafactory.train.host_reads import read_scalars, sum_on_device, to_device, wide_float
 from gigafactory.train.interrupt import StopSignals
 from gigafactory.train.memory_checkpoint import MemoryCheckpoints
 from gigafactory.train.metrics import BoardPower, MetricsLogger, StepProgress, peak_tflops
 from gigafactory.train.optim import build_optimizer, clip_grad_norm_, lr_at
+from gigafactory.train.pipeline_step import PipelineStep
 from gigafactory.train.power_smoothing import PowerSmoothing
 from gigafactory.train.preflight import check_run_dir
+from gigafactory.train.quorum_step import abandon_step, join_quorum
 from gigafactory.train.replica_groups import ReplicaGroupSync
+from gigafactory.train.startup import check_layout, check_same_model, collective_timeout_s, data_rank
 
 
-class Trainer:
+class Trainer(PipelineStep):
     """Pre-training as is; post-training (gigafactory/posttrain) subclasses it and overrides the hooks build_data,
-    val_loader and initial_weights, so SFT runs on the same loop, layouts, checkpoints and resilience."""
+    val_loader and initial_weights (and loss_on, pipeline_batch, save, load), so SFT and DPO run on the same loop,
+    layouts, checkpoints and resilience. The pipeline-parallel step is train/pipeline_step.py's mixin."""
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         self.device = pick_device(cfg.training.device)
-        if cfg.model.attn_impl == "flex" and self.device.type == "cpu":
-            raise UserError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward); "
-                            "use model.attn_impl=auto or eager")
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.dims = resolve_dims(cfg, world_size)  # fails on a bad layout before any process group exists
-        check_supported(cfg, self.dims)
-        check_task_layout(cfg, self.dims)
+        self.dims = check_layout(cfg, self.device)  # fails on a bad layout before any process group exists
         r = cfg.resilience
-        # Collectives time out after the watchdog would have fired, so a hang surfaces as the watchdog's event.
-        self.rank, self.world_size = init_distributed(self.device.type, timeout_s=max(60.0, 2 * r.watchdog_timeout_s) if r.watchdog_timeout_s else 1800.0)
+        self.rank, self.world_size = init_distributed(self.device.type, timeout_s=collective_timeout_s(r))
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
-        self.dp_rank = self._dp_rank()
+        self.dp_rank = data_rank(self.mesh, self.dims)
         self.dtype = pick_dtype(cfg.training.dtype, self.device)
         self.run_dir = check_run_dir(cfg.logging.run_dir)
         ft = cfg.fault_tolerance
@@ -101,6 +97,7 @@ class Trainer:
         self.memory = MemoryCheckpoints(c.memory_dir, c.memory_every, Path(cfg.logging.run_dir), self.run_dir.name if ft.enabled else None,
                                         self.events) if c.memory_every else None
         self.group_windows = t.batch_size * t.grad_accum_steps * self.dims.dp  # sequences in one group batch
+        self.tokens_per_step = self.group_windows * d.seq_len
 
     # ---- hooks (overridden by post-training) ---------------------------------------------------------------------
     def build_data(self) -> None:
@@ -159,15 +156,7 @@ class Trainer:
         return None
 
     def _check_same_model(self, path: Path) -> None:
-        try:
-            saved = load_config(config_path=str(path / "config.toml"))
-        except Exception:  # noqa: BLE001 - a damaged side file: the load decides whether the checkpoint is usable
-            return
-        training_only = ("name", "init_std", "aux_loss_weight", "router_z_loss_weight")  # may change between runs
-        diff = [f"model.{k}: saved {v!r} vs now {getattr(self.cfg.model, k)!r}" for k, v in vars(saved.model).items()
-                if k not in training_only and getattr(self.cfg.model, k) != v]
-        if diff:
-            raise UserError(f"checkpoint '{path}' was saved with a different model shape ({'; '.join(diff[:3])}); use a new logging.run_dir or checkpoint.resume=never")
+        check_same_model(self.cfg, path)
 
     def load(self, path: Path, keep_data_position: bool = False) -> None:
         template = {"step": 0, "loader": self.train_loader.state_dict(), "guard": ""}
@@ -220,32 +209,6 @@ class Trainer:
         with self.autocast():
             return self.pmodel.parts[0](inputs, positions, targets_BS=targets, doc_ids_BS=doc_ids)
 
-    def pipeline_batch(self, inputs: torch.Tensor, targets: torch.Tensor):
-        """How one loader batch enters the pipeline schedule: (the first stage's input, keyword arguments of every
-        stage's forward, the last stage's target, its loss function or None for the plain one; see
-        parallel/pipeline.LastStageLoss). Post-training overrides it (packed documents, weighted losses)."""
-        return inputs, {}, targets, None
-
-    def pipeline_loss(self, *batch, train: bool) -> torch.Tensor:
-        """Run the pipeline schedule on one loader batch; the mean microbatch loss, known to the last stage (else 0),
-        as a 0-dim float64 device tensor (not read here: see train/host_reads.py)."""
-        return self.run_pipeline(*self.pipeline_batch(*batch), train=train)
-
-    def run_pipeline(self, inputs, stage_kwargs: dict, target, loss_fn, train: bool) -> torch.Tensor:
-        """pipeline_loss for pipeline_batch's four parts (a caller may bring its own loss function)."""
-        pm, losses = self.pmodel, []
-        stage_kwargs = {k: v.to(self.device) for k, v in stage_kwargs.items()}
-        if train and hasattr(pm.schedule, "regroup"):  # global microbatches (parallel/balance.py) regroup the inputs
-            stage_kwargs = {k: pm.schedule.regroup(v) for k, v in stage_kwargs.items()}  # and target; these too
-        kwargs = {"target": target.to(self.device), "losses": losses} if pm.is_last_stage else {}
-        if pm.is_last_stage and loss_fn is not None:
-            kwargs["loss_kwargs"] = {"loss": loss_fn}
-        args = (inputs.to(self.device),) if pm.is_first_stage else ()
-        with self.autocast():
-            (pm.schedule.step if train else pm.schedule.eval)(*args, **kwargs, **stage_kwargs)
-        wide = wide_float(self.device)
-        return torch.stack(losses).mean().to(wide) if losses else torch.zeros((), dtype=wide, device=self.device)
-
     def reduce_loss(self, local: float | torch.Tensor) -> float | torch.Tensor:
         """Average over the ranks holding losses (under pipeline parallel, only the last stage does). A float comes
         back a float; a device tensor stays one (reduced in place of a host round trip)."""
@@ -270,7 +233,7 @@ class Trainer:
             hook()
         loss = self.reduce_loss(total_loss)
         if self.ft is not None and self.ft.per_step:  # ddp: average over the replica groups of this step's quorum
-            loss = self.ft.sync(list(self.model.parameters()), float(loss))
+            loss = self.ft.sync(list(self.model.parameters()), loss)  # a device tensor: still one read, below
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         grad_norm = clip_grad_norm_(list(self.model.parameters()), o.grad_clip, pp_group, self.tied_copies())
         aux = sum_on_device([m.last_aux_loss for m in self.pmodel.moe_layers()])
@@ -281,7 +244,7 @@ class Trainer:
         """One optimizer step, guarded: a NaN/Inf or spiking step is re-run on the same batch; a transient fault keeps
         the re-run, a real anomaly skips the update, rolls back or stops (config)."""
         t, o = self.cfg.training, self.cfg.optimizer
-        replica = self._join_quorum() if self.ft is not None else {}
+        replica = join_quorum(self) if self.ft is not None else {}
         step = self.step + 1
         self.faults.before_step(step)
         self.stragglers.sync_point()  # compute vs wait: the slow rank arrives last and waits least
@@ -291,7 +254,7 @@ class Trainer:
         data_position, guard_state = self.train_loader.state_dict(), self.guard.state_dict()
         loss, grad_norm = self.forward_backward(step)
         if self.ft is not None and self.ft.errored():  # a peer group failed mid-step: no group commits this step
-            return self._abandon_step(guard_state)
+            return abandon_step(self, guard_state)
         verdict = self.guard.check(step, loss, grad_norm)
         if verdict.action == "rerun":
             self.optimizer.zero_grad(set_to_none=True)
@@ -300,7 +263,7 @@ class Trainer:
             loss, grad_norm = self.forward_backward(step)
             verdict = self.guard.judge_rerun(step, verdict, first_loss, loss, grad_norm)
         if self.ft is not None and self.ft.per_step and not self.ft.should_commit():
-            return self._abandon_step(guard_state)
+            return abandon_step(self, guard_state)
         if verdict.action == "ok":
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -317,31 +280,6 @@ class Trainer:
             self.train_loader.consumed = self.ft.batches_committed() * self.group_windows
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "aux_loss": self.aux_loss, "skipped": verdict.action == "skip", **replica}
 
-    def _join_quorum(self) -> dict:
-        """Start a step under fault tolerance: join the quorum (a group behind its peers heals from one of them); a
-        process that did not heal and has not trained yet resumes from disk (the whole job restarted); then point
-        the loader at the group batch this group trains on in this step. Returns what the metrics log about it."""
-        first = self.ft.membership is None
-        if first or self.ft.starts_interval(self.step):  # every step under ddp, every sync_every under localsgd/diloco
-            healed = self.ft.start_step(first)
-            if first and not healed and self.step == 0 and self.ft.step == 0 and self.cfg.checkpoint.resume != "never":
-                self.maybe_resume()
-                self.ft.set_position(self.step, self.train_loader.consumed // self.group_windows)
-            self.ft.begin_interval()
-        if first:
-            self._started()
-        group_batch = self.ft.group_batch()
-        self.train_loader.consumed = group_batch * self.group_windows
-        return {"participants": self.ft.manager.num_participants(), "group_batch": group_batch}
-
-    def _abandon_step(self, guard_state: dict) -> dict:
-        """The quorum failed during this step: drop its gradients; it is retried with the next quorum."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.guard.load_state_dict(guard_state, keep_rollback_counts=True)
-        for moe in self.pmodel.moe_layers():  # drop the router statistics the failed step accumulated
-            moe.balance.reset()
-        return {"retry": True}
-
     def rollback(self, step: int) -> dict:
         """Reload the newest good checkpoint (model, optimizer, detector) and go on from there on fresh data: the
         batches consumed since that checkpoint are skipped, since replaying them would reproduce the anomaly."""
@@ -353,12 +291,6 @@ class Trainer:
         self.events.record("rollback", once=True, step=step, from_step=step, to_step=self.step, steps_lost=step - 1 - self.step,
                            batches_skipped=step - self.step, data_position=self.train_loader.consumed)
         return {"rolled_back": True}
-
-    def tied_copies(self) -> set[int]:
-        """The last pipeline stage's copy of a tied embedding: clipped, but counted once (by the first stage)."""
-        if self.dims.pp > 1 and not self.pmodel.is_first_stage and self.cfg.model.tie_embeddings and hasattr(self.model, "embed"):
-            return {id(self.model.embed.weight)}
-        return set()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -372,13 +304,6 @@ class Trainer:
             losses = [self.loss_on(*loader.next_batch()).item() for _ in range(n_batches)]
         self.model.train()
         return self.reduce_loss(sum(losses) / len(losses))
-
-    def _dp_rank(self) -> int:
-        """This rank's index among the ranks that read different data (replicate, shard and ep axes)."""
-        if self.mesh is None:
-            return 0
-        coord = dict(zip(self.mesh.mesh_dim_names, self.mesh.get_coordinate()))
-        return (coord["dp_replicate"] * self.dims.dp_shard + coord["dp_shard"]) * self.dims.ep + coord["ep"]
 
     # ---- loop --------------------------------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> dict:
@@ -395,15 +320,9 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=is_rank0)
         progress = StepProgress(t.steps, self.step, enabled=is_rank0 and cfg.logging.progress)
         self.signals.install()
-        tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dims.dp
         summary: dict = {"start_step": self.step, "eval": []}
-        def started() -> None:  # reads the previous attempt's heartbeat before the watchdog overwrites it
-            record_start(self.events, self.run_dir / "heartbeat.json", self.step, self.world_size, tokens_per_step)
-            self.watchdog.start(self.step)
-
-        self._started = started
         if self.ft is None:  # under fault tolerance, once the first quorum said where this group starts
-            started()
+            self.mark_started()
         path = None
         try:
             if t.eval_every and self.step == 0 and not (self.ft is not None and list_checkpoints(self.ckpt_root)):
@@ -420,7 +339,7 @@ class Trainer:
                     continue
                 if (board := self.stragglers.step_done(self.step, elapsed) or {}).get("per_rank_board_w"):
                     values["board_power_w"] = board["per_rank_board_w"]
-                values.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed)
+                values.update(step_time=elapsed, tokens_per_s=self.tokens_per_step / elapsed)
                 if self.peak:  # 0 for a GPU the catalog lacks
                     values["mfu"] = values["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
                 if self.device.type == "cuda":
@@ -453,6 +372,12 @@ class Trainer:
             metrics.close()
         summary.update(end_step=self.step, interrupted=self.signals.name, checkpoint=str(path))
         return summary
+
+    def mark_started(self) -> None:
+        """Record the run's start (reading the previous attempt's heartbeat before the watchdog overwrites it) and
+        start the watchdog."""
+        record_start(self.events, self.run_dir / "heartbeat.json", self.step, self.world_size, self.tokens_per_step)
+        self.watchdog.start(self.step)
 
     def _newest_hint(self) -> str:
         found = list_checkpoints(self.ckpt_root)
