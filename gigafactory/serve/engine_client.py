@@ -199,6 +199,11 @@ class EngineClient:
     def n_running(self) -> int:
         return self._state[1]
 
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted here and not yet finished or aborted."""
+        return len(self._live)
+
     # the reader thread --------------------------------------------------------------------------------------------
 
     def _read(self) -> None:

@@ -109,6 +109,36 @@ def test_queued_events_fold_into_one_piece_per_choice():
                                                                                           (1, "x", None)]
 
 
+def test_a_client_leaving_aborts_only_its_own_request(process_server):
+    """With the engine process frozen, one client leaves and another waits: the abort crosses the pipe before any
+    step, so only the staying request's tokens are generated, all of them."""
+    url, state = process_server
+    engine = state.engines["grok-tiny"]
+    before = state.metrics.generation_tokens.get(model="grok-tiny")
+    os.kill(engine.pid, signal.SIGSTOP)
+    try:
+        staying: list = []
+        thread = threading.Thread(target=lambda: staying.append(
+            httpx.post(url + "/v1/completions", json=GREEDY, timeout=60)))
+        thread.start()
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={**GREEDY, "max_tokens": 40, "stream": True}):
+            deadline = time.monotonic() + 30
+            while engine.in_flight < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while engine.in_flight > 1:  # the server has noticed the leaving client and sent its abort
+            assert time.monotonic() < deadline, "the abort was never sent"
+            time.sleep(0.01)
+    finally:
+        os.kill(engine.pid, signal.SIGCONT)
+    thread.join(60)
+    assert staying[0].status_code == 200 and staying[0].json()["usage"]["completion_tokens"] == 12
+    time.sleep(0.2)
+    assert state.metrics.generation_tokens.get(model="grok-tiny") - before == 12
+
+
 def test_a_killed_core_fails_its_requests_and_is_restarted(process_server):
     """SIGKILL the engine process with streams in flight: they end with an error event (no hang), /ready goes 503,
     the core comes back and serves again. SIGINT alone does not stop it (Ctrl-C is for the HTTP process)."""
