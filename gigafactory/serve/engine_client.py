@@ -11,6 +11,7 @@ has loaded, and the client starts that new core itself.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing as mp
 import threading
@@ -74,7 +75,7 @@ class EngineClient:
         self.max_waiting = spec.max_waiting
         self.restart = restart
         self.restarts = 0  # cores started after the first (tests and logs read it)
-        self._ids = iter(range(1 << 62))
+        self._ids = itertools.count()
         self._live: dict[int, RemoteSequence] = {}
         self._lock = threading.Lock()  # one sender at a time on the pipe; submit's queue check and send together
         self._sent = self._seen = 0
@@ -258,7 +259,7 @@ class EngineClient:
         if not self.restart:
             self._stopping = True
             return
-        for attempt in range(1 << 30):
+        for attempt in itertools.count():
             if self._stopping:
                 return
             log.warning("restarting the engine process for '%s' (restart %d)", self.name, self.restarts + 1)

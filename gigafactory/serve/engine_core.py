@@ -125,12 +125,14 @@ def replay(metrics, taken: tuple) -> None:
 
 def main(conn: Connection, spec: CoreSpec) -> None:
     """The process entry (multiprocessing spawn target)."""
+    from gigafactory.errors import UserError
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     try:
         engine = build_engine(spec)
     except Exception as err:  # a UserError (bad --kv-blocks, missing checkpoint) or a load failure: one line back
-        conn.send(("failed", str(err) if err.__class__.__name__ == "UserError" else f"{type(err).__name__}: {err}"))
+        conn.send(("failed", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"))
         return
     conn.send(("ready", {"pid": os.getpid(), "threads": spec.threads}))
     serve(conn, engine, parent=os.getppid())
