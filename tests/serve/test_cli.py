@@ -42,6 +42,7 @@ def test_bad_cli_input_is_one_line(served_run, capsys, extra, message):
     (None, ["--max-queue", "0"], "--max-queue 0 must be >= 1"),
     (None, ["--kv-blocks", "-1"], "--kv-blocks -1 must be between 0"),
     (None, ["--kv-blocks", "1"], "cannot hold one full context"),
+    (None, ["--engine-threads", "-1"], "--engine-threads -1 must be >= 0"),
 ])
 def test_bad_keys_and_flags_are_one_line(served_run, tmp_path, capsys, monkeypatch, keys_file, extra, message):
     import torch
@@ -55,6 +56,23 @@ def test_bad_keys_and_flags_are_one_line(served_run, tmp_path, capsys, monkeypat
     assert main(["serve", "--checkpoint", str(served_run), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_engine_runs_in_its_own_process_unless_told_otherwise(served_run):
+    """The default keeps no weights in the HTTP process; --no-engine-process serves from an in-process thread."""
+    from gigafactory.cli.main import build_parser
+    from gigafactory.cli.serve import build_state
+    from gigafactory.serve.engine import Engine
+    from gigafactory.serve.engine_client import EngineClient
+
+    def engine(*extra):
+        argv = ["serve", "--checkpoint", str(served_run), *extra]
+        return next(iter(build_state(build_parser(argv).parse_args(argv)).engines.values()))
+
+    client = engine("--engine-threads", "3")
+    assert isinstance(client, EngineClient) and not client.alive and client.spec.threads == 3
+    assert client.vocab_size == engine("--no-engine-process").vocab_size
+    assert isinstance(engine("--no-engine-process"), Engine)
 
 
 def test_missing_checkpoint_and_abbreviations_are_refused(tmp_path, capsys):
