@@ -14,7 +14,7 @@ import torch
 
 # One batched read per training step (loss, gradient norm, router losses), on one device without expert or pipeline
 # parallel. Known additions: expert parallel reads its all-to-all split sizes (one read per MoE layer, inherent:
-# the collective takes host lists), fault tolerance's per-step sync, an anomaly's re-run (one more read), and the
+# the collective takes host lists), torchft's quorum and commit vote (host-side protocol), an anomaly's re-run (one more read), and the
 # fallback expert loop (CPU without grouped_mm, CUDA before sm90), which reads the per-expert token counts.
 HOST_READS_PER_STEP = 1
 
