@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gigafactory.data.chat import ROLES, ChatTemplate
-from gigafactory.data.sft import PackedRows
+from gigafactory.data.sft import PackedRows, jsonl_lines
 from gigafactory.data.tokenizer import EOS_ID, PAD_ID
 from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
@@ -24,22 +24,22 @@ from gigafactory.models.grok.head_loss import IGNORE_INDEX
 def read_preference_jsonl(path: str | Path) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"preference data '{p}' not found; pass a .jsonl file of {{\"prompt\", \"chosen\", \"rejected\"}} lines")
+        raise UserError(f"preference data '{p}' {'is a directory' if p.is_dir() else 'not found'}; pass a .jsonl file of "
+                        f"{{\"prompt\", \"chosen\", \"rejected\"}} lines")
     pairs = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{p}:{n}: not a JSON object with 'prompt', 'chosen' and 'rejected'") from None
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if not (isinstance(chosen, str) and isinstance(rejected, str) and isinstance(messages, list) and
-                    all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)):
-                raise UserError(f"{p}:{n}: 'chosen' and 'rejected' must be strings and 'prompt' a string or a list of messages")
-            pairs.append({"messages": messages, "chosen": chosen, "rejected": rejected})
+    for n, line in jsonl_lines(p):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise UserError(f"{p}:{n}: not a JSON object with 'prompt', 'chosen' and 'rejected'") from None
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not (isinstance(chosen, str) and isinstance(rejected, str) and isinstance(messages, list) and
+                all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)):
+            raise UserError(f"{p}:{n}: 'chosen' and 'rejected' must be strings and 'prompt' a string or a list of messages")
+        pairs.append({"messages": messages, "chosen": chosen, "rejected": rejected})
     if not pairs:
         raise UserError(f"preference data '{p}' has no pairs")
     return pairs

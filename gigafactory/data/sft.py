@@ -23,25 +23,35 @@ from gigafactory.errors import UserError
 from gigafactory.models.grok.head_loss import IGNORE_INDEX
 
 
+def jsonl_lines(p: Path):
+    """(line number, text) of a UTF-8 file; bytes that are not UTF-8 are one error naming the line."""
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is dropped
+            except UnicodeDecodeError as err:
+                raise UserError(f"{p}:{n}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
+
+
 def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
     """The conversations of a JSONL file, each line {"messages": [{"role", "content"}, ...]} with an assistant turn."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"chat data '{p}' not found; pass a .jsonl file of {{\"messages\": [...]}} lines")
+        raise UserError(f"chat data '{p}' {'is a directory' if p.is_dir() else 'not found'}; pass a .jsonl file of "
+                        f"{{\"messages\": [...]}} lines")
     conversations = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{p}:{n}: not a JSON object with a 'messages' list") from None
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-                raise UserError(f"{p}:{n}: each message must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise UserError(f"{p}:{n}: the conversation has no assistant turn to learn from")
-            conversations.append(messages)
+    for n, line in jsonl_lines(p):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise UserError(f"{p}:{n}: not a JSON object with a 'messages' list") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise UserError(f"{p}:{n}: each message must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{p}:{n}: the conversation has no assistant turn to learn from")
+        conversations.append(messages)
     if not conversations:
         raise UserError(f"chat data '{p}' has no conversations")
     return conversations

@@ -77,6 +77,7 @@ class LoRA(nn.Module):
         self.scale, self.rank = opts.alpha / opts.rank, opts.rank
         self.layout = Layout(mesh, sequence_parallel)
         self.targets = self._find_targets(model, set(opts.target_names()), opts.targets)
+        self._check_rank()
         for p in model.parameters():
             p.requires_grad_(False)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
@@ -112,6 +113,14 @@ class LoRA(nn.Module):
             raise UserError(f"--lora.targets {spec!r} matches no layer of this model; its linear layers and expert "
                             f"weights are: {', '.join(sorted(found))}")
         return targets
+
+    def _check_rank(self) -> None:
+        """A rank above a weight's smaller side adds no expressiveness, only memory (10^5 would exhaust the host)."""
+        sides = {t.name: min(t.weight.shape[1:] if t.experts else t.weight.shape) for t in self.targets.values()}
+        name = min(sides, key=sides.get)
+        if self.rank > sides[name]:
+            raise UserError(f"--lora.rank {self.rank} exceeds the smaller side of {name} ({sides[name]}); "
+                            f"pass a rank <= {sides[name]} (8-64 is usual), or fine-tune every weight with --lora.rank 0")
 
     def _linear_target(self, name: str, mod: nn.Linear) -> Target:
         tp_dim = self.layout.shard_dim(mod.weight, "tp")

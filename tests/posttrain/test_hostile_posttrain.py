@@ -1,0 +1,42 @@
+"""What a careless user hands sft / dpo / eval: each mistake is one UserError line, before any work is lost."""
+
+from __future__ import annotations
+
+import pytest
+
+from gigafactory.data.preference import read_preference_jsonl
+from gigafactory.data.sft import read_chat_jsonl
+from gigafactory.errors import UserError
+from gigafactory.posttrain.lora import LoRA
+from gigafactory.posttrain.options import LoRAOptions
+from tests.posttrain.test_sft_masks import tiny_model
+
+GOOD_CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]}\n'
+
+
+@pytest.mark.parametrize("reader", [read_chat_jsonl, read_preference_jsonl])
+def test_non_utf8_and_directory_are_one_line_naming_the_problem(tmp_path, reader):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'\n{"messages": "\xff\xfe"}\n')  # a blank line, then bytes that are not UTF-8
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not UTF-8"):
+        reader(bad)
+    with pytest.raises(UserError, match="is a directory"):
+        reader(tmp_path)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "\n")
+    with pytest.raises(UserError, match="deep.jsonl:1: not a JSON object"):
+        reader(deep)
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    chat = tmp_path / "bom.jsonl"
+    chat.write_bytes(b"\xef\xbb\xbf" + GOOD_CHAT.encode())
+    assert read_chat_jsonl(chat)[0][1]["content"] == "ho"
+
+
+def test_lora_rank_above_a_weights_smaller_side_is_refused_before_allocating():
+    model = tiny_model()
+    smallest = min(min(p.shape[-2:]) for p in model.parameters() if p.ndim >= 2)
+    with pytest.raises(UserError, match=r"--lora.rank 100000 exceeds the smaller side of .* pass a rank <="):
+        LoRA(model, LoRAOptions(rank=100_000))
+    LoRA(tiny_model(), LoRAOptions(rank=min(smallest, 8)))  # an ordinary rank still builds
