@@ -12,6 +12,7 @@ match hits), on the items they share:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -101,13 +102,40 @@ def compare_results(a: dict, b: dict, seed: int = 0) -> dict:
 
 
 def load_result(path: str) -> dict:
+    """An eval JSON (`gigafactory eval`'s, or training's RUN/eval-step-N.json) whose per-item rows compare_results can
+    read; anything else is one line naming the file."""
     p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"'{p}' {'is a directory' if p.is_dir() else 'not found'}; pass an eval JSON written by `gigafactory eval`")
     try:
-        result = json.loads(p.read_text())
-        result["kjv_task"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"'{p}' is not an eval JSON written by `gigafactory eval`") from None
+        result = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON
+        result = None
+    problem = _malformed(result)
+    if problem:
+        raise UserError(f"'{p}' is not an eval JSON written by `gigafactory eval` ({problem}); re-run eval to write it again")
     return result
+
+
+def _malformed(result) -> str:
+    """What in a loaded eval JSON compare_results could not read, or ''."""
+    task = result.get("kjv_task") if isinstance(result, dict) else None
+    if not isinstance(task, dict):
+        return "no kjv_task object"
+
+    def bad_rows(rows, last) -> bool:
+        return not isinstance(rows, list) or not all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], str) and last(r[2]) for r in rows)
+
+    if bad_rows(task.get("per_item", []), lambda hit: isinstance(hit, bool)):
+        return "kjv_task.per_item must be [key, kind, hit] rows"
+    prefs = task.get("preference") or {}
+    if not isinstance(prefs, dict):
+        return "kjv_task.preference must be an object"
+    for style, pref in prefs.items():
+        if isinstance(pref, dict) and bad_rows(pref.get("per_pair", []), lambda m: type(m) in (int, float) and math.isfinite(m)):
+            return f"kjv_task.preference.{style}.per_pair must be [key, kind, finite margin] rows"
+    return ""
 
 
 def _row(name: str, c: dict) -> str:

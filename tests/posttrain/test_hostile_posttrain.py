@@ -40,3 +40,34 @@ def test_lora_rank_above_a_weights_smaller_side_is_refused_before_allocating():
     with pytest.raises(UserError, match=r"--lora.rank 100000 exceeds the smaller side of .* pass a rank <="):
         LoRA(model, LoRAOptions(rank=100_000))
     LoRA(tiny_model(), LoRAOptions(rank=min(smallest, 8)))  # an ordinary rank still builds
+
+
+def _eval_json(**task) -> dict:
+    return {"checkpoint": "run", "kjv_task": {"per_item": [["k1", "reference", True], ["k2", "continue", False]],
+                                              "preference": {"near": {"per_pair": [["k1", "reference", 0.5]]}}, **task}}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "not found"),
+    (b"\xff\xfe{", "no kjv_task object"),
+    ('{"kjv_task": "x"}', "no kjv_task object"),
+    ({"kjv_task": {"per_item": [["k1", True]]}}, "per_item must be"),
+    (_eval_json(preference={"near": {"per_pair": [["k1", "reference", "high"]]}}), r"preference.near.per_pair must be"),
+    (_eval_json(preference={"near": {"per_pair": [["k1", "reference", float("nan")]]}}), "finite margin"),
+    (_eval_json(preference=[1]), "preference must be an object"),
+])
+def test_eval_compare_refuses_a_file_it_cannot_read_in_one_line(tmp_path, content, problem):
+    import json
+
+    from gigafactory.posttrain.paired import compare_results, load_result
+
+    path = tmp_path / "a.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(UserError, match=problem):
+        load_result(str(path))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_eval_json()))
+    assert compare_results(load_result(str(good)), load_result(str(good)))["exact_match"]["difference"] == 0.0
