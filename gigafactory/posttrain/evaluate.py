@@ -54,7 +54,6 @@ def task_scores(loaded: LoadedModel, items: list[dict], max_new_tokens: int = 16
     counts as a miss for exact match (reported as too_long)."""
     tok = loaded.tokenizer
     template = ChatTemplate(tok, plain_text_encoder(tok))
-    device = next(loaded.model.parameters()).device
     hits: dict[str, list[bool]] = {}
     examples, too_long, per_item = [], 0, []
     for item in items:

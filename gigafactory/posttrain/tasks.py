@@ -94,13 +94,16 @@ def corrupt(item: dict, rng: np.random.Generator) -> str:
 
 def kind_of(question: str) -> str:
     """The task kind a question belongs to ("other" for a question not from this task)."""
-    return "reference" if question.startswith("Which book and chapter says") else "continue" if question.startswith("Quote what follows in") else "other"
+    if question.startswith("Which book and chapter says"):
+        return "reference"
+    return "continue" if question.startswith("Quote what follows in") else "other"
 
 
 def book_of(item: dict) -> str:
     """The book an item is about: its answer's for `reference`, the one its question names for `continue`."""
-    ref = item["answer"] if item["kind"] == "reference" else item["messages"][0]["content"].split(": ", 1)[0].removeprefix("Quote what follows in ")
-    return ref.rpartition(" ")[0]
+    if item["kind"] == "reference":
+        return item["answer"].rpartition(" ")[0]
+    return item["messages"][0]["content"].split(": ", 1)[0].removeprefix("Quote what follows in ").rpartition(" ")[0]
 
 
 def same_shape(a: str, b: str) -> bool:
@@ -139,8 +142,9 @@ def preference_pairs(items: list[dict], seed: int = 0, rejected: str = "near") -
     return [{"prompt": item["messages"][:-1], "chosen": item["answer"], "rejected": wrong(item)} for item in items]
 
 
-def pairs_file_name(rejected: str) -> str:
-    return "kjv-pairs.jsonl" if rejected == "near" else f"kjv-pairs-{rejected}.jsonl"
+def pairs_name(rejected: str) -> str:
+    """The DPO pairs file's stem: kjv-pairs (near misses, the original name) or kjv-pairs-<construction>."""
+    return "kjv-pairs" if rejected == "near" else f"kjv-pairs-{rejected}"
 
 
 def write_task(out_dir: str | Path, rejected: tuple[str, ...] = REJECTED, **kwargs) -> dict[str, Path]:
@@ -154,7 +158,7 @@ def write_task(out_dir: str | Path, rejected: tuple[str, ...] = REJECTED, **kwar
         paths[name] = out / f"kjv-{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
     for style in rejected:
-        name = "pairs" if style == "near" else f"pairs-{style}"
-        paths[name] = out / pairs_file_name(style)
+        name = pairs_name(style).removeprefix("kjv-")
+        paths[name] = out / f"{pairs_name(style)}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(task["train"], rejected=style)))
     return paths
