@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gigafactory.cli.paths import json_file, out_dir
 from gigafactory.errors import UserError
 
 
@@ -34,8 +35,8 @@ def register(subparsers) -> None:
                         help="Compare two eval results item by item (paired: bootstrap 95%% CI of B - A, exact McNemar test); "
                              "prints a table, writes --out if given.")
     parser.add_argument("--ppl-batches", type=int, default=8, help="Held-out batches (of 4 sequences) for the perplexity.")
-    parser.add_argument("--out", default="", help="JSON file to write (a .md table beside it); default RUN/eval-step-N.json.")
-    parser.add_argument("--write-task", metavar="DIR", default="", help="Write kjv-train.jsonl and kjv-test.jsonl to DIR and exit.")
+    parser.add_argument("--out", default="", type=json_file, help="JSON file to write (a .md table beside it); default RUN/eval-step-N.json.")
+    parser.add_argument("--write-task", metavar="DIR", default="", type=out_dir, help="Write kjv-train.jsonl and kjv-test.jsonl to DIR and exit.")
     parser.add_argument("--harness-tasks", default="", metavar="T1,T2", help="Also run these lm-evaluation-harness tasks on the checkpoint (needs lm-eval).")
     parser.add_argument("--harness-include", default="", metavar="DIR", help="A directory of lm-eval task YAML files (local data, no download) for --harness-tasks.")
     parser.add_argument("--harness-limit", type=int, default=0, help="Documents per harness task (0 = all).")

@@ -71,3 +71,19 @@ def test_eval_compare_refuses_a_file_it_cannot_read_in_one_line(tmp_path, conten
     good = tmp_path / "good.json"
     good.write_text(json.dumps(_eval_json()))
     assert compare_results(load_result(str(good)), load_result(str(good)))["exact_match"]["difference"] == 0.0
+
+
+@pytest.mark.parametrize("flags", [["--checkpoint", "RUN", "--out", "{tmp}"], ["--checkpoint", "RUN", "--out", "{tmp}/x.md"],
+                                   ["--checkpoint", "RUN", "--out", "{file}/x.json"], ["--write-task", "{file}"]])
+def test_eval_refuses_an_output_path_it_could_not_write_before_any_work(tmp_path, capsys, flags):
+    """A directory, a .md (its table would overwrite it) or a path under a file: exit 2 at parsing, not a
+    traceback after minutes of scoring (RUN does not exist: parsing fails before it is read)."""
+    from gigafactory.cli.main import main
+
+    (tmp_path / "f.txt").write_text("x")
+    argv = ["eval", *(f.format(tmp=tmp_path, file=tmp_path / "f.txt") for f in flags)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("--out" in err or "--write-task" in err)
