@@ -108,7 +108,7 @@ def test_lm_eval_runs_local_tasks_of_every_request_type_on_our_model(lm, pretrai
     for k, text in enumerate(TASKS.split("---\n")):
         (docs.parent / f"task{k}.yaml").write_text(text.replace("DOCS", str(docs)).replace("CACHE", str(tmp_path / "hf")))
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "1", "--ppl-batches", "1", "--out", str(out),
+    assert main(["eval", "--checkpoint", str(pretrained / "pre"), "--limit", "1", "--pref-limit", "1", "--ppl-batches", "1", "--out", str(out),
                  "--harness-tasks", "kjv_choice,kjv_rolling,kjv_generate", "--harness-include", str(docs.parent)]) == 0
     results = json.loads(out.read_text())["harness"]
     scores = [[ll for ll, _ in lm.loglikelihood([req(d["question"], c) for c in d["choices"]])] for d in DOCS]
