@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from gigafactory.cli.local_launch import ERROR_FILE_FLAG
@@ -127,10 +128,15 @@ def train_and_report(trainer, eval_name: str) -> int:
     summary = trainer.train()
     trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:
+        if summary["interrupted"]:
+            print(f"{summary['interrupted']}: stopped after step {summary['end_step']}; checkpoint saved "
+                  "(run the same command again to resume)")
         if summary["eval"]:
             (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
             print(f"{eval_name}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
         for line in summary_lines(summary.get("tasks", [])):
             print(line)
         print(f"checkpoint: {summary['checkpoint']}")
+    if summary["interrupted"] and "WORLD_SIZE" not in os.environ:  # unfinished: non-zero, so a scheduler requeues it
+        return 128 + int(getattr(signal, summary["interrupted"]))  # (a torchrun worker exits 0, or torchrun restarts it)
     return 0

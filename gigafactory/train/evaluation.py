@@ -13,12 +13,16 @@ call on whole sequences (tensor+sequence, pipeline, context parallel) are refuse
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gigafactory.config.job import JobConfig
@@ -94,20 +98,62 @@ def run_task_suites(suites: TaskSuites, model: nn.Module, step: int, eval_loss: 
 def eval_point(trainer, metrics, progress, summary: dict) -> None:
     """One eval point of the training loop: training.eval_every's held-out loss and, when due, eval.tasks' suites on
     the trainer's model, all with the watchdog paused (they take longer than a step); logged to metrics.jsonl /
-    TensorBoard, printed, and kept in the run's summary ("eval": (step, loss), "tasks": (step, scores))."""
+    TensorBoard, printed, and kept in the run's summary ("eval": (step, loss), "tasks": (step, scores)).
+    A stop signal (SIGTERM, Ctrl-C) skips the suites, or on one process cuts them short: they could outlast
+    resilience.term_grace_s, which would exit without the final save."""
     step = trainer.step
     due = tasks_due(trainer.cfg, step)
     if due and trainer.task_suites is None:
         raise UserError("eval.tasks is set but this trainer was given no suites: the command that builds it attaches "
                         "them (posttrain/eval_suites.attach_task_suites)")
+    skipped = f"step {step}: eval.tasks skipped (stopping: saving first; `gigafactory eval --checkpoint RUN` scores the saved checkpoint)"
+    if due and trainer.signals.requested(trainer.device):  # agreed by every rank: the suites run in lockstep
+        due = False
+        progress.print(skipped)
+    scores = {}
     with trainer.watchdog.paused():
         loss = trainer.evaluate()
-        scores = run_task_suites(trainer.task_suites, trainer.pmodel.parts[0], step, loss, trainer.run_dir, trainer.rank) if due else {}
+        if due:
+            try:
+                with stop_cuts_suites():
+                    scores = run_task_suites(trainer.task_suites, trainer.pmodel.parts[0], step, loss, trainer.run_dir, trainer.rank)
+            except SuitesCut:
+                progress.print(skipped)
     summary["eval"].append((step, loss))
     if scores:
         summary.setdefault("tasks", []).append((step, scores))
     metrics.log(step, {"eval_loss": loss, **scores})
     progress.print(f"step {step}: eval loss {loss:.4f}{brief(scores)}")
+
+
+class SuitesCut(Exception):
+    """A stop signal arrived while the suites ran on one process."""
+
+
+@contextmanager
+def stop_cuts_suites():
+    """On one process, a stop signal during the suites is handled as usual (the trainer's handler notes it, starts the
+    grace timer) and then ends the suites at once. Several ranks run them in lockstep, through collectives, so one rank
+    may not leave alone: there they finish, and the loop stops after them."""
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if several or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def cut(signum, frame):
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        raise SuitesCut
+
+    for sig in previous:
+        signal.signal(sig, cut)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def brief(scores: dict[str, float], limit: int = 4) -> str:
