@@ -89,6 +89,9 @@ class Routing:
     cross_region: bool = knob(True, "A region with no healthy replica of a pool borrows another region's.")
 
 
+MAX_WINDOW_S = 366 * 86400  # the longest token quota window
+
+
 @dataclass(frozen=True)
 class TokenQuota:
     tokens: int = knob(0, "Prompt + completion tokens each key may use per window (0 = unlimited); a key's own value in [token_quota.keys] wins.")
@@ -282,8 +285,9 @@ def _token_quota(raw, source: str) -> TokenQuota:
     raw = dict(raw) if isinstance(raw, dict) else raw
     per_key = raw.pop("keys", {}) if isinstance(raw, dict) else {}
     quota = _build(TokenQuota, raw, "token_quota", source)
-    if quota.window_s <= 0:
-        _fail(source, "token_quota.window_s must be > 0")
+    if not 1 <= quota.window_s <= MAX_WINDOW_S:  # whole-second Retry-After; a window number that fits a float
+        _fail(source, f"token_quota.window_s = {quota.window_s!r} must be between 1 (per second) and {MAX_WINDOW_S} "
+                      "(a leap year) seconds; 60 = per minute, 86400 = per UTC day")
     if not isinstance(per_key, dict):
         _fail(source, "token_quota.keys must be a table of key name = tokens")
     for name, limit in per_key.items():

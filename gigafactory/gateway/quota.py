@@ -24,7 +24,7 @@ def pod_share(limit: float | None, pods: int, whole: bool = False) -> float | No
     """This pod's part of a fleet-wide limit (None or 0 = unlimited stays so); `whole` rounds down to a count >= 1."""
     if not limit or pods <= 1:
         return limit
-    return max(1, math.floor(limit / pods)) if whole else limit / pods
+    return max(1, math.floor(limit) // pods) if whole else limit / pods  # // : exact for counts of any size
 
 
 class TokenLedger:

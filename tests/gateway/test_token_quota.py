@@ -163,7 +163,7 @@ BASE = '[[replicas]]\nurl = "http://a"\nregion = "EU"\npool = "v1"\n[regions.EU]
 @pytest.mark.parametrize("top, tables, message", [
     ('api_keys = "keys.toml"', "[token_quota.keys]\ncarol = 10", "names no key called carol"),
     ('api_keys = "keys.toml"', "[token_quota.keys]\nalice = -5", "whole number of tokens"),
-    ('api_keys = "keys.toml"', "[token_quota]\nwindow_s = 0", "window_s must be > 0"),
+    ('api_keys = "keys.toml"', "[token_quota]\nwindow_s = 0", "window_s = 0 must be between 1"),
     ('api_keys = "keys.toml"\npods = 0', "", "pods = 0 must be >= 1"),
     ("", "[token_quota]\ntokens = 5", "token_quota limits tokens per API key, and no key is configured"),
 ])
