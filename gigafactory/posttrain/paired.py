@@ -82,6 +82,9 @@ def compare_results(a: dict, b: dict, seed: int = 0) -> dict:
     pa, pb = _preference_sets(a), _preference_sets(b)
     for style in sorted(pa.keys() & pb.keys()):
         sa, sb = pa[style], pb[style]
+        if not sa.keys() & sb.keys():  # pairs drawn under another --pref-limit / eval.limit: other rejected answers
+            out.setdefault("unpaired", []).append(f"preference ({style})")
+            continue
         entry = {"all": paired_accuracy({k: m > 0 for k, (_, m) in sa.items()}, {k: m > 0 for k, (_, m) in sb.items()}, seed)}
         keys = sorted(sa.keys() & sb.keys())
         margin_diff = np.array([sb[k][1] - sa[k][1] for k in keys])
@@ -95,8 +98,15 @@ def compare_results(a: dict, b: dict, seed: int = 0) -> dict:
         out["preference"][style] = entry
     ha, hb = a["kjv_task"].get("per_item"), b["kjv_task"].get("per_item")
     if ha and hb:
-        out["exact_match"] = paired_accuracy({k: bool(h) for k, _, h in _unique(ha)}, {k: bool(h) for k, _, h in _unique(hb)}, seed)
+        hits_a, hits_b = ({k: bool(h) for k, _, h in _unique(rows)} for rows in (ha, hb))
+        if hits_a.keys() & hits_b.keys():
+            out["exact_match"] = paired_accuracy(hits_a, hits_b, seed)
+        else:
+            out.setdefault("unpaired", []).append("exact match")
     if not out["preference"] and "exact_match" not in out:
+        if out.get("unpaired"):
+            raise UserError(f"the two results share no items ({', '.join(out['unpaired'])}): score both with the same "
+                            "--limit and --pref-limit (eval.limit during training), which choose the items and draw their pairs")
         raise UserError("neither result has per-item scores (eval JSONs written before per-item scores were kept); re-run eval")
     return out
 
@@ -152,6 +162,8 @@ def comparison_table(cmp: dict) -> str:
             lines.append(_row(f"preference ({style}){'' if kind == 'all' else ' - ' + kind}", c))
     if "exact_match" in cmp:
         lines.append(_row("exact match", cmp["exact_match"]))
+    if cmp.get("unpaired"):
+        lines.append(f"\nnot compared (no shared items: other --limit / --pref-limit): {', '.join(cmp['unpaired'])}")
     for style, entry in cmp["preference"].items():
         lo, hi = entry["all"]["margin_ci95"]
         lines.append(f"\nmean margin change ({style}): {entry['all']['margin_difference']:+.3f} nats [{lo:+.3f}, {hi:+.3f}]")

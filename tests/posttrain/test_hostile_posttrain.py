@@ -87,3 +87,18 @@ def test_eval_refuses_an_output_path_it_could_not_write_before_any_work(tmp_path
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("is not a .json file path" in err or "is a file" in err or "is not a directory" in err)
+
+
+def test_compare_of_results_drawn_under_other_limits_keeps_what_pairs_and_names_the_rest():
+    """--pref-limit / eval.limit draw the pairs (other rejected answers, other keys): those scores cannot pair up,
+    which must neither sink the exact-match comparison nor read as 'another task'."""
+    from gigafactory.posttrain.paired import compare_results, comparison_table
+
+    a = _eval_json()
+    b = _eval_json(preference={"near": {"per_pair": [["other-draw", "reference", 0.5]]}})
+    out = compare_results(a, b)
+    assert out["exact_match"]["items"] == 2 and out["unpaired"] == ["preference (near)"]
+    assert "not compared" in comparison_table(out)
+    b["kjv_task"]["per_item"] = [["k9", "reference", True]]
+    with pytest.raises(UserError, match="score both with the same --limit and --pref-limit"):
+        compare_results(a, b)
