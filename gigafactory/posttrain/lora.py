@@ -66,6 +66,9 @@ class Target:
         return getattr(self.module, self.param)
 
 
+OTHER_STAGE_NAMES = {"lm_head"}  # under pipeline parallel only the last stage holds it: valid where it is absent
+
+
 class LoRA(nn.Module):
     """Adapters for every target of `model` named in opts.targets (nn.Linear layers and MoE expert weights); freezes
     the whole model. `mesh`: the trainer's DeviceMesh (None on one process). Build it before the model's first
@@ -112,6 +115,10 @@ class LoRA(nn.Module):
         if not targets:
             raise UserError(f"--lora.targets {spec!r} matches no layer of this model; its linear layers and expert "
                             f"weights are: {', '.join(sorted(found))}")
+        unknown = sorted(names - {f.removesuffix(" (experts)") for f in found} - OTHER_STAGE_NAMES)
+        if unknown:  # a typo beside a valid name would otherwise leave that layer frozen without a word
+            raise UserError(f"--lora.targets names {', '.join(unknown)}, which this model does not have; its linear layers "
+                            f"and expert weights are: {', '.join(sorted(found))}")
         return targets
 
     def _check_rank(self) -> None:

@@ -34,6 +34,7 @@ class DPOOptions:
             raise UserError(f"--loss-type {self.loss_type!r} must be one of {', '.join(LOSS_TYPES)}")
 
 
+MAX_LORA_SCALE = 65504.0  # the largest float16: a larger alpha / r overflows to inf, and inf * (B = 0) is NaN
 LORA_TARGETS = "wq,wk,wv,wo,w_gate,w_up,w_down"  # attention projections; dense-FFN linears and MoE experts' 3-D weights
 
 
@@ -52,7 +53,8 @@ class LoRAOptions:
     def validate(self) -> None:
         if self.rank < 0:
             raise UserError(f"--lora.rank {self.rank} must be >= 0 (0 = full fine-tune)")
-        if self.rank and not self.alpha > 0:
-            raise UserError(f"--lora.alpha {self.alpha} must be > 0")
+        if self.rank and not 0 < self.alpha / self.rank <= MAX_LORA_SCALE:
+            raise UserError(f"--lora.alpha {self.alpha} must be > 0 and at most {MAX_LORA_SCALE:g} x --lora.rank (the "
+                            f"update's scale alpha / r multiplies activations in the compute dtype); e.g. 2 x rank")
         if self.rank and not self.target_names():
             raise UserError("--lora.targets names no layer; e.g. wq,wk,wv,wo")

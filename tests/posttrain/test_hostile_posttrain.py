@@ -102,3 +102,17 @@ def test_compare_of_results_drawn_under_other_limits_keeps_what_pairs_and_names_
     b["kjv_task"]["per_item"] = [["k9", "reference", True]]
     with pytest.raises(UserError, match="score both with the same --limit and --pref-limit"):
         compare_results(a, b)
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 1e300, 0.0])
+def test_lora_alpha_that_would_make_the_update_nan_is_refused(alpha):
+    """inf (or a scale past float16's range) times the zero-initialised B is NaN: a ruined merged checkpoint."""
+    with pytest.raises(UserError, match="--lora.alpha"):
+        LoRAOptions(rank=4, alpha=alpha).validate()
+    LoRAOptions(rank=4, alpha=32.0).validate()
+
+
+def test_a_misspelt_lora_target_beside_a_valid_one_is_refused():
+    with pytest.raises(UserError, match="names bogus, which this model does not have"):
+        LoRA(tiny_model(), LoRAOptions(rank=2, targets="wq,bogus"))
+    assert len(LoRA(tiny_model(), LoRAOptions(rank=2, targets="wq,lm_head")).targets) >= 2  # lm_head: on the last stage
