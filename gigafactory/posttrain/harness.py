@@ -111,6 +111,10 @@ def run_harness(model: GrokLM | str, tasks: list[str], include_path: str = "", l
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("--harness-tasks needs lm-evaluation-harness: pip install lm-eval") from None
+    if not tasks:
+        raise UserError("--harness-tasks names no task; e.g. --harness-tasks arc_easy, or a task of --harness-include DIR")
+    if limit is not None and limit < 1:
+        raise UserError(f"--harness-limit {limit} must be >= 1 documents per task (0 = all)")
     if include_path and not Path(include_path).expanduser().is_dir():
         raise UserError(f"--harness-include '{include_path}' is not a directory of task YAML files")
     local = str(Path(include_path).expanduser()) if include_path else None
@@ -121,4 +125,8 @@ def run_harness(model: GrokLM | str, tasks: list[str], include_path: str = "", l
     if unknown:
         raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}; name tasks of the harness or of --harness-include DIR")
     lm = GrokLM(model, device) if isinstance(model, str) else model
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=log_samples)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=log_samples)
+    except ConnectionError as err:  # a built-in task's dataset, on a machine without the Hub or a cached copy
+        raise UserError(f"lm-eval could not fetch the data of {', '.join(tasks)} ({err}); offline, point a task YAML at "
+                        "local files (dataset_path: json) and pass its directory with --harness-include DIR") from None

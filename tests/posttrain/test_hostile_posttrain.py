@@ -116,3 +116,24 @@ def test_a_misspelt_lora_target_beside_a_valid_one_is_refused():
     with pytest.raises(UserError, match="names bogus, which this model does not have"):
         LoRA(tiny_model(), LoRAOptions(rank=2, targets="wq,bogus"))
     assert len(LoRA(tiny_model(), LoRAOptions(rank=2, targets="wq,lm_head")).targets) >= 2  # lm_head: on the last stage
+
+
+def test_harness_tasks_empty_negative_limit_or_offline_data_are_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lm_eval
+
+    from gigafactory.posttrain.harness import run_harness
+
+    with pytest.raises(UserError, match="names no task"):
+        run_harness(object(), [])  # `--harness-tasks ,`: lm-eval's own ValueError traceback before
+    with pytest.raises(UserError, match="--harness-limit -3 must be >= 1"):
+        run_harness(object(), ["t"], limit=-3)
+    (tmp_path / "t.yaml").write_text("task: hostile_t\ndataset_path: json\noutput_type: loglikelihood\n"
+                                     "doc_to_text: q\ndoc_to_target: a\n")
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'x' on the Hub")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(UserError, match="could not fetch the data of hostile_t .* --harness-include"):
+        run_harness(object(), ["hostile_t"], str(tmp_path))
