@@ -55,13 +55,29 @@ def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, over
         raise UserError(f"checkpoint '{base}' lacks config.toml or tokenizer.json; it was not written by `gigafactory train`")
     given = set(vars(args)) if args is not None else set()
     given |= set(overrides or {})
-    values = {k: v for k, v in (SFT_DEFAULTS if defaults is None else defaults).items() if k not in given}
+    from_file = user_config_file(args)
+    values = {k: v for k, v in (SFT_DEFAULTS if defaults is None else defaults).items() if k not in given | set(from_file)}
+    values.update({k: v for k, v in from_file.items() if k not in given})  # above the defaults, below flags
     values["logging.run_dir"] = run_dir or str(Path(base_checkpoint).expanduser().resolve()) + suffix
     values.update(overrides or {})
     if args is not None and "logging.run_dir" in vars(args):
         values.pop("logging.run_dir")
     cfg = load_config(args, config_path=str(base / "config.toml"), overrides=values)
     return base, cfg
+
+
+def user_config_file(args) -> dict:
+    """The keys of the user's --config FILE, dotted ("eval.limit"): the base run's config.toml is the file the
+    config is built on, so the user's would otherwise be ignored without a word."""
+    from gigafactory.config.loader import _read_toml
+
+    path = getattr(args, "config", None) if args is not None else None
+    dotted = {}
+    for section, table in (_read_toml(path) if path else {}).items():
+        if not isinstance(table, dict):
+            raise UserError(f"config key {section!r} in {path} must be a table like [{section}]")
+        dotted.update({f"{section}.{key}": value for key, value in table.items()})
+    return dotted
 
 
 class NoOptimizer(list):

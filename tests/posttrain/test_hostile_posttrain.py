@@ -137,3 +137,18 @@ def test_harness_tasks_empty_negative_limit_or_offline_data_are_one_line(tmp_pat
     monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
     with pytest.raises(UserError, match="could not fetch the data of hostile_t .* --harness-include"):
         run_harness(object(), ["hostile_t"], str(tmp_path))
+
+
+def test_sft_and_dpo_read_the_users_config_file_between_their_defaults_and_flags(pretrained, tmp_path, capsys):
+    """--config FILE was silently ignored (the base run's config.toml took its place): a typo in it said nothing."""
+    from gigafactory.cli.main import main
+
+    base = ["--checkpoint", str(pretrained / "pre"), "--data", str(pretrained / "chat.jsonl")]
+    toml = tmp_path / "mine.toml"
+    toml.write_text('[eval]\nlimit = 7\n[training]\nsteps = 9\neval_every = 3\n')
+    assert main(["sft", *base, "--config", str(toml), "--training.steps", "4", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "limit = 7" in printed and "steps = 4" in printed and "eval_every = 3" in printed and "lr = 0.0003" in printed
+    toml.write_text("[eval]\nlimt = 7\n")
+    assert main(["sft", *base, "--config", str(toml), "--print-config"]) == 2
+    assert "unknown config key 'eval.limt'" in capsys.readouterr().err
