@@ -53,7 +53,7 @@ class UsageMeter:
         """A whole (non-streamed) answer: its usage, charged now."""
         try:
             self.reported = token_counts(json.loads(content).get("usage"))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested past Python's stack
             pass
         self.chunks = len(content) // CHARS_PER_TOKEN  # the estimate, if there was no usage
         self.settle()
@@ -75,7 +75,7 @@ class UsageMeter:
         data = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             chunk = None
         if not isinstance(chunk, dict) or "usage" not in chunk:
             self.chunks += bool(data) and data != b"[DONE]"

@@ -25,3 +25,15 @@ def test_huge_limits_shared_over_pods_stay_exact_counts():
     ledger.debit("sk", 10**6)
     assert ledger.check("sk", "alice") == 0.0
     assert pod_share(HUGE, 7, whole=True) == HUGE // 7 and pod_share(5, 7, whole=True) == 1
+
+
+def test_a_replica_answer_nested_past_the_stack_is_charged_the_estimate_not_a_crash():
+    from gigafactory.gateway.usage import UsageMeter
+
+    charged = []
+    UsageMeter({"model": "m"}, lambda *c: charged.append(c)).read_answer(b"[" * 100_000)
+    streamed = UsageMeter({"stream": True}, lambda *c: charged.append(c))
+    block = b'data: ' + b"[" * 100_000 + b'"usage"\n\n'
+    assert streamed.relay(block) == block  # relayed as sent (the client's problem to read), counted as one chunk
+    streamed.settle()
+    assert [c[2] for c in charged] == [True, True] and charged[1][1] == 1  # estimates
