@@ -40,7 +40,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gigafactory.cli.sft import launch_if_asked, lora_options, train_and_report
+    from gigafactory.cli.sft import launch_if_asked, lora_options
+    from gigafactory.cli.train import train_and_report
     from gigafactory.posttrain.dpo import DPOTrainer
     from gigafactory.posttrain.options import DPO_DEFAULTS, DPOOptions
     from gigafactory.posttrain.sft import SFTData, sft_config

@@ -89,7 +89,6 @@ def _counts(text: str) -> list[int]:
 
 
 def plan_rows(args) -> tuple[list[dict], str]:
-    from gigafactory.plan.forecast import forecast
     from gigafactory.plan.hardware import load_catalog, make_cluster
     from gigafactory.plan.layout import MODERN
     from gigafactory.plan.reliability import best_with_failures

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from gigafactory.cli.local_launch import ERROR_FILE_FLAG
@@ -115,28 +114,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if (code := launch_if_asked("sft", args, cfg)) is not None:
         return code
+    from gigafactory.cli.train import train_and_report
+
     return train_and_report(SFTTrainer(cfg, SFTData(base, args.data, args.val_fraction, lora)), "eval loss (assistant tokens)")
-
-
-def train_and_report(trainer, eval_name: str) -> int:
-    """Run a post-training Trainer to its end; rank 0 prints the held-out metric's first and last value and the
-    checkpoint (shared by `sft` and `dpo`); eval.tasks' suites are attached first."""
-    from gigafactory.posttrain.eval_suites import attach_task_suites
-    from gigafactory.train.evaluation import summary_lines
-
-    attach_task_suites(trainer)
-    summary = trainer.train()
-    trainer.close()
-    if int(os.environ.get("RANK", "0")) == 0:
-        if summary["interrupted"]:
-            print(f"{summary['interrupted']}: stopped after step {summary['end_step']}; checkpoint saved "
-                  "(run the same command again to resume)")
-        if summary["eval"]:
-            (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
-            print(f"{eval_name}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
-        for line in summary_lines(summary.get("tasks", [])):
-            print(line)
-        print(f"checkpoint: {summary['checkpoint']}")
-    if summary["interrupted"] and "WORLD_SIZE" not in os.environ:  # unfinished: non-zero, so a scheduler requeues it
-        return 128 + int(getattr(signal, summary["interrupted"]))  # (a torchrun worker exits 0, or torchrun restarts it)
-    return 0

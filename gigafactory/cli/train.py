@@ -70,24 +70,32 @@ def run(args: argparse.Namespace) -> int:
         return run_local(_worker_argv(), args.nproc, cfg.resilience.max_restarts, cfg.fault_tolerance)
     from gigafactory.train.trainer import Trainer  # imported late: --help and --print-config stay fast
 
-    trainer = Trainer(cfg)
-    if cfg.eval.tasks:  # task suites live in posttrain/, above the trainer: it is handed them (train/evaluation.py)
+    return train_and_report(Trainer(cfg), "eval loss")
+
+
+def train_and_report(trainer, eval_name: str) -> int:
+    """Run a Trainer (pre-training, SFT or DPO) to its end with eval.tasks' suites attached; rank 0 prints the
+    held-out metric's first and last value, the suites' scores and the checkpoint. The exit code: 128 + signal
+    after a stop outside torchrun, so a scheduler requeues the unfinished job (a torchrun worker exits 0 after a
+    clean stop, or its agent would restart it)."""
+    if trainer.cfg.eval.tasks:  # task suites live in posttrain/, above the trainer: it is handed them (train/evaluation.py)
         from gigafactory.posttrain.eval_suites import attach_task_suites
 
         attach_task_suites(trainer)
     summary = trainer.train()
     trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 speaks for the job
+        from gigafactory.train.evaluation import summary_lines
+
         if summary["interrupted"]:
             print(f"{summary['interrupted']}: stopped after step {summary['end_step']}; checkpoint saved to {summary['checkpoint']} "
                   "(run the same command again to resume)")
         if summary["eval"]:
             (first_step, first), (last_step, last) = summary["eval"][0], summary["eval"][-1]
-            print(f"eval loss: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
-        from gigafactory.train.evaluation import summary_lines
-
+            print(f"{eval_name}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
         for line in summary_lines(summary.get("tasks", [])):  # eval.tasks' scores, first -> last
             print(line)
-    if summary["interrupted"] and not under_torchrun:  # unfinished: a non-zero exit tells schedulers to requeue
+        print(f"checkpoint: {summary['checkpoint']}")
+    if summary["interrupted"] and "WORLD_SIZE" not in os.environ:
         return 128 + int(getattr(signal, summary["interrupted"]))
-    return 0  # a torchrun worker exits 0 after a clean stop, or its agent would restart it
+    return 0

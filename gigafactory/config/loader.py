@@ -50,7 +50,7 @@ def load_config(args: argparse.Namespace | None = None, *, config_path: str | No
     raw: dict[str, dict[str, Any]] = {}
     config_path = config_path or (getattr(args, "config", None) if args is not None else None)
     if config_path:
-        raw = _read_toml(config_path)
+        raw = read_toml(config_path)
     preset = getattr(args, "preset", None) if args is not None else None
     cli_values = {k: v for k, v in vars(args).items() if "." in k} if args is not None else {}
     cli_values.update(overrides or {})
@@ -118,7 +118,7 @@ def config_to_toml(cfg: JobConfig) -> str:
     return "\n".join(lines)
 
 
-def _read_toml(path: str) -> dict:
+def read_toml(path: str) -> dict:
     p = Path(path).expanduser()
     if p.is_dir():
         raise ConfigError(f"config file {path!r} is a directory; pass a TOML file to --config")

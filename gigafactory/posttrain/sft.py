@@ -69,11 +69,11 @@ def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, over
 def user_config_file(args) -> dict:
     """The keys of the user's --config FILE, dotted ("eval.limit"): the base run's config.toml is the file the
     config is built on, so the user's would otherwise be ignored without a word."""
-    from gigafactory.config.loader import _read_toml
+    from gigafactory.config.loader import read_toml
 
     path = getattr(args, "config", None) if args is not None else None
     dotted = {}
-    for section, table in (_read_toml(path) if path else {}).items():
+    for section, table in (read_toml(path) if path else {}).items():
         if not isinstance(table, dict):
             raise UserError(f"config key {section!r} in {path} must be a table like [{section}]")
         dotted.update({f"{section}.{key}": value for key, value in table.items()})

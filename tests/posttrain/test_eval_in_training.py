@@ -114,7 +114,7 @@ def test_layouts_the_suites_cannot_run_under_are_refused_up_front(axis):
 
 
 def test_sft_runs_the_suites_too(pretrained, tmp_path):
-    """`gigafactory sft` (and `dpo`, through the same train_and_report) hands its trainer the suites: the step-1
+    """`gigafactory sft` (and `dpo`, through the same cli.train.train_and_report) hands its trainer the suites: the step-1
     scores are eval's on the step-1 checkpoint."""
     from gigafactory.data.chat import ChatTemplate
     from gigafactory.data.tokenizer import plain_text_encoder

@@ -73,7 +73,7 @@ def test_a_pending_signal_skips_the_suites(tmp_path):
 
 def test_sft_exits_non_zero_after_a_stop_signal(capsys):
     """As `train` does: a scheduler requeues a job whose command exits non-zero."""
-    from gigafactory.cli.sft import train_and_report
+    from gigafactory.cli.train import train_and_report
 
     cfg = JobConfig()
     summary = {"interrupted": "SIGTERM", "end_step": 3, "eval": [], "checkpoint": "run/checkpoints/step-00000003"}
