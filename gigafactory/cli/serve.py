@@ -47,7 +47,8 @@ def build_state(args: argparse.Namespace):
     from gigafactory.serve.access import RateLimiter, load_keys
     from gigafactory.serve.api_server import ServerState
     from gigafactory.serve.engine import Engine, check_kv_blocks
-    from gigafactory.serve.engine_client import EngineClient, load_serving_info
+    from gigafactory.inference.generate import load_checkpoint_files
+    from gigafactory.serve.engine_client import EngineClient
     from gigafactory.serve.engine_core import CoreSpec
     from gigafactory.serve.metrics import Metrics
     from gigafactory.serve.rollout import RolloutPolicy
@@ -82,7 +83,7 @@ def build_state(args: argparse.Namespace):
         if not sep:
             name, path = "", spec
         if args.engine_process:  # the weights load in the engine process; here only what HTTP needs
-            tokenizer, config, ckpt = load_serving_info(path)
+            tokenizer, config, ckpt = load_checkpoint_files(path)
         else:
             loaded = load_for_inference(path, args.device)
             tokenizer, config, ckpt = loaded.tokenizer, loaded.config, loaded.checkpoint

@@ -43,15 +43,20 @@ def check_device(device: str, flag: str = "--device") -> torch.device:
     return dev
 
 
-def load_for_inference(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Build the model from the checkpoint's own config.toml, load its weights, and its tokenizer."""
-    check_device(device)
+def load_checkpoint_files(path: str | Path):
+    """(tokenizer, job config, checkpoint directory) of a checkpoint, without its weights (serve's HTTP process
+    needs only these; the engine process loads the weights)."""
     ckpt = resolve_checkpoint(path)
     config_file = ckpt / "config.toml"
     if not config_file.is_file():
         raise UserError(f"checkpoint '{ckpt}' has no config.toml; it was not written by `gigafactory train`")
-    cfg = load_config(config_path=str(config_file))
-    tokenizer = load_tokenizer(ckpt / "tokenizer.json")
+    return load_tokenizer(ckpt / "tokenizer.json"), load_config(config_path=str(config_file)), ckpt
+
+
+def load_for_inference(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Build the model from the checkpoint's own config.toml, load its weights, and its tokenizer."""
+    check_device(device)
+    tokenizer, cfg, ckpt = load_checkpoint_files(path)
     with torch.device("meta"):
         model = GrokModel(cfg.model)
     model.to_empty(device=device)

@@ -51,18 +51,6 @@ class RemoteSequence:
     finish_reason: str | None = None
 
 
-def load_serving_info(path: str):
-    """The tokenizer and config of a checkpoint, without its weights (those load in the engine process)."""
-    from gigafactory.config.loader import load_config
-    from gigafactory.data.tokenizer import load_tokenizer
-    from gigafactory.train.checkpoint_files import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    if not (ckpt / "config.toml").is_file():
-        raise UserError(f"checkpoint '{ckpt}' has no config.toml; it was not written by `gigafactory train`")
-    return load_tokenizer(ckpt / "tokenizer.json"), load_config(config_path=str(ckpt / "config.toml")), ckpt
-
-
 class EngineClient:
     delivers_on_loop = True  # on_event runs on the submitter's event loop: no thread hop needed there
 

@@ -81,10 +81,11 @@ def server(loaded):
 
 def make_process_engine(served_run, metrics: Metrics, n_slots: int = 8, name: str = "grok-tiny", **spec):
     """An EngineClient: the model's engine in its own (spawned) process, started; stop() it when done."""
-    from gigafactory.serve.engine_client import EngineClient, load_serving_info
+    from gigafactory.inference.generate import load_checkpoint_files
+    from gigafactory.serve.engine_client import EngineClient
     from gigafactory.serve.engine_core import CoreSpec
 
-    tokenizer, config, ckpt = load_serving_info(str(served_run))
+    tokenizer, config, ckpt = load_checkpoint_files(str(served_run))
     return EngineClient(CoreSpec(str(ckpt), name, n_slots=n_slots, **spec), tokenizer, config.model, metrics).start()
 
 
