@@ -180,19 +180,20 @@ def main() -> int:
                       f"{m['ttft_p50'] * 1e3:6.0f} ms  p90 {m['ttft_p90'] * 1e3:6.0f} ms  server CPU "
                       f"{m['cpu_ms_per_tok']:5.2f} ms/token  errors {m['errors']}", flush=True)
     print(f"\nprompt {len(prompts[0])} tokens (shared prefix {args.shared_prefix}), {args.max_tokens} new tokens, "
-          f"{args.requests_per_client} requests per client, best of {args.rounds} rounds (CPU: the server's process tree)\n")
+          f"{args.requests_per_client} requests per client, median of {args.rounds} rounds (CPU: the server's process tree)\n")
     base = kinds[-1]
     print("| clients | " + " | ".join(f"{k} tok/s | {k} TTFT p50 (ms) | {k} CPU ms/token" for k in kinds) +
           f" | tok/s ratio ({kinds[0]}/{base}) | TTFT ratio ({kinds[0]}/{base}) |")
     print("|---" * (3 * len(kinds) + 3) + "|")
     ok = True
     for n in args.clients:
-        best = {k: {"tok_s": max(r[n]["tok_s"] for r in results[k]), "ttft": min(r[n]["ttft_p50"] for r in results[k]),
-                    "cpu": min(r[n]["cpu_ms_per_tok"] for r in results[k])} for k in kinds}
+        mid = {k: {"tok_s": statistics.median(r[n]["tok_s"] for r in results[k]),
+                   "ttft": statistics.median(r[n]["ttft_p50"] for r in results[k]),
+                   "cpu": statistics.median(r[n]["cpu_ms_per_tok"] for r in results[k])} for k in kinds}
         ok &= all(r[n]["errors"] == 0 for k in kinds for r in results[k])
-        cells = " | ".join(f"{best[k]['tok_s']:.0f} | {best[k]['ttft'] * 1e3:.0f} | {best[k]['cpu']:.2f}" for k in kinds)
-        print(f"| {n} | {cells} | {best[kinds[0]]['tok_s'] / best[base]['tok_s']:.2f}x | "
-              f"{best[kinds[0]]['ttft'] / best[base]['ttft']:.2f}x |")
+        cells = " | ".join(f"{mid[k]['tok_s']:.0f} | {mid[k]['ttft'] * 1e3:.0f} | {mid[k]['cpu']:.2f}" for k in kinds)
+        print(f"| {n} | {cells} | {mid[kinds[0]]['tok_s'] / mid[base]['tok_s']:.2f}x | "
+              f"{mid[kinds[0]]['ttft'] / mid[base]['ttft']:.2f}x |")
     return 0 if ok else 1
 
 

@@ -3,7 +3,8 @@ temperature 0 is greedy.
 
 The order follows OpenAI/vLLM: bias and penalties change the logits, then temperature scales them, then the filters
 cut the tail. Temperature is applied in float64 after subtracting the maximum, so any value in (0, 2] - 1e-300 too -
-gives a valid distribution (in float32, logit / 1e-300 is inf/nan and multinomial fails).
+gives a valid distribution (in float32, logit / 1e-300 is inf/nan). The token is drawn by inverse CDF from one uniform
+number of the request's generator, so a batch of seeded rows samples with one tiny draw per row (`draw`).
 """
 
 from __future__ import annotations
@@ -102,7 +103,19 @@ def sample_next(logits_V: torch.Tensor, params: SamplingParams, generator: torch
     probs = logits.softmax(-1)
     if params.min_p:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    uniform = torch.rand(1, dtype=torch.float64, generator=generator)
+    return int(draw(probs.cpu()[None], uniform)[0])
+
+
+def draw(probs_NV: torch.Tensor, uniform_N: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling [N]: row n's token is the first whose cumulative probability exceeds uniform_n x the row's
+    total. One uniform number per row (multinomial's exponential race draws one per vocabulary entry), so rows that
+    each have their own generator cost one tiny draw each in a batch; zero-probability tokens are never picked."""
+    cdf_NV = probs_NV.cumsum(-1)
+    total_N1 = cdf_NV[:, -1:]
+    picked = torch.searchsorted(cdf_NV, uniform_N[:, None].to(cdf_NV.dtype) * total_N1, right=True)
+    last_positive = (cdf_NV < total_N1).sum(-1, keepdim=True)  # where the cdf reaches its total (u * total rounding up)
+    return torch.minimum(picked, last_positive)[:, 0]
 
 
 def top_logprobs(logits_V: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, fields
 
 import torch
 
-from gigafactory.inference.sampling import SamplingParams, sample_next, top_logprobs
+from gigafactory.inference.sampling import SamplingParams, draw, sample_next, top_logprobs
 from gigafactory.models import GrokModel
 from gigafactory.models.grok.paged import PagedStep, Segment
 from gigafactory.serve.kv_cache import PagedKVCache, blocks_for
@@ -104,8 +104,8 @@ class ModelRunner:
         """The next token of every row that samples with a plain temperature (no other setting, no logprobs), in a
         few batched ops instead of ~10 small ones per row; None for the other rows (`sample` handles them).
 
-        Exactly sample_next's token for the same generator state: torch.multinomial draws one sample as
-        argmax(probs / q) with q ~ Exp(1) from the generator, drawn here per row (tests/serve/test_engine_sampling.py)."""
+        Exactly sample_next's token for the same generator state: the same probabilities and one uniform number drawn
+        from each row's generator (tests/serve/test_engine_sampling.py)."""
         rows = [i for i, s in enumerate(seqs) if s.logprobs is None and _plain_temperature(s.params)]
         out: list[int | None] = [None] * len(seqs)
         if not rows:
@@ -114,9 +114,9 @@ class ModelRunner:
         finite = torch.isfinite(logits).all(-1).tolist()  # other rows: sample_next says what is wrong
         temperature = torch.tensor([seqs[i].params.temperature for i in rows], dtype=torch.float64)
         probs = ((logits - logits.max(-1, keepdim=True).values) / temperature[:, None]).softmax(-1)
-        q = torch.stack([torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(1, generator=seqs[i].generator)
-                         if ok else torch.ones(probs.shape[1], dtype=probs.dtype) for i, ok in zip(rows, finite)])
-        for i, ok, token in zip(rows, finite, (probs.cpu() / q).argmax(-1).tolist()):
+        uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=seqs[i].generator) if ok
+                             else torch.zeros(1, dtype=torch.float64) for i, ok in zip(rows, finite)])
+        for i, ok, token in zip(rows, finite, draw(probs.cpu(), uniform).tolist()):
             out[i] = token if ok else None
         return out
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gigafactory.errors import UserError
-from gigafactory.inference.sampling import SamplingParams, sample_next, top_logprobs
+from gigafactory.inference.sampling import SamplingParams, draw, sample_next, top_logprobs
 
 LOGITS = torch.tensor([2.0, 1.9, 0.5, -1.0])
 
@@ -46,3 +46,19 @@ def test_top_logprobs_are_the_model_distribution():
 def test_out_of_range_values_are_user_errors(params):
     with pytest.raises(UserError):
         params.validate()
+
+
+def test_draw_inverts_the_cdf_and_never_picks_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]], dtype=torch.float64)
+    last_below_one = 1 - 2**-53  # u * total may round up to the total itself
+    picks = [int(draw(probs, torch.tensor([u], dtype=torch.float64))[0]) for u in (0.0, 0.49, 0.5, 0.99, last_below_one, 1.0)]
+    assert picks == [1, 1, 3, 3, 3, 3]
+
+
+def test_draw_follows_the_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64)
+    n = 40_000
+    uniform = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draw(probs.expand(n, -1), uniform), minlength=4).double() / n
+    assert counts[1] == 0
+    assert torch.allclose(counts, probs, atol=4 * (0.25 / n) ** 0.5)  # 4 standard deviations at worst

@@ -78,9 +78,11 @@ def test_openai_client_gets_valid_json_n_choices_and_streams(random_server):
     stream = client.chat.completions.create(model="grok-tiny", messages=msgs, seed=5, temperature=1.0,
                                             max_tokens=200, response_format=FORMAT, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == texts[0]  # seed 5 = choice 0
-    anything = client.completions.create(model="grok-tiny", prompt="Hello", max_tokens=120, temperature=0.7, seed=1,
-                                         extra_body={"response_format": {"type": "json_object"}})
-    assert anything.choices[0].finish_reason == "stop" and isinstance(json.loads(anything.choices[0].text), dict)
+    # A random model closes an object early or wanders past the budget, seed by seed: every one that ends is a dict.
+    anything = [client.completions.create(model="grok-tiny", prompt="Hello", max_tokens=120, temperature=0.7, seed=seed,
+                                          extra_body={"response_format": {"type": "json_object"}}) for seed in range(6)]
+    ended = [a.choices[0].text for a in anything if a.choices[0].finish_reason == "stop"]
+    assert ended and all(isinstance(json.loads(text), dict) for text in ended)
 
 
 def test_budget_running_out_first_is_length(random_server):

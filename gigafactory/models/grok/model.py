@@ -208,10 +208,12 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.post_moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, h, cos, sin, positions, cache_kv=None, block_mask=None, doc_ids=None):
+    def forward(self, h, cos, sin, positions, cache_kv=None, block_mask=None, doc_ids=None, keep_rows=None):
         # doc_ids as a keyword: sequence parallel's input layouts cover the six positional arguments
         a = self.attn(self.pre_attn_norm(h), cos, sin, positions, cache_kv, block_mask, doc_ids_BS=doc_ids)
         h = h + (self.post_attn_norm(a) if self.sandwich else a)
+        if keep_rows is not None:  # serving's last layer: every token's key/value is written, only sampled ones go on
+            h = h[:, keep_rows]
         m = self.pre_moe_norm(h)
         f = self.moe(m)
         if self.dense is not None:  # Grok-2: (moe + mlp) / sqrt(2)
@@ -246,13 +248,18 @@ class GrokModel(nn.Module):
         cos, sin = rope_cos_sin(positions_BS, self.cfg.resolved_head_dim, self.cfg.rope_theta)
         flex = kv_cache is None and not self.context_parallel and use_flex(self.cfg, h.device)
         block_mask = causal_block_mask(positions_BS, doc_ids_BS) if flex else None
+        # Serving samples from a few tokens of the step (each prompt's last, each decode): the last layer's experts and
+        # everything after run on those rows only (for a prompt chunk that is 1/n_layers of its work saved).
+        logit_rows = kv_cache.logit_rows if isinstance(kv_cache, PagedStep) and self.norm is not None else None
+        last = list(self.layers)[-1] if len(self.layers) else None
         for i, layer in self.layers.items():
             cache_kv = None if kv_cache is None else kv_cache.layer(int(i))
-            h = layer(h, cos, sin, positions_BS, cache_kv, block_mask, doc_ids=None if flex else doc_ids_BS)
+            keep = {"keep_rows": logit_rows} if logit_rows is not None and i == last else {}
+            h = layer(h, cos, sin, positions_BS, cache_kv, block_mask, doc_ids=None if flex else doc_ids_BS, **keep)
         if self.norm is None:
             return h
-        if isinstance(kv_cache, PagedStep) and kv_cache.logit_rows is not None:  # serving: only the tokens sampled from
-            h = h[:, kv_cache.logit_rows]
+        if logit_rows is not None and last is None:
+            h = h[:, logit_rows]
         h = self.norm(h)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if targets_BS is not None and not h.is_cuda:
