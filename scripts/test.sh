@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite (about 5 minutes on 2 CPU cores).
+# Set up and run the whole test suite (about 10 minutes on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
