@@ -103,6 +103,8 @@ def sample_next(logits_V: torch.Tensor, params: SamplingParams, generator: torch
     probs = logits.softmax(-1)
     if params.min_p:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if not bool(torch.isfinite(probs).all()):  # a +inf logit: inf - inf
+        raise ValueError("the model produced an infinite logit")
     uniform = torch.rand(1, dtype=torch.float64, generator=generator)
     return int(draw(probs.cpu()[None], uniform)[0])
 

@@ -62,3 +62,9 @@ def test_draw_follows_the_distribution():
     counts = torch.bincount(draw(probs.expand(n, -1), uniform), minlength=4).double() / n
     assert counts[1] == 0
     assert torch.allclose(counts, probs, atol=4 * (0.25 / n) ** 0.5)  # 4 standard deviations at worst
+
+
+def test_an_infinite_logit_is_an_error_not_a_token():
+    logits = torch.tensor([0.0, float("inf"), 1.0])
+    with pytest.raises(ValueError, match="infinite logit"):
+        sample_next(logits, SamplingParams(temperature=0.7), torch.Generator().manual_seed(0))
