@@ -24,7 +24,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gigafactory.resilience import ft_report
-    from gigafactory.resilience.report import build_report, format_summary, summary_json
+    from gigafactory.resilience.report import format_summary, summary_json
+    from gigafactory.resilience.report_files import build_report
 
     if ft_report.is_replica_run(args.run_dir):  # a fault-tolerant run: one directory per replica group
         s = ft_report.build_replica_report(args.run_dir, args.out, plots=not args.no_plots)

@@ -1,4 +1,4 @@
-"""Summarise a run directory: steps, tokens, failures, time lost, ETTR, and loss/throughput plots (PNG + HTML).
+"""Summarise a run directory: steps, tokens, failures, time lost, ETTR (the plots and the page: report_files.py).
 
 Inputs: RUN_DIR/metrics.jsonl (train lines {"step","time","loss","grad_norm","lr","aux_loss","tokens_per_s","mfu",
 "skipped"} and eval lines {"step","time","eval_loss"}; an optional "step_time" key is used when present) and
@@ -22,7 +22,6 @@ record to the last. Time lost = wall - productive.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -34,9 +33,6 @@ from gigafactory.resilience.events import read_events
 FAILURE_EVENTS = ("restart",)
 ANOMALY_EVENTS = ("nan", "spike", "transient_fault", "hang", "rollback", "checkpoint_failed", "fault_injected", "signal")
 # Dashed vertical markers on the plots: event -> (colour, legend label).
-MARKS = {"restart": ("red", "restart"), "hang": ("darkred", "hang"), "rollback": ("orange", "rollback"),
-         "nan": ("purple", "nan / inf"), "spike": ("goldenrod", "loss spike")}
-
 
 @dataclass
 class RunSummary:
@@ -65,12 +61,12 @@ class RunSummary:
     html: str = ""
 
 
-def _num(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _int(value, default: int = 0) -> int:
-    return int(value) if _num(value) and math.isfinite(value) else default
+    return int(value) if is_number(value) and math.isfinite(value) else default
 
 
 def _read_text(path: Path) -> str:
@@ -99,8 +95,8 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
         key = "loss" if "loss" in rec else "eval_loss" if "eval_loss" in rec else None
         if key is None:
             continue
-        for name, ok in (("time", _num(rec.get("time"))), ("step", _num(rec.get("step")) and float(rec["step"]).is_integer()),
-                         (key, _num(rec.get(key)))):
+        for name, ok in (("time", is_number(rec.get("time"))), ("step", is_number(rec.get("step")) and float(rec["step"]).is_integer()),
+                         (key, is_number(rec.get(key)))):
             if not ok:
                 raise UserError(f"'{path}' line {n} has no numeric \"{name}\" field (expected {{\"step\", \"time\", \"{key}\", ...}}); "
                                 "was it written by `gigafactory train`?")
@@ -111,10 +107,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def _events(path: Path) -> list[dict]:
+def read_run_events(path: Path) -> list[dict]:
     if path.is_file():
         _read_text(path)  # undecodable or unreadable: one clear line, not a traceback
-    return [e for e in read_events(path) if _num(e.get("time"))]
+    return [e for e in read_events(path) if is_number(e.get("time"))]
 
 
 def _run_dir(run_dir: Path | str) -> Path:
@@ -130,7 +126,7 @@ def _run_dir(run_dir: Path | str) -> Path:
     return path
 
 
-def _last_per_step(records: list[dict]) -> list[dict]:
+def last_per_step(records: list[dict]) -> list[dict]:
     """The attempt that counts: the last record logged (by time) for each step, in step order."""
     last: dict[int, dict] = {}
     for rec in sorted(records, key=lambda r: r["time"]):
@@ -157,16 +153,16 @@ def _skipped(train: list[dict], events: list[dict]) -> set[int]:
             (skipped.add if rec.get("skipped") else skipped.discard)(rec["step"])
             continue
         back = e.get("to_step") if e["event"] == "rollback" else e.get("resumed_step") if e["event"] in ("start", "restart") else None
-        if _num(back):
+        if is_number(back):
             skipped = {k for k in skipped if k <= back}
-        elif e["event"] in ("nan", "spike") and e.get("action") == "skip" and _num(e.get("step")):
+        elif e["event"] in ("nan", "spike") and e.get("action") == "skip" and is_number(e.get("step")):
             skipped.add(int(e["step"]))
     return skipped
 
 
 def _tokens_per_step(run_dir: Path, events: list[dict]) -> int:
     for e in reversed(events):
-        if e["event"] == "start" and _num(e.get("tokens_per_step")) and e["tokens_per_step"] > 0:
+        if e["event"] == "start" and is_number(e.get("tokens_per_step")) and e["tokens_per_step"] > 0:
             return int(e["tokens_per_step"])
     try:
         import tomllib
@@ -179,9 +175,9 @@ def _tokens_per_step(run_dir: Path, events: list[dict]) -> int:
 
 
 def _step_time(rec: dict, tokens_per_step: int) -> float:
-    if _num(rec.get("step_time")):
+    if is_number(rec.get("step_time")):
         return float(rec["step_time"])
-    if _num(rec.get("tokens_per_s")) and rec["tokens_per_s"] > 0 and tokens_per_step:
+    if is_number(rec.get("tokens_per_s")) and rec["tokens_per_s"] > 0 and tokens_per_step:
         return tokens_per_step / rec["tokens_per_s"]
     return 0.0
 
@@ -192,7 +188,7 @@ def load(run_dir: Path | str, events_file: str = "events.jsonl") -> tuple[Path, 
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"'{run_dir}' has no metrics.jsonl; is it the logging.run_dir of a `gigafactory train` run?")
     train, evals = read_metrics(run_dir / "metrics.jsonl")
-    events = _events(run_dir / events_file)
+    events = read_run_events(run_dir / events_file)
     if not train and not evals and not events:
         raise UserError(f"'{run_dir}' has no metrics.jsonl or {events_file} records yet; is it the logging.run_dir of a training run?")
     return run_dir, train, evals, events
@@ -202,11 +198,11 @@ def summarise(run_dir: Path | str, events_file: str = "events.jsonl") -> RunSumm
     run_dir, train, evals, events = load(run_dir, events_file)
     s = RunSummary(run_dir=str(run_dir))
     s.tokens_per_step = _tokens_per_step(run_dir, events)
-    survivors = _last_per_step(train)
+    survivors = last_per_step(train)
     s.rerun_records = len(train) - len(survivors)
     s.steps = survivors[-1]["step"] if survivors else 0
     skipped = {k for k in _skipped(train, events) if 0 < k <= s.steps}
-    saved = [_int(e.get("step")) for e in events if e["event"] == "checkpoint_saved" and _num(e.get("step"))]
+    saved = [_int(e.get("step")) for e in events if e["event"] == "checkpoint_saved" and is_number(e.get("step"))]
     s.last_checkpoint = saved[-1] if saved else None
     last_start = max((e["time"] for e in events if e["event"] == "start"), default=None)
     finished = any(e["event"] == "finish" and (last_start is None or e["time"] >= last_start) for e in events)
@@ -245,14 +241,14 @@ def summarise(run_dir: Path | str, events_file: str = "events.jsonl") -> RunSumm
     if survivors:
         s.final_loss = survivors[-1]["loss"]
     if evals:
-        s.final_eval_loss = _last_per_step(evals)[-1]["eval_loss"]
+        s.final_eval_loss = last_per_step(evals)[-1]["eval_loss"]
     return s
 
 
 def event_step(e: dict):
     """The step an event is about: `step`, else a rollback's `from_step`, else a restart's `resumed_step` (or None)."""
     for key in ("step", "from_step", "resumed_step"):
-        if _num(e.get(key)):
+        if is_number(e.get(key)):
             return int(e[key])
     return None
 
@@ -260,8 +256,8 @@ def event_step(e: dict):
 def _describe(e: dict) -> str:
     if e["event"] == "rollback":
         frm, to = event_step(e), e.get("to_step")
-        text = "rollback:" + (f" from step {frm}" if frm is not None else "") + (f" to step {to}" if _num(to) else "")
-        return text + (f" ({_int(e.get('steps_lost'))} steps lost)" if _num(e.get("steps_lost")) else "")
+        text = "rollback:" + (f" from step {frm}" if frm is not None else "") + (f" to step {to}" if is_number(to) else "")
+        return text + (f" ({_int(e.get('steps_lost'))} steps lost)" if is_number(e.get("steps_lost")) else "")
     step = event_step(e)
     detail = e.get("kind") or e.get("action") or e.get("signal") or ""
     if e["event"] == "transient_fault":
@@ -276,7 +272,7 @@ def format_summary(s: RunSummary) -> str:
         lines.append(f"no optimizer update was applied: {n} (NaN/Inf or loss spikes; see the nan/spike events and resilience.on_nan / on_spike)")
     lines += [
         f"steps: {s.steps}   tokens: {s.tokens:,}" + (f" ({s.tokens_per_step:,}/step)" if s.tokens_per_step else ""),
-        f"wall: {_dur(s.wall_s)}   productive: {_dur(s.productive_s)}   lost: {_dur(s.lost_s)}   ETTR: {s.ettr:.1%}",
+        f"wall: {format_duration(s.wall_s)}   productive: {format_duration(s.productive_s)}   lost: {format_duration(s.lost_s)}   ETTR: {s.ettr:.1%}",
         f"attempts: {s.attempts}   failures: {len(s.failures)}   steps lost: {s.steps_lost}"
         + (f" ({s.rerun_records} re-run log lines superseded)" if s.rerun_records else "")
         + (f"   skipped updates: {s.skipped_steps}" if s.skipped_steps else ""),
@@ -289,7 +285,7 @@ def format_summary(s: RunSummary) -> str:
     for e in s.failures:
         down = e.get("downtime_s")
         lines.append(f"  failure: {e.get('what')} (rank {e.get('failed_rank')}) after step {e.get('last_step')}; "
-                     f"resumed at {e.get('resumed_step')}, {_int(e.get('steps_lost'))} steps and {float(down) if _num(down) else 0.0:.1f} s lost")
+                     f"resumed at {e.get('resumed_step')}, {_int(e.get('steps_lost'))} steps and {float(down) if is_number(down) else 0.0:.1f} s lost")
     for e in s.anomalies:
         lines.append("  " + _describe(e))
     for e in s.checkpoint_problems:
@@ -303,109 +299,12 @@ def format_summary(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def _dur(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.2f} h"
-
-
-def _mark(ax, events: list[dict], x_of) -> None:
-    """Dashed vertical lines for restarts, rollbacks and anomalies, one legend entry per kind."""
-    seen = set()
-    for e in events:
-        x = x_of(e)
-        if e["event"] not in MARKS or x is None:
-            continue
-        colour, label = MARKS[e["event"]]
-        ax.axvline(x, color=colour, lw=0.8, ls="--", label="_nolegend_" if e["event"] in seen else label)
-        seen.add(e["event"])
-
-
-def write_plots(s: RunSummary, out_dir: Path, events_file: str = "events.jsonl") -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir, train, evals, events = load(s.run_dir, events_file)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = min([r["time"] for r in train + evals] + [e["time"] for e in events if e["event"] == "start"], default=0.0)
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    survivors, eval_survivors = _last_per_step(train), _last_per_step(evals)  # the attempt that counts: no zig-zag
-    if survivors:
-        ax.plot([r["step"] for r in survivors], [r["loss"] for r in survivors], ".-", ms=3, lw=0.8, label="train loss")
-    if eval_survivors:
-        ax.plot([r["step"] for r in eval_survivors], [r["eval_loss"] for r in eval_survivors], "o-", ms=4, label="eval loss")
-    _mark(ax, events, lambda e: next((e[k] for k in ("resumed_step", "to_step", "step") if _num(e.get(k))), None))
-    ax.set_xlabel("step (restart / rollback marks: the step resumed from)"
-                  + (f"; {s.steps_lost} lost steps were re-run, each drawn from its last run" if s.steps_lost else ""))
-    ax.set_ylabel("loss")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.set_title(f"loss — {run_dir.name}" + (" — no optimizer update was applied" if s.all_skipped else ""))
-    fig.tight_layout()
-    paths.append(out_dir / "loss.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    rows = [r for r in train if _num(r.get("tokens_per_s"))]  # every attempt: wall time does not rewind
-    ax.plot([(r["time"] - t0) / 60 for r in rows], [r["tokens_per_s"] for r in rows], ".", ms=3, label="tokens/s")
-    _mark(ax, events, lambda e: (e["time"] - t0) / 60)
-    ax.set_xlabel("wall time (min)")
-    ax.set_ylabel("tokens/s")
-    ax.legend(fontsize=8)
-    ax.set_title(f"throughput — ETTR {s.ettr:.1%}, {len(s.failures)} failure(s)")
-    fig.tight_layout()
-    paths.append(out_dir / "throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
-
-
-def write_html(s: RunSummary, out_dir: Path, plots: list[Path], events_file: str = "events.jsonl") -> Path:
-    events = _events(Path(s.run_dir) / events_file)
-    t0 = events[0]["time"] if events else 0
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            round(e["time"] - t0, 2), e["event"], e.get("rank"), e.get("attempt"), "" if event_step(e) is None else event_step(e),
-            json.dumps({k: v for k, v in e.items() if k not in ("time", "event", "rank", "attempt", "step")})[:300])) + "</tr>"
-        for e in events
-    )
-    summary = html.escape(format_summary(s))
-    imgs = "".join(f'<img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">' for p in plots)
-    warn = "<p><b>No optimizer update was applied: every step was skipped.</b></p>" if s.all_skipped else ""
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gigafactory report — {html.escape(Path(s.run_dir).name)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}pre{{background:#f5f5f5;padding:1em}}img{{max-width:100%}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head><body>
-<h1>Run report: {html.escape(s.run_dir)}</h1>{warn}
-<p><b>ETTR {s.ettr:.1%}</b> — {s.steps} steps, {s.tokens:,} tokens, {len(s.failures)} failure(s), {_dur(s.lost_s)} lost of {_dur(s.wall_s)}.</p>
-<pre>{summary}</pre>{imgs}
-<h2>Events</h2><table><tr><th>t (s)</th><th>event</th><th>rank</th><th>attempt</th><th>step</th><th>details</th></tr>{rows}</table>
-</body></html>"""
-    path = out_dir / "report.html"
-    path.write_text(page)
-    return path
-
-
-def build_report(run_dir: Path | str, out_dir: Path | str | None = None, plots: bool = True, events_file: str = "events.jsonl") -> RunSummary:
-    s = summarise(run_dir, events_file)
-    if plots:
-        out = Path(out_dir).expanduser() if out_dir else Path(s.run_dir) / "report"
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{'--out' if out_dir else 'the report directory'} '{out}' is a file; give a directory "
-                            "(created if missing) for loss.png, throughput.png and report.html")
-        try:
-            pngs = write_plots(s, out, events_file)
-            s.plots = [str(p) for p in pngs]
-            s.html = str(write_html(s, out, pngs, events_file))
-        except OSError as err:
-            raise UserError(f"cannot write the report to '{out}': {err.strerror or err}; choose another directory with --out") from None
-    return s
 
 
 def summary_json(s: RunSummary) -> str:

@@ -8,7 +8,8 @@ import pytest
 
 from gigafactory.cli.main import main
 from gigafactory.errors import UserError
-from gigafactory.resilience.report import build_report, summarise
+from gigafactory.resilience.report import summarise
+from gigafactory.resilience.report_files import build_report
 
 
 def synthetic_run(run_dir):

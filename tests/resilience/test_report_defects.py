@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from gigafactory.cli.main import main
-from gigafactory.resilience.report import build_report, format_summary, summarise, write_plots
+from gigafactory.resilience.report import format_summary, summarise
+from gigafactory.resilience.report_files import build_report, write_plots
 
 from .test_report import synthetic_run
 
