@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"gateway on http://{args.host}:{args.port}/ ({'API keys required' if gw.keys else 'no API keys: open'})", flush=True)
+    # http="h11": a bounded header parser (uvicorn buffers headers without limit under httptools), as in `serve`.
     uvicorn.run(create_app(gw), host=args.host, port=args.port, log_level=args.log_level, proxy_headers=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, http="h11")
     return 0

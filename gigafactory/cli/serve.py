@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     # timeout_graceful_shutdown: SIGTERM drains streams, but idle or stalled connections cannot hold it forever.
     # proxy_headers=False: uvicorn would replace the peer address with X-Forwarded-For from a local proxy, and the
-    # trust check (--trusted-proxies) must see the proxy itself.
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
+    # trust check (--trusted-proxies) must see the proxy itself. http="h11": its parser bounds a request's headers
+    # (16 KB); with httptools, which uvicorn picks when installed, uvicorn buffers header bytes without limit.
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level, http="h11",
                 timeout_graceful_shutdown=args.shutdown_timeout, proxy_headers=False)
     return 0

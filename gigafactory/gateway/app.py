@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from gigafactory.errors import UserError
 from gigafactory.gateway.canary import Controller
@@ -224,11 +225,14 @@ async def read_json(request: Request, allow_empty: bool = False) -> dict:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise GatewayError(413, f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", "body_too_large")
     data, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise GatewayError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes", "body_too_large")
-        data.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise GatewayError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes", "body_too_large")
+            data.append(chunk)
+    except ClientDisconnect:  # gone mid-body: nobody to answer, and not a gateway error
+        raise GatewayError(400, "the client closed the connection before the body ended", "incomplete_body") from None
     if allow_empty and not size:
         return {}
     try:

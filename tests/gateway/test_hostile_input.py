@@ -60,3 +60,21 @@ def test_bodies_json_cannot_carry_are_400_and_the_next_request_is_served():
         assert len(fleet.served) == 1
 
     asyncio.run(main())
+
+
+def test_a_client_gone_mid_body_is_its_own_400_not_a_gateway_error():
+    from starlette.requests import Request
+
+    from gigafactory.gateway.app import read_json
+    from gigafactory.gateway.proxy import GatewayError
+
+    parts = iter([{"type": "http.request", "body": b'{"model": ', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(parts)
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                       "headers": [(b"content-length", b"1000")]}, receive)
+    with pytest.raises(GatewayError) as err:
+        asyncio.run(read_json(request))
+    assert err.value.status == 400 and err.value.code == "incomplete_body"

@@ -198,3 +198,37 @@ def test_a_server_bug_is_a_json_500_counted_in_metrics(loaded):
         r = httpx.post(url + "/v1/completions", json={"prompt": "In"})
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         assert 'gigafactory_serve_errors_total{type="internal"} 1.0' in httpx.get(url + "/metrics").text
+
+
+def _raw(port: int, data: bytes, close_after: bool = False) -> bytes:
+    """What the server answers to raw bytes (b"reset" if it reset the connection while they were being sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        answer = b""
+        try:
+            s.sendall(data)
+            if close_after:
+                return b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        except ConnectionResetError:
+            return answer or b"reset"
+        return answer
+
+
+def test_huge_headers_are_refused_and_a_body_cut_short_is_no_server_error(server):
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    # 200 KB of headers: refused by the parser (h11 bounds them; httptools would buffer any amount)
+    answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 200_000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 4") or answer == b"reset", answer[:80]
+    # a body that stops halfway and a closed connection: the request ends as the client's doing, not a 500
+    def server_errors():
+        return [line for line in httpx.get(url + "/metrics").text.splitlines()
+                if 'type="internal' in line or 'status="500"' in line]
+
+    before = server_errors()
+    _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 1000\r\n\r\n{\"prompt\": \"hi\"", close_after=True)
+    time.sleep(0.5)
+    assert server_errors() == before
+    assert httpx.get(url + "/health").status_code == 200
