@@ -32,7 +32,7 @@ from gigafactory.resilience.events import read_events
 
 FAILURE_EVENTS = ("restart",)
 ANOMALY_EVENTS = ("nan", "spike", "transient_fault", "hang", "rollback", "checkpoint_failed", "fault_injected", "signal")
-# Dashed vertical markers on the plots: event -> (colour, legend label).
+
 
 @dataclass
 class RunSummary:

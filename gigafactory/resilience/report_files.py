@@ -11,6 +11,7 @@ from gigafactory.errors import UserError
 from gigafactory.resilience.report import (RunSummary, event_step, format_duration, format_summary, is_number,
                                            last_per_step, load, read_run_events, summarise)
 
+# Dashed vertical markers on the plots: event -> (colour, legend label).
 MARKS = {"restart": ("red", "restart"), "hang": ("darkred", "hang"), "rollback": ("orange", "rollback"),
          "nan": ("purple", "nan / inf"), "spike": ("goldenrod", "loss spike")}
 
