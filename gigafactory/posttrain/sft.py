@@ -55,9 +55,9 @@ def sft_config(base_checkpoint: str, args=None, run_dir: str | None = None, over
         raise UserError(f"checkpoint '{base}' lacks config.toml or tokenizer.json; it was not written by `gigafactory train`")
     given = set(vars(args)) if args is not None else set()
     given |= set(overrides or {})
-    from_file = user_config_file(args)
-    values = {k: v for k, v in (SFT_DEFAULTS if defaults is None else defaults).items() if k not in given | set(from_file)}
-    values.update({k: v for k, v in from_file.items() if k not in given})  # above the defaults, below flags
+    # the user's --config file above the command's defaults, both below the flags
+    layered = {**(SFT_DEFAULTS if defaults is None else defaults), **user_config_file(args)}
+    values = {k: v for k, v in layered.items() if k not in given}
     values["logging.run_dir"] = run_dir or str(Path(base_checkpoint).expanduser().resolve()) + suffix
     values.update(overrides or {})
     if args is not None and "logging.run_dir" in vars(args):

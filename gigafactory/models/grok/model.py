@@ -251,11 +251,11 @@ class GrokModel(nn.Module):
         # Serving samples from a few tokens of the step (each prompt's last, each decode): the last layer's experts and
         # everything after run on those rows only (for a prompt chunk that is 1/n_layers of its work saved).
         logit_rows = kv_cache.logit_rows if isinstance(kv_cache, PagedStep) and self.norm is not None else None
-        last = list(self.layers)[-1] if len(self.layers) else None
+        last = next(reversed(self.layers.keys()), None)
         for i, layer in self.layers.items():
             cache_kv = None if kv_cache is None else kv_cache.layer(int(i))
-            keep = {"keep_rows": logit_rows} if logit_rows is not None and i == last else {}
-            h = layer(h, cos, sin, positions_BS, cache_kv, block_mask, doc_ids=None if flex else doc_ids_BS, **keep)
+            h = layer(h, cos, sin, positions_BS, cache_kv, block_mask, doc_ids=None if flex else doc_ids_BS,
+                      keep_rows=logit_rows if i == last else None)
         if self.norm is None:
             return h
         if logit_rows is not None and last is None:
