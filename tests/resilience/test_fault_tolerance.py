@@ -20,7 +20,7 @@ import torch
 
 from tests.conftest import TINY_MODEL
 
-pytest.importorskip("torchft")
+import torchft  # noqa: E402,F401  (a test dependency, pyproject [test]: missing, this fails instead of skipping)
 
 STEPS = 80
 
