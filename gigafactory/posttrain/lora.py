@@ -27,7 +27,6 @@ DTensor layout holds it (TP, EP, FSDP/HSDP or several).
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial
 
 from gigafactory.errors import UserError
+from gigafactory.models.grok.model import plain_name
 from gigafactory.models.grok.moe import Experts, grouped_matmul
 from gigafactory.posttrain.lora_layout import Factor, Layout, local_piece, sum_over_tp
 from gigafactory.posttrain.options import LoRAOptions
@@ -102,7 +102,7 @@ class LoRA(nn.Module):
     def _find_targets(self, model: nn.Module, names: set[str], spec: str) -> dict[str, Target]:
         targets, found = {}, set()
         for name, mod in model.named_modules():
-            name = re.sub(r"(_checkpoint_wrapped_module|_orig_mod)\.", "", name)  # the single-device name
+            name = plain_name(name)
             if isinstance(mod, nn.Linear):
                 found.add(name.rpartition(".")[2])
                 if name.rpartition(".")[2] in names:

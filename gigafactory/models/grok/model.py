@@ -8,6 +8,7 @@ Shapes: B batch, S sequence, D d_model, H query heads, G kv heads, Dh head dim, 
 from __future__ import annotations
 
 import functools
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -22,6 +23,14 @@ from gigafactory.models.config import ModelConfig
 from gigafactory.models.grok.head_loss import IGNORE_INDEX, head_cross_entropy
 from gigafactory.models.grok.moe import MoE, gated_activation
 from gigafactory.models.grok.paged import PagedLayer, PagedStep
+
+_WRAPPER_PREFIX = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter or module name without the activation-checkpoint and torch.compile wrappers' prefixes: the name
+    the single-device model gives it, so seeds and targets do not depend on how the model was wrapped."""
+    return _WRAPPER_PREFIX.sub("", name)
 
 
 def copy_global_into(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -284,7 +293,7 @@ class GrokModel(nn.Module):
             if name.endswith("norm.weight"):
                 copy_global_into(p, torch.ones(p.shape, dtype=p.dtype))
             else:  # one generator per parameter name: the same weights whatever device, layout or stage holds it
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(plain_name(name).encode()))
                 full = torch.empty(p.shape, dtype=p.dtype).normal_(0.0, self.cfg.init_std, generator=gen)
                 copy_global_into(p, full)
 
