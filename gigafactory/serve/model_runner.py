@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, fields
 
 import torch
 
+from gigafactory.inference.cpu_weights import pack_for_cpu
 from gigafactory.inference.sampling import SamplingParams, draw, sample_next, top_logprobs
 from gigafactory.models import GrokModel
 from gigafactory.models.grok.paged import PagedStep, Segment
@@ -32,6 +33,8 @@ class Chunk:
 
 class ModelRunner:
     def __init__(self, model: GrokModel, kv: PagedKVCache, prefix: PrefixCache | None = None):
+        """Lays the model's weights out for its device first (in place: the engine owns the model it serves)."""
+        pack_for_cpu(model)
         self.model, self.kv, self.prefix = model, kv, prefix
         self.device = next(model.parameters()).device
         self.heads = model.cfg.n_kv_heads

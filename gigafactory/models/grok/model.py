@@ -275,7 +275,10 @@ class GrokModel(nn.Module):
             return head_cross_entropy(h.flatten(0, 1), head, targets_BS.flatten(), self.cfg.output_multiplier,
                                       self.cfg.final_logit_softcap)
         # (h * m) W^T == (h W^T) * m: scaling the [B, S, D] input is a V/D-times smaller pass than scaling the logits.
-        logits = F.linear(h * self.cfg.output_multiplier, head.to(h.dtype))
+        if isinstance(kv_cache, PagedStep) and self.lm_head is not None:  # serving: the module, which the engine may prepack
+            logits = self.lm_head(h * self.cfg.output_multiplier)
+        else:
+            logits = F.linear(h * self.cfg.output_multiplier, head.to(h.dtype))
         if self.cfg.final_logit_softcap:
             cap = self.cfg.final_logit_softcap
             logits = cap * torch.tanh(logits / cap)
