@@ -101,7 +101,8 @@ def server_command(kind: str, args, port: int, before_dir: Path | None) -> tuple
     # "thread": our engine as a thread of the HTTP process (--no-engine-process), to measure the process split
     extra = ["--no-engine-process"] if kind == "thread" else []
     return [sys.executable, "-m", "gigafactory.cli.main", "serve", "--checkpoint", f"{NAME}={args.checkpoint}",
-            "--port", str(port), "--slots", str(args.slots), "--log-level", "warning", *extra], env
+            "--port", str(port), "--slots", str(args.slots), "--log-level", "warning", *extra,
+            *(args.serve_args.split() if kind != "before" else [])], env
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
@@ -154,6 +155,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--shared-prefix", type=int, default=0, help="Tokens of a system prompt shared by all requests.")
     ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--serve-args", default="", help="More `gigafactory serve` flags for ours/thread, e.g. '--engine-threads 2'.")
     ap.add_argument("--max-len", type=int, default=256)
     args = ap.parse_args()
     kinds = args.servers.split(",")

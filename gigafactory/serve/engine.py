@@ -172,7 +172,8 @@ class Engine:
         if sampled:
             seqs = [seq for seq, _ in sampled]
             logits_NV = torch.stack([logits for _, logits in sampled])
-            greedy = logits_NV.argmax(-1).tolist()  # one op for the plain greedy rows
+            # one op for the plain greedy rows, if any
+            greedy = logits_NV.argmax(-1).tolist() if any(s.params.plain_greedy for s in seqs) else [None] * len(seqs)
             plain = self._batch_sample(seqs, logits_NV)  # a few ops for the plain-temperature rows
             for seq, logits, g, token in zip(seqs, logits_NV, greedy, plain):
                 self._guard(seq, lambda s=seq, lg=logits, g=g, t=token:

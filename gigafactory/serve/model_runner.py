@@ -114,7 +114,9 @@ class ModelRunner:
         if not rows:
             return out
         logits = logits_NV[rows].double()  # sample_next: float32 logits, max subtracted in float64, then / T
-        finite = torch.isfinite(logits).all(-1).tolist()  # other rows: sample_next says what is wrong
+        # A NaN or inf anywhere makes the row's float64 sum NaN or inf (float32 values cannot overflow it): one
+        # reduction instead of isfinite's four passes. Other rows: sample_next says what is wrong.
+        finite = torch.isfinite(logits.sum(-1)).tolist()
         temperature = torch.tensor([seqs[i].params.temperature for i in rows], dtype=torch.float64)
         probs = ((logits - logits.max(-1, keepdim=True).values) / temperature[:, None]).softmax(-1)
         uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=seqs[i].generator) if ok
