@@ -4,7 +4,7 @@ freezing pass prepacks them.
 Serving multiplies a few rows (one per running request) by every weight of the model at every step. An fp32
 `F.linear` or `grouped_mm` on CPU re-blocks its weight operand inside every call; a weight reordered once into
 oneDNN's blocked layout is read straight. Measured on the mixtral-tiny engine (docs/benchmarks.md): a decode step of
-8 / 32 requests 7% / 13% faster. The results equal the plain GEMMs' up to float rounding (a different summation
+8 / 32 requests ~15% / ~20% faster. The results equal the plain GEMMs' up to float rounding (a different summation
 order), so packing is for inference only; training never sees these modules.
 """
 
