@@ -41,7 +41,6 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = _reorder(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

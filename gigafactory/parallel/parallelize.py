@@ -18,6 +18,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from gigafactory.models import GrokModel
+from gigafactory.models.grok.model import WRAPPER_ATTRS
 from gigafactory.parallel.context_parallel import apply_cp
 from gigafactory.parallel.dims import ParallelDims
 from gigafactory.parallel.expert_parallel import apply_ep
@@ -149,6 +150,6 @@ def parallelize(model: GrokModel, dims: ParallelDims, mesh, *, param_dtype: torc
 
 def _unwrap(block: nn.Module) -> nn.Module:
     """The Block inside activation-checkpoint or compile wrappers."""
-    for attr in ("_checkpoint_wrapped_module", "_orig_mod"):
+    for attr in WRAPPER_ATTRS:
         block = getattr(block, attr, block)
     return block

@@ -24,7 +24,9 @@ from gigafactory.models.grok.head_loss import IGNORE_INDEX, head_cross_entropy
 from gigafactory.models.grok.moe import MoE, gated_activation
 from gigafactory.models.grok.paged import PagedLayer, PagedStep
 
-_WRAPPER_PREFIX = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
+# The attributes under which activation checkpointing and torch.compile hold the module they wrap.
+WRAPPER_ATTRS = ("_checkpoint_wrapped_module", "_orig_mod")
+_WRAPPER_PREFIX = re.compile(rf"({'|'.join(WRAPPER_ATTRS)})\.")
 
 
 def plain_name(name: str) -> str:
