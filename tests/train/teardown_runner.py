@@ -3,6 +3,7 @@
 Usage (by tests/train/test_teardown.py): torchrun --nproc-per-node 2 teardown_runner.py RUN_DIR DATA_CACHE"""
 
 import json
+import os
 import sys
 import threading
 
@@ -24,7 +25,10 @@ def main() -> None:
     trainer.train()
     trainer.close()
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
-    print(json.dumps({"rank": rank, "pg": dist.is_initialized(), "threads": left}), flush=True)
+    # One write(2) of the whole line: both ranks share torchrun's stdout pipe, and print() writes the text and its
+    # newline separately, so two ranks' lines could run together (seen once in CI).
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps({"rank": rank, "pg": dist.is_initialized(), "threads": left}) + "\n").encode())
 
 
 if __name__ == "__main__":
