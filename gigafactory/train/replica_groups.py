@@ -40,14 +40,19 @@ from gigafactory.train.checkpoint import attach_extra_state
 from gigafactory.train.cross_site import OuterSync, SimulatedLink
 
 
-def _local(value):
-    """A state dict with every DTensor replaced by this rank's shard (rank r of every group holds the same shard)."""
+def _local_copy(value):
+    """A copy of a state dict with every DTensor replaced by this rank's shard (rank r of every group holds the same
+    shard). A copy, not the live tensors: torchft's transport may still be sending it while this group trains on
+    (under localsgd/diloco the next inner steps follow the quorum at once), and a healing peer must get the state of
+    one moment, not weights updated half-way through the transfer."""
     if isinstance(value, DTensor):
-        return value.to_local()
+        value = value.to_local()
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
     if isinstance(value, dict):
-        return {k: _local(v) for k, v in value.items()}
+        return {k: _local_copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_local(v) for v in value)
+        return type(value)(_local_copy(v) for v in value)
     return value
 
 
@@ -155,7 +160,7 @@ class ReplicaGroupSync:
     def _peer_state(self) -> dict:
         t = self.trainer
         model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
-        return {"model": _local(model_sd), "optim": _local(optim_sd), "guard": t.guard.state_dict(), "step": t.step}
+        return {"model": _local_copy(model_sd), "optim": _local_copy(optim_sd), "guard": t.guard.state_dict(), "step": t.step}
 
     def _load_peer_state(self, state: dict) -> None:
         started = time.perf_counter()
