@@ -89,6 +89,13 @@ def make_prompts(tokenizer_file: Path, shared_prefix: int, n: int) -> list[list[
     return [system[:shared_prefix] + ids for ids in own]
 
 
+def find_tokenizer(checkpoint: str) -> Path:
+    found = next(Path(checkpoint).rglob("tokenizer.json"), None)
+    if found is None:
+        raise SystemExit(f"no tokenizer.json under {checkpoint!r}: give a run directory of `gigafactory train`")
+    return found
+
+
 def server_command(kind: str, args, port: int, before_dir: Path | None) -> tuple[list[str], dict]:
     env = dict(os.environ)
     if kind == "vllm":
@@ -171,7 +178,7 @@ def main() -> int:
         before_dir.mkdir()
         archive = subprocess.run(["git", "archive", args.before, "gigafactory"], cwd=ROOT, check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(before_dir)], input=archive.stdout, check=True)
-    tokenizer = next(Path(args.checkpoint).rglob("tokenizer.json"))
+    tokenizer = find_tokenizer(args.checkpoint)
     prompts = make_prompts(tokenizer, args.shared_prefix, max(args.clients) * args.requests_per_client)
     results: dict[str, list[dict[int, dict]]] = {k: [] for k in kinds}
     for r in range(args.rounds):
