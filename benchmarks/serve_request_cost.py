@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from serve_vs_vllm import (  # noqa: E402  (benchmarks/ is this script's own folder on sys.path)
-    NAME, find_tokenizer, make_prompts, server_command, tree_cpu_seconds, wait_healthy)
+    NAME, find_tokenizer, make_prompts, running_server, tree_cpu_seconds)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -49,22 +47,8 @@ def measure(url: str, pid: int, prompt: list[int], stream: bool, n: int) -> dict
 
 
 def run_server(kind: str, args, prompt: list[int]) -> dict[bool, dict]:
-    from tests.serve.conftest import free_port
-
-    port = free_port()
-    cmd, env = server_command(kind, args, port, None)
-    with open(Path(tempfile.gettempdir()) / f"serve_request_cost_{kind}.log", "w") as log:
-        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, server)
-        return {stream: measure(url, server.pid, prompt, stream, args.requests) for stream in (False, True)}
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with running_server(kind, args, log_name="serve_request_cost") as (url, pid):
+        return {stream: measure(url, pid, prompt, stream, args.requests) for stream in (False, True)}
 
 
 def main() -> int:

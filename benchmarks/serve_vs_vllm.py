@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -124,29 +125,36 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 600) -> No
     raise SystemExit(f"the server at {url} did not come up (exit code {server.poll()})")
 
 
-def run_server(kind: str, args, prompts, before_dir) -> dict[int, dict]:
+@contextlib.contextmanager
+def running_server(kind: str, args, before_dir: Path | None = None, log_name: str = "serve_vs_vllm"):
+    """One server (see server_command) on a free port: yields (url, pid) once it answers, and stops it after."""
     from tests.serve.conftest import free_port
 
     port = free_port()
     cmd, env = server_command(kind, args, port, before_dir)
-    log = open(Path(tempfile.gettempdir()) / f"serve_vs_vllm_{kind}.log", "w")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(before_dir or ROOT))
+    with open(Path(tempfile.gettempdir()) / f"{log_name}_{kind}.log", "w") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(before_dir or ROOT))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
-        asyncio.run(load(url, prompts, 4, 1, 8))  # warm-up
-        out = {}
-        for n in args.clients:
-            cpu = tree_cpu_seconds(server.pid)
-            out[n] = asyncio.run(load(url, prompts, n, args.requests_per_client, args.max_tokens))
-            out[n]["cpu_ms_per_tok"] = 1e3 * (tree_cpu_seconds(server.pid) - cpu) / max(1, out[n]["tokens"])
-        return out
+        yield url, server.pid
     finally:
         server.terminate()
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def run_server(kind: str, args, prompts, before_dir) -> dict[int, dict]:
+    with running_server(kind, args, before_dir) as (url, pid):
+        asyncio.run(load(url, prompts, 4, 1, 8))  # warm-up
+        out = {}
+        for n in args.clients:
+            cpu = tree_cpu_seconds(pid)
+            out[n] = asyncio.run(load(url, prompts, n, args.requests_per_client, args.max_tokens))
+            out[n]["cpu_ms_per_tok"] = 1e3 * (tree_cpu_seconds(pid) - cpu) / max(1, out[n]["tokens"])
+        return out
 
 
 def main() -> int:
