@@ -12,7 +12,6 @@ time to first token of a burst.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,12 +22,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from serve_vs_vllm import (  # noqa: E402  (benchmarks/ is this script's own folder on sys.path)
-    NAME, find_tokenizer, make_prompts, running_server, tree_cpu_seconds)
+    NAME, find_tokenizer, make_prompts, proc_stat, running_server, tree_cpu_seconds)
 
 
 def process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_stat(Path(f"/proc/{pid}/stat"))[1]
 
 
 def measure(url: str, pid: int, prompt: list[int], stream: bool, n: int) -> dict:

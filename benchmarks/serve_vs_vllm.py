@@ -59,17 +59,22 @@ async def load(url: str, prompts: list[list[int]], clients: int, per_client: int
             "ttft_p50": statistics.median(ttfts), "ttft_p90": ttfts[round(0.9 * (len(ttfts) - 1))]}
 
 
+def proc_stat(stat_file: Path) -> tuple[int, float]:
+    """(parent pid, CPU seconds user + system so far) from a /proc/PID/stat file."""
+    fields = stat_file.read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds (user + system) used so far by a process and all its descendants (vLLM runs its engine in a
     child process): a measure of work that the machine's other load does not inflate the way it does wall time."""
     parents, cpu = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            pid = int(stat.parent.name)
+            parents[pid], cpu[pid] = proc_stat(stat)
         except OSError:
             continue
-        pid = int(stat.parent.name)
-        parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     tree, frontier = {root}, [root]
     while frontier:
         children = [p for p, parent in parents.items() if parent in frontier and p not in tree]
